@@ -1,0 +1,235 @@
+"""Columnar events: the one in-memory shape that loaders, scenarios, the featurizer,
+the batch engine and the online service share.
+
+Strings that only matter for equality or hashing (item, category, session, device,
+country) are stored as stable 64-bit hashes (0 = missing), so a 100M-row log fits in
+memory and the online path, which hashes the same strings, gets the same features.
+Strings that are reported back (user ids, event ids) and the small event-type
+vocabulary are stored as dictionary codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+#: Optional string fields of the contract, stored as 64-bit hashes (0 = missing).
+HASHED_FIELDS = ("item_id", "category_id", "session_id", "device_id", "country")
+
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+
+
+def hash_strings(values: Iterable[str | None]) -> np.ndarray:
+    """Stable 64-bit hashes of strings (FNV-1a over UTF-8, splitmix64-finalised),
+    vectorised over the batch; ``None`` and ``""`` hash to 0 (missing).
+
+    Examples
+    --------
+    >>> h = hash_strings(["a", None, "a"])
+    >>> bool(h[0] == h[2]) and int(h[1]) == 0
+    True
+    """
+    raw = [b"" if v is None else v.encode("utf-8") for v in values]
+    if not raw:
+        return np.zeros(0, dtype=np.uint64)
+    mat = np.array(raw, dtype=bytes)  # (M,) |S<L>, NUL-padded
+    width = mat.dtype.itemsize
+    lens = np.fromiter((len(b) for b in raw), dtype=np.int64, count=len(raw))
+    h = np.full(len(raw), _FNV_OFFSET, dtype=np.uint64)
+    if width:
+        cols = mat.view(np.uint8).reshape(len(raw), width).astype(np.uint64)
+        for j in range(width):
+            active = lens > j
+            h = np.where(active, (h ^ cols[:, j]) * _FNV_PRIME, h)
+    h = _finalise(h ^ lens.astype(np.uint64))
+    h[h == 0] = 1
+    h[lens == 0] = 0
+    return h
+
+
+def _finalise(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: spreads FNV's weak low bits (uint64 wraps by design)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def parse_timestamp_ms(value: Any) -> int:
+    """Epoch milliseconds from epoch milliseconds (int) or an RFC 3339 string.
+
+    Naive RFC 3339 strings (no offset) are read as UTC.
+    """
+    if isinstance(value, bool):
+        raise ValueError("timestamp must be RFC 3339 or epoch milliseconds")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        s = value.strip()
+        if s.lstrip("-").isdigit():
+            return int(s)
+        dt = datetime.fromisoformat(s.replace("Z", "+00:00").replace("z", "+00:00"))
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=UTC)
+        return int(round(dt.timestamp() * 1000))
+    raise ValueError("timestamp must be RFC 3339 or epoch milliseconds")
+
+
+@dataclass(frozen=True, slots=True)
+class Events:
+    """N events as columns. Optional columns are ``None`` when the source lacks them."""
+
+    user: np.ndarray  # (N,) int32, code into user_ids
+    user_ids: np.ndarray  # (U,) object, distinct user id strings
+    timestamp_ms: np.ndarray  # (N,) int64, epoch milliseconds UTC
+    event_type: np.ndarray  # (N,) int32, code into event_types
+    event_types: tuple[str, ...]  # distinct event type strings
+    item_id: np.ndarray | None = None  # (N,) uint64 hash, 0 = missing
+    category_id: np.ndarray | None = None
+    session_id: np.ndarray | None = None
+    device_id: np.ndarray | None = None
+    country: np.ndarray | None = None
+    price: np.ndarray | None = None  # (N,) float32, NaN = missing
+    event_id: np.ndarray | None = None  # (N,) object str
+    label: np.ndarray | None = None  # (N,) int8, 1 = anomalous
+    scenario: np.ndarray | None = None  # (N,) int8, code into scenarios (0 = none)
+    scenarios: tuple[str, ...] = ("none",)
+
+    def __len__(self) -> int:
+        return int(self.timestamp_ms.shape[0])
+
+    @property
+    def n_users(self) -> int:
+        return int(self.user_ids.shape[0])
+
+    def take(self, idx: np.ndarray) -> Events:
+        """Rows ``idx`` (an index or boolean mask), dictionaries kept as they are."""
+        return replace(self, **{n: getattr(self, n)[idx] for n in _row_columns(self)})
+
+    def with_columns(self, **columns: Any) -> Events:
+        return replace(self, **columns)
+
+    def event_type_names(self) -> np.ndarray:
+        """(N,) object array of event type strings."""
+        return np.asarray(self.event_types, dtype=object)[self.event_type]
+
+    def user_id_strings(self) -> np.ndarray:
+        """(N,) object array of user id strings."""
+        return self.user_ids[self.user]
+
+    def order(self) -> np.ndarray:
+        """Stable permutation that groups rows by user, in time order within a user."""
+        return np.lexsort((self.timestamp_ms, self.user))
+
+    def sorted(self) -> Events:
+        return self.take(self.order())
+
+    def event_ids(self) -> np.ndarray:
+        """Event ids, with a deterministic id for rows that have none."""
+        uid = self.user_id_strings()
+        gen = np.array(
+            [f"{u}-{t}-{i}" for i, (u, t) in enumerate(zip(uid, self.timestamp_ms, strict=True))],
+            dtype=object,
+        )
+        if self.event_id is None:
+            return gen
+        have = np.array([bool(e) for e in self.event_id], dtype=bool)
+        return np.where(have, self.event_id, gen)
+
+    @classmethod
+    def concat(cls, parts: Sequence[Events]) -> Events:
+        """Concatenate, merging the user, event-type and scenario dictionaries."""
+        parts = [p for p in parts if len(p)] or list(parts[:1])
+        if len(parts) == 1:
+            return parts[0]
+        user_ids, user_cols = _merge_dict([p.user_ids for p in parts], [p.user for p in parts])
+        etypes, etype_cols = _merge_dict(
+            [np.asarray(p.event_types, dtype=object) for p in parts], [p.event_type for p in parts]
+        )
+        scen, scen_cols = _merge_dict(
+            [np.asarray(p.scenarios, dtype=object) for p in parts],
+            [p.scenario if p.scenario is not None else np.zeros(len(p), np.int8) for p in parts],
+        )
+        n = [len(p) for p in parts]
+        out: dict[str, Any] = {
+            "user": np.concatenate(user_cols).astype(np.int32),
+            "user_ids": user_ids,
+            "timestamp_ms": np.concatenate([p.timestamp_ms for p in parts]),
+            "event_type": np.concatenate(etype_cols).astype(np.int32),
+            "event_types": tuple(etypes),
+        }
+        for name, fill in (*((h, np.uint64(0)) for h in HASHED_FIELDS), ("price", np.nan)):
+            cols = [getattr(p, name) for p in parts]
+            if any(c is not None for c in cols):
+                dtype = np.float32 if name == "price" else np.uint64
+                out[name] = np.concatenate(
+                    [c if c is not None else np.full(k, fill, dtype) for c, k in zip(cols, n, strict=True)]
+                )
+        if any(p.event_id is not None for p in parts):
+            out["event_id"] = np.concatenate(
+                [p.event_id if p.event_id is not None else np.full(k, None, object) for p, k in zip(parts, n, strict=True)]
+            )
+        if any(p.label is not None for p in parts):
+            out["label"] = np.concatenate(
+                [p.label if p.label is not None else np.zeros(k, np.int8) for p, k in zip(parts, n, strict=True)]
+            )
+        if any(p.scenario is not None for p in parts):
+            out["scenario"] = np.concatenate(scen_cols).astype(np.int8)
+            out["scenarios"] = tuple(scen)
+        return cls(**out)
+
+    @classmethod
+    def from_records(cls, records: Sequence[Mapping[str, Any]]) -> Events:
+        """Events from dicts with the contract's field names (plus optional ``label``).
+
+        Timestamps are RFC 3339 strings or epoch milliseconds. Meant for request-sized
+        inputs; files go through the streaming loaders.
+        """
+        users, user = np.unique(np.array([str(r["user_id"]) for r in records], dtype=object),
+                                return_inverse=True) if records else (np.array([], object), np.array([], np.int64))
+        etypes, etype = np.unique(np.array([str(r["event_type"]) for r in records], dtype=object),
+                                  return_inverse=True) if records else (np.array([], object), np.array([], np.int64))
+        cols: dict[str, Any] = {
+            "user": user.astype(np.int32),
+            "user_ids": users.astype(object),
+            "timestamp_ms": np.array([parse_timestamp_ms(r["timestamp"]) for r in records], np.int64),
+            "event_type": etype.astype(np.int32),
+            "event_types": tuple(str(e) for e in etypes),
+        }
+        for name in HASHED_FIELDS:
+            vals = [r.get(name) for r in records]
+            if any(v not in (None, "") for v in vals):
+                cols[name] = hash_strings(None if v is None else str(v) for v in vals)
+        prices = [r.get("price") for r in records]
+        if any(p is not None for p in prices):
+            cols["price"] = np.array([np.nan if p is None else float(p) for p in prices], np.float32)
+        ids = [r.get("event_id") for r in records]
+        if any(i is not None for i in ids):
+            cols["event_id"] = np.array([None if i is None else str(i) for i in ids], dtype=object)
+        labels = [r.get("label") for r in records]
+        if any(v is not None for v in labels):
+            cols["label"] = np.array([int(v or 0) for v in labels], np.int8)
+        return cls(**cols)
+
+
+def _row_columns(ev: Events) -> list[str]:
+    dict_only = {"user_ids", "event_types", "scenarios"}
+    return [f.name for f in fields(ev) if f.name not in dict_only and getattr(ev, f.name) is not None]
+
+
+def _merge_dict(values: list[np.ndarray], codes: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Union of several dictionaries, and each part's codes remapped into it."""
+    merged: dict[Any, int] = {}
+    remapped = []
+    for vals, c in zip(values, codes, strict=True):
+        lut = np.array([merged.setdefault(v, len(merged)) for v in vals], dtype=np.int64)
+        remapped.append(lut[c] if len(lut) else c.astype(np.int64))
+    return np.array(list(merged), dtype=object), remapped
