@@ -1,0 +1,61 @@
+"""The model bundle on disk: `model.onnx` (+ optional `model.fp16.onnx`), `bundle.json`
+and `report/`. The service never re-declares what the bundle knows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from app.features import FeatureSpec
+
+SCHEMA_VERSION = 1
+DEFAULT_BUNDLE = Path(__file__).resolve().parent / "bundles" / "default"
+
+
+class BundleError(RuntimeError):
+    """A bundle directory that cannot be served."""
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    meta: dict[str, Any]
+    spec: FeatureSpec
+
+    @property
+    def version(self) -> str:
+        return str(self.meta["model_version"])
+
+    @property
+    def arch(self) -> str:
+        return str(self.meta["architecture"]["arch"])
+
+    @property
+    def window(self) -> int:
+        return int(self.meta["window"])
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        t = self.meta["thresholds"]
+        return {"review": float(t["review"]), "block": float(t["block"])}
+
+    def model_path(self, fp16: bool = False) -> Path:
+        p = self.path / ("model.fp16.onnx" if fp16 else "model.onnx")
+        if not p.is_file():
+            raise BundleError(f"{p}: missing")
+        return p
+
+
+def load_bundle(path: Path | str | None = None) -> Bundle:
+    """Read ``bundle.json`` of a bundle directory (default: the shipped bundle)."""
+    root = Path(path) if path is not None else DEFAULT_BUNDLE
+    meta_path = root / "bundle.json"
+    if not meta_path.is_file():
+        raise BundleError(f"{root}: no bundle.json (build one with `seqguard export`)")
+    meta = orjson.loads(meta_path.read_bytes())
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise BundleError(f"{meta_path}: schema_version {meta.get('schema_version')}, expected {SCHEMA_VERSION}")
+    return Bundle(root, meta, FeatureSpec.from_dict(meta["feature_spec"]))

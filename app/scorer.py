@@ -1,0 +1,54 @@
+"""The ONNX Runtime session of a bundle: CUDA first where it really loads, else CPU."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+from app.bundle import Bundle
+
+log = logging.getLogger("seqguard.scorer")
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+@dataclass
+class OnnxModel:
+    """Runs ``features (B, T, F) int64 → (anomaly_probability, surprise)``, each (B, T)."""
+
+    bundle: Bundle
+    threads: int = 0  # 0 = ONNX Runtime's default (one per core)
+    prefer_cuda: bool = True
+    fp16: bool = False
+    session: ort.InferenceSession = field(init=False)
+    provider: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3  # the CUDA fallback is reported below, once
+        wanted = [CUDA, CPU] if self.prefer_cuda and CUDA in ort.get_available_providers() else [CPU]
+        use_fp16 = self.fp16 and (self.bundle.path / "model.fp16.onnx").is_file()
+        path = self.bundle.model_path(fp16=use_fp16)
+        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
+        # What the session really got, not what was asked for: without CUDA libraries
+        # onnxruntime-gpu silently falls back to the CPU.
+        self.provider = self.session.get_providers()[0]
+        if CUDA in wanted and self.provider != CUDA:
+            log.warning("CUDA execution provider requested but unavailable; running on CPU")
+        log.info("model %s (%s) on %s", self.bundle.version, path.name, self.provider)
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.provider == CUDA else "cpu"
+
+    def run(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        prob, surprise = self.session.run(None, {"features": features})
+        return prob, surprise

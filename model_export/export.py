@@ -1,0 +1,138 @@
+"""`seqguard export`: a trained run → a servable bundle (ONNX + bundle.json + report/)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import onnx
+import orjson
+import torch
+from torch import Tensor, nn
+
+from app.bundle import SCHEMA_VERSION
+from app.features import FEATURES
+from model_export import parity
+from model_export.model import Detector
+from model_export.train import TrainConfig, load_run, prepare
+
+log = logging.getLogger("seqguard.export")
+OPSET = 17
+
+
+class _Exported(nn.Module):
+    """The graph the service runs: features → (anomaly_probability, surprise)."""
+
+    def __init__(self, model: Detector) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.model(features)
+        return out["anomaly_probability"], out["surprise"]
+
+
+def to_onnx(model: Detector, path: Path) -> None:
+    """Export with dynamic batch and time axes (opset 17)."""
+    card = model.cfg.cardinalities
+    gen = torch.Generator().manual_seed(0)
+    dummy = torch.stack([torch.randint(1, c, (2, model.cfg.window), generator=gen) for c in card], dim=-1)
+    torch.onnx.export(
+        _Exported(model.eval()),
+        (dummy,),
+        str(path),
+        input_names=["features"],
+        output_names=list(parity.OUTPUTS),
+        dynamic_axes={"features": {0: "batch", 1: "time"},
+                      "anomaly_probability": {0: "batch", 1: "time"},
+                      "surprise": {0: "batch", 1: "time"}},
+        opset_version=OPSET,
+        dynamo=False,
+    )
+    onnx.checker.check_model(onnx.load(str(path)))
+
+
+def to_fp16(src: Path, dst: Path) -> None:
+    """fp16 weights and compute for the GPU, fp32 inputs/outputs kept."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    m16 = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    onnx.save(m16, str(dst))
+
+
+def export(run_dir: Path, out: Path, *, fp16: bool = False, evaluate: bool = True,
+           parity_windows: int = 512) -> dict[str, Any]:
+    """Write ``out/`` from ``run_dir``; fails loudly when fp32 parity is beyond tolerance."""
+    model, run = load_run(run_dir)
+    cfg = TrainConfig(**{k: tuple(v) if k == "split" else v for k, v in run["train_config"].items()})
+    src = run["training_data"]
+    prep = prepare(Path(src["path"]), src["format"], list(src["inject"]), cfg)
+    if prep.source["sha256"] != src["sha256"]:
+        raise RuntimeError(f"{src['path']} changed since training (sha256 differs)")
+
+    out.mkdir(parents=True, exist_ok=True)
+    onnx_path = out / "model.onnx"
+    to_onnx(model, onnx_path)
+    windows = parity.held_out_windows(prep.features["test"], prep.splits["test"].user,
+                                      parity_windows, cfg.window, cfg.seed)
+    checks = {"fp32": parity.check(model, onnx_path, windows, parity.FP32_TOLERANCE)}
+    fp16_path = out / "model.fp16.onnx"
+    if fp16:
+        to_fp16(onnx_path, fp16_path)
+        checks["fp16"] = parity.check(model, fp16_path, windows, tolerance=None)
+    elif fp16_path.exists():
+        fp16_path.unlink()
+
+    meta: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "model_version": "",
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "architecture": model.cfg.to_dict() | {"parameters": run["parameters"]},
+        "window": model.cfg.window,
+        "inputs": {"features": {"dtype": "int64", "shape": ["batch", "time", len(FEATURES)]}},
+        "outputs": {k: {"dtype": "float32", "shape": ["batch", "time"]} for k in parity.OUTPUTS},
+        "opset": OPSET,
+        "feature_spec": prep.spec.to_dict(),
+        "supervised": run["supervised"],
+        "calibration": run["calibration"],
+        "thresholds": run["thresholds"],
+        "training_data": _fingerprint(run["training_data"]),
+        "training": {k: run[k] for k in ("train_config", "history", "best_val_loss", "train_seconds")},
+        "parity": checks,
+        "evaluation": None,
+    }
+    meta["model_version"] = _version(onnx_path, meta)
+    _write(out / "bundle.json", meta)
+    if evaluate:
+        from model_export.evaluate import evaluate_bundle
+
+        summary = evaluate_bundle(out, prep, out / "report")
+        meta["evaluation"] = summary
+        _write(out / "bundle.json", meta)
+    elif (out / "report").exists():
+        shutil.rmtree(out / "report")
+    log.info("bundle %s written to %s", meta["model_version"], out)
+    return meta
+
+
+def _version(onnx_path: Path, meta: dict[str, Any]) -> str:
+    h = hashlib.sha256(onnx_path.read_bytes())
+    for key in ("feature_spec", "calibration", "thresholds"):
+        h.update(orjson.dumps(meta[key], option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY))
+    return f"{meta['architecture']['arch']}-{h.hexdigest()[:12]}"
+
+
+def _fingerprint(src: dict[str, Any]) -> dict[str, Any]:
+    keep = ("name", "format", "sha256", "inject", "splits", "load_report")
+    return {k: src[k] for k in keep if k in src}
+
+
+def _write(path: Path, meta: dict[str, Any]) -> None:
+    path.write_bytes(orjson.dumps(meta, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+
+
+__all__ = ["export", "to_fp16", "to_onnx"]

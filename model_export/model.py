@@ -1,0 +1,274 @@
+"""The sequence detector: a causal Transformer (default), a GRU or an LSTM over a user's
+last W events, sharing the feature embedding and the heads.
+
+Sliding-window semantics, exactly: the hidden state at event t depends on events
+[t-W+2, t] only, and event t's outputs on events [t-W+1, t]. So one pass over a long
+sequence gives every event the output it would get on its own last W events, which is
+what lets batch scoring run long sequences while online scoring runs single windows.
+
+- Transformer: every layer attends within a causal band, with a learned bias per
+  relative offset and no absolute positions; the bands add up to a receptive field of
+  W-1 events.
+- GRU / LSTM: run over the W-1 events ending at each position (the sequence unfolded
+  into windows), which costs W-1 steps per event.
+
+Outputs per position: the next-event negative log-likelihood of the event given its
+history (``surprise``, self-supervised), the anomaly logit (supervised head, fed the
+hidden state and the per-feature surprises) and the calibrated ``anomaly_probability``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from app.features import FEATURES
+
+ARCHS = ("transformer", "gru", "lstm")
+#: Feature columns the next-event heads predict (category hash buckets and hour are
+#: inputs only: too noisy to predict, and not behaviour).
+TARGETS = ("event_type", "item_repeat", "category_new", "gap", "price", "device_change", "country_change")
+
+
+@dataclass
+class ModelConfig:
+    cardinalities: tuple[int, ...]
+    arch: str = "transformer"
+    window: int = 64
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    d_ff: int = 128
+    dropout: float = 0.1
+    targets: tuple[str, ...] = TARGETS
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, not {self.arch!r}")
+        if len(self.cardinalities) != len(FEATURES):
+            raise ValueError("cardinalities must have one entry per feature column")
+        self.cardinalities = tuple(int(c) for c in self.cardinalities)
+        self.targets = tuple(self.targets)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def layer_bands(window: int, n_layers: int) -> list[int]:
+    """Attention band of each layer so that the receptive field is ``window - 1``.
+
+    A stack of causal bands b_1..b_L sees sum(b_l - 1) + 1 events.
+
+    >>> layer_bands(64, 2)
+    [32, 32]
+    """
+    total = window - 2 + n_layers
+    base, rest = divmod(total, n_layers)
+    bands = [base + (1 if i < rest else 0) for i in range(n_layers)]
+    if min(bands) < 1:
+        raise ValueError(f"window {window} too small for {n_layers} layers")
+    return bands
+
+
+class FeatureEmbedding(nn.Module):
+    """Sum of one embedding per feature column (one table, offset ids): (B,T,F) → (B,T,d)."""
+
+    def __init__(self, cardinalities: tuple[int, ...], d: int) -> None:
+        super().__init__()
+        offsets = torch.tensor([0, *list(_cumsum(cardinalities))[:-1]], dtype=torch.long)
+        self.register_buffer("offsets", offsets, persistent=False)
+        self.table = nn.Embedding(sum(cardinalities), d)
+        self.norm = nn.LayerNorm(d)
+        nn.init.normal_(self.table.weight, std=0.02)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.norm(self.table(ids + self.offsets).sum(dim=-2))  # (B, T, d)
+
+
+class BandedSelfAttention(nn.Module):
+    def __init__(self, d: int, n_heads: int, band: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads, self.band = n_heads, band
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.rel_bias = nn.Parameter(torch.zeros(n_heads, band))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, key_valid: Tensor) -> Tensor:
+        b, t, d = x.shape
+        h = self.n_heads
+        q, k, v = self.qkv(x).view(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)  # each (B, H, T, dh)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(d // h)  # (B, H, T, T)
+        pos = torch.arange(t, device=x.device)
+        offset = pos[:, None] - pos[None, :]  # (T, T): query minus key
+        in_band = (offset >= 0) & (offset < self.band)
+        att = att + self.rel_bias[:, offset.clamp(0, self.band - 1)]  # (H, T, T) broadcast
+        allowed = in_band[None, None] & key_valid[:, None, None, :]
+        att = att.masked_fill(~allowed, -1e4).softmax(dim=-1)
+        y = (self.drop(att) @ v).transpose(1, 2).reshape(b, t, d)  # (B, T, d)
+        return self.proj(y)
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, n_heads: int, d_ff: int, band: int, dropout: float) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = BandedSelfAttention(d, n_heads, band, dropout)
+        self.mlp = nn.Sequential(nn.Linear(d, d_ff), nn.GELU(), nn.Linear(d_ff, d), nn.Dropout(dropout))
+
+    def forward(self, x: Tensor, valid: Tensor) -> Tensor:
+        x = x + self.attn(self.ln1(x), valid)
+        return x + self.mlp(self.ln2(x))
+
+
+class TransformerEncoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        bands = layer_bands(cfg.window, cfg.n_layers)
+        self.blocks = nn.ModuleList(
+            Block(cfg.d_model, cfg.n_heads, cfg.d_ff, b, cfg.dropout) for b in bands
+        )
+        self.ln = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, x: Tensor, valid: Tensor, pad: Tensor) -> Tensor:
+        for blk in self.blocks:
+            x = blk(x, valid)
+        return self.ln(x)
+
+
+class RecurrentEncoder(nn.Module):
+    """GRU/LSTM over the W-1 events ending at each position (exact window semantics)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        rnn = nn.GRU if cfg.arch == "gru" else nn.LSTM
+        self.rnn = rnn(cfg.d_model, cfg.d_model, num_layers=cfg.n_layers, batch_first=True,
+                       dropout=cfg.dropout if cfg.n_layers > 1 else 0.0)
+        self.span = cfg.window - 1
+        self.ln = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, x: Tensor, valid: Tensor, pad: Tensor) -> Tensor:
+        b, t, d = x.shape
+        s = self.span
+        padded = torch.cat([pad.expand(b, s - 1, d), x], dim=1)  # (B, T+S-1, d)
+        idx = torch.arange(t, device=x.device)[:, None] + torch.arange(s, device=x.device)[None, :]
+        windows = padded[:, idx].reshape(b * t, s, d)  # (B*T, S, d)
+        out, _ = self.rnn(windows)
+        return self.ln(out[:, -1].reshape(b, t, d))
+
+
+class Detector(nn.Module):
+    """Features (B,T,F) int64 → dict of per-position outputs, each (B,T)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.embed = FeatureEmbedding(cfg.cardinalities, d)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.encoder = TransformerEncoder(cfg) if cfg.arch == "transformer" else RecurrentEncoder(cfg)
+        self.bos = nn.Parameter(torch.zeros(d))
+        self.target_cols = [FEATURES.index(n) for n in cfg.targets]
+        self.next_heads = nn.ModuleList(nn.Linear(d, cfg.cardinalities[c]) for c in self.target_cols)
+        n_t = len(self.target_cols)
+        self.anomaly_head = nn.Sequential(nn.Linear(d + n_t + 1, d), nn.GELU(), nn.Linear(d, 1))
+        self.calibration = Calibration()
+
+    def forward(self, ids: Tensor) -> dict[str, Tensor]:
+        valid = ids[..., 0] != 0  # (B, T): event_type id 0 is padding
+        pad = self.embed(torch.zeros_like(ids[:1, :1]))  # (1, 1, d): embedding of a padding row
+        h = self.encoder(self.drop(self.embed(ids)), valid, pad)  # (B, T, d)
+
+        # Next-event prediction of event t from the state after event t-1 (BOS if none).
+        prev_valid = F.pad(valid[:, :-1], (1, 0), value=False)  # (B, T)
+        h_prev = torch.where(prev_valid[..., None], F.pad(h[:, :-1], (0, 0, 1, 0)), self.bos)
+        nll = torch.stack(
+            [-F.log_softmax(head(h_prev), dim=-1).gather(-1, ids[..., c : c + 1]).squeeze(-1)
+             for head, c in zip(self.next_heads, self.target_cols, strict=True)],
+            dim=-1,
+        )  # (B, T, n_targets)
+        nll = nll * valid[..., None]
+        surprise = nll.sum(dim=-1)  # (B, T)
+        logit = self.anomaly_head(torch.cat([h, nll, surprise[..., None]], dim=-1)).squeeze(-1)
+        prob = self.calibration(logit, surprise) * valid
+        return {"anomaly_probability": prob, "surprise": surprise, "logit": logit, "nll": nll}
+
+
+class Calibration(nn.Module):
+    """Maps the raw score to a probability inside the graph, so every consumer of the
+    exported model gets the same calibrated number.
+
+    kinds: ``platt`` sigmoid(a·logit + b); ``isotonic`` piecewise-linear on the logit;
+    ``tail`` piecewise-linear on the surprise (its distribution function under normal
+    data, for models trained without labels); ``identity`` sigmoid(logit) before fitting.
+    """
+
+    KINDS = ("identity", "platt", "isotonic", "tail")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kind = "identity"
+        self.register_buffer("ab", torch.tensor([1.0, 0.0]))
+        self.register_buffer("knots_x", torch.zeros(2))
+        self.register_buffer("knots_y", torch.tensor([0.0, 1.0]))
+
+    def set(self, kind: str, *, ab: tuple[float, float] = (1.0, 0.0),
+            knots_x: list[float] | None = None, knots_y: list[float] | None = None) -> None:
+        if kind not in self.KINDS:
+            raise ValueError(f"calibration kind must be one of {self.KINDS}")
+        self.kind = kind
+        self.ab = torch.tensor(ab, dtype=torch.float32)
+        if knots_x is not None and knots_y is not None:
+            self.knots_x = torch.tensor(knots_x, dtype=torch.float32)
+            self.knots_y = torch.tensor(knots_y, dtype=torch.float32)
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind}
+        if self.kind == "platt":
+            out["a"], out["b"] = (float(v) for v in self.ab)
+        if self.kind in ("isotonic", "tail"):
+            out["input"] = "logit" if self.kind == "isotonic" else "surprise"
+            out["knots_x"] = [float(v) for v in self.knots_x]
+            out["knots_y"] = [float(v) for v in self.knots_y]
+        return out
+
+    def forward(self, logit: Tensor, surprise: Tensor) -> Tensor:
+        if self.kind == "identity":
+            return torch.sigmoid(logit)
+        if self.kind == "platt":
+            return torch.sigmoid(self.ab[0] * logit + self.ab[1])
+        x = logit if self.kind == "isotonic" else surprise
+        return piecewise_linear(x, self.knots_x, self.knots_y)
+
+
+def piecewise_linear(x: Tensor, kx: Tensor, ky: Tensor) -> Tensor:
+    """Monotone interpolation through knots (kx increasing), flat outside them.
+
+    Written with elementwise ops only, so it exports to any ONNX opset.
+    """
+    widths = kx[1:] - kx[:-1]  # (K-1,)
+    slopes = (ky[1:] - ky[:-1]) / widths.clamp_min(1e-12)
+    seg = torch.minimum((x[..., None] - kx[:-1]).clamp_min(0.0), widths)  # (..., K-1)
+    return ky[0] + (seg * slopes).sum(dim=-1)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _cumsum(xs: tuple[int, ...]) -> list[int]:
+    out, acc = [], 0
+    for x in xs:
+        acc += x
+        out.append(acc)
+    return out
