@@ -166,7 +166,7 @@ def train_model(prep: Prepared, cfg: TrainConfig, progress: bool = True) -> tupl
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
-                total += float(loss) * len(b)
+                total += float(loss.detach()) * len(b)
                 bar.advance(task)
             val = evaluate_loss(model, data["val"], prep.supervised, cfg.aux_weight, pos_weight)
             history.append({"epoch": epoch + 1, "train_loss": total / len(order), **val})
@@ -276,11 +276,11 @@ def _loss(model: Detector, x: np.ndarray, y: np.ndarray, m: np.ndarray, supervis
     normal = mask & (yt == 0)
     nll = (out["surprise"] * normal).sum() / normal.sum().clamp_min(1)
     if not supervised:
-        return nll, {"nll": float(nll)}
+        return nll, {"nll": float(nll.detach())}
     bce = F.binary_cross_entropy_with_logits(
         out["logit"][mask], yt[mask], pos_weight=torch.tensor(pos_weight)
     )
-    return bce + aux_weight * nll, {"nll": float(nll), "bce": float(bce)}
+    return bce + aux_weight * nll, {"nll": float(nll.detach()), "bce": float(bce.detach())}
 
 
 def _pos_weight(label: np.ndarray | None) -> float:

@@ -1,0 +1,116 @@
+"""The detector's window semantics, chunking and calibration (PyTorch side)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model_export.calibrate import choose_thresholds, fit_calibration, threshold_at_fpr
+from model_export.model import ARCHS, Calibration, Detector, ModelConfig, layer_bands, piecewise_linear
+from model_export.train import make_chunks
+
+CARD = (7, 20, 4, 4, 12, 6, 25, 4, 4)
+
+
+def random_ids(b: int, t: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randint(1, c, (b, t), generator=g) for c in CARD], dim=-1)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_long_pass_equals_each_events_own_window(arch):
+    torch.manual_seed(0)
+    w = 12
+    model = Detector(ModelConfig(cardinalities=CARD, arch=arch, window=w, d_model=32)).eval()
+    ids = random_ids(1, 40)
+    with torch.no_grad():
+        full = model(ids)
+        for t in range(ids.shape[1]):
+            own = ids[:, max(0, t - w + 1) : t + 1]
+            padded = torch.cat([torch.zeros(1, w - own.shape[1], len(CARD), dtype=torch.long), own], 1)
+            for x in (own, padded):
+                out = model(x)
+                for k in ("anomaly_probability", "surprise"):
+                    assert abs(float(out[k][0, -1] - full[k][0, t])) < 1e-5, (arch, t, k)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_output_ignores_events_older_than_the_window(arch):
+    torch.manual_seed(1)
+    w = 10
+    model = Detector(ModelConfig(cardinalities=CARD, arch=arch, window=w, d_model=16)).eval()
+    a = random_ids(1, 30, seed=1)
+    b = a.clone()
+    b[:, :20] = random_ids(1, 20, seed=2)  # change everything but the last w events
+    with torch.no_grad():
+        pa, pb = model(a)["anomaly_probability"], model(b)["anomaly_probability"]
+    assert abs(float(pa[0, -1] - pb[0, -1])) < 1e-5
+    assert float((pa[0, :20] - pb[0, :20]).abs().max()) > 1e-4  # and the rest did change
+
+
+def test_padding_positions_score_zero_and_do_not_leak():
+    model = Detector(ModelConfig(cardinalities=CARD, window=8, d_model=16)).eval()
+    ids = random_ids(1, 6)
+    padded = torch.cat([torch.zeros(1, 4, len(CARD), dtype=torch.long), ids], 1)
+    with torch.no_grad():
+        out = model(padded)
+    assert float(out["anomaly_probability"][0, :4].abs().max()) == 0.0
+    assert float(out["surprise"][0, :4].abs().max()) == 0.0
+
+
+def test_bands_cover_window_minus_one():
+    for w in (8, 16, 64, 65):
+        for layers in (1, 2, 3):
+            assert sum(b - 1 for b in layer_bands(w, layers)) + 1 == w - 1
+
+
+def test_chunks_train_every_event_once_with_full_context():
+    feats = np.arange(1, 301, dtype=np.int64)[:, None].repeat(2, axis=1)
+    groups = np.repeat([0, 1, 2], [10, 250, 40])
+    x, _, m = make_chunks(feats, groups, None, chunk_len=32, window=8)
+    trained = x[..., 0][m & (x[..., 0] != 0)]
+    assert sorted(trained.tolist()) == list(range(1, 301))
+    for chunk, mask in zip(x[..., 0], m, strict=True):
+        first = int(np.argmax(mask))
+        row = chunk[first] - 1
+        user_start = {0: 0, 1: 10, 2: 260}[int(groups[row])]
+        context = chunk[:first][chunk[:first] != 0]
+        assert len(context) == min(7, row - user_start)  # W-1 events of context, or all there are
+
+
+def test_piecewise_linear_is_monotone_and_flat_outside():
+    kx, ky = torch.tensor([0.0, 1.0, 3.0]), torch.tensor([0.1, 0.5, 0.9])
+    x = torch.linspace(-2, 5, 200)
+    y = piecewise_linear(x, kx, ky)
+    assert bool((y[1:] >= y[:-1] - 1e-7).all())
+    assert float(y[0]) == pytest.approx(0.1) and float(y[-1]) == pytest.approx(0.9)
+    assert float(piecewise_linear(torch.tensor([2.0]), kx, ky)[0]) == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize("kind", ["platt", "isotonic", "tail"])
+def test_calibration_is_monotone_in_the_raw_score(kind):
+    rng = np.random.default_rng(0)
+    label = (rng.random(4000) < 0.1).astype(np.int8)
+    logit = rng.normal(size=4000) + 3 * label
+    surprise = np.abs(rng.normal(size=4000)) + 2 * label
+    cal = Calibration()
+    fit_calibration(cal, kind, logit=logit, surprise=surprise, label=None if kind == "tail" else label)
+    grid = torch.linspace(-6, 8, 500)
+    p = cal(grid, grid)
+    assert bool((p[1:] >= p[:-1] - 1e-7).all())
+    assert 0.0 <= float(p.min()) and float(p.max()) <= 1.0
+    if kind == "tail":  # the distribution function of normal surprise
+        q99 = float(np.quantile(surprise, 0.99))
+        assert float(cal(torch.tensor([0.0]), torch.tensor([q99]))[0]) == pytest.approx(0.99, abs=0.005)
+
+
+def test_thresholds_reach_their_false_positive_rates_on_validation():
+    rng = np.random.default_rng(3)
+    normal = rng.random(100_000)
+    t = choose_thresholds(normal, {"review": 0.01, "block": 0.001})
+    assert t["block"] >= t["review"]
+    assert np.mean(normal >= t["review"]) <= 0.01
+    assert np.mean(normal >= t["block"]) <= 0.001
+    assert t["chosen"]["review"]["validation_fpr"] == pytest.approx(0.01, abs=0.001)
+    assert threshold_at_fpr(np.array([0.5] * 10), 0.05) > 0.5  # ties: never flag every normal event
