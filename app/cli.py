@@ -8,7 +8,6 @@ where only the service is installed (no PyTorch).
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Callable
 from functools import wraps
@@ -158,4 +157,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

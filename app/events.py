@@ -20,8 +20,8 @@ import numpy as np
 #: Optional string fields of the contract, stored as 64-bit hashes (0 = missing).
 HASHED_FIELDS = ("item_id", "category_id", "session_id", "device_id", "country")
 
-_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
-_FNV_PRIME = np.uint64(0x100000001B3)
+FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+FNV_PRIME = np.uint64(0x100000001B3)
 
 
 def hash_strings(values: Iterable[str | None]) -> np.ndarray:
@@ -40,19 +40,19 @@ def hash_strings(values: Iterable[str | None]) -> np.ndarray:
     mat = np.array(raw, dtype=bytes)  # (M,) |S<L>, NUL-padded
     width = mat.dtype.itemsize
     lens = np.fromiter((len(b) for b in raw), dtype=np.int64, count=len(raw))
-    h = np.full(len(raw), _FNV_OFFSET, dtype=np.uint64)
+    h = np.full(len(raw), FNV_OFFSET, dtype=np.uint64)
     if width:
         cols = mat.view(np.uint8).reshape(len(raw), width).astype(np.uint64)
         for j in range(width):
             active = lens > j
-            h = np.where(active, (h ^ cols[:, j]) * _FNV_PRIME, h)
-    h = _finalise(h ^ lens.astype(np.uint64))
+            h = np.where(active, (h ^ cols[:, j]) * FNV_PRIME, h)
+    h = finalise_hash(h ^ lens.astype(np.uint64))
     h[h == 0] = 1
     h[lens == 0] = 0
     return h
 
 
-def _finalise(x: np.ndarray) -> np.ndarray:
+def finalise_hash(x: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser: spreads FNV's weak low bits (uint64 wraps by design)."""
     x = x ^ (x >> np.uint64(30))
     x = x * np.uint64(0xBF58476D1CE4E5B9)
@@ -79,7 +79,7 @@ def parse_timestamp_ms(value: Any) -> int:
         dt = datetime.fromisoformat(s.replace("Z", "+00:00").replace("z", "+00:00"))
         if dt.tzinfo is None:
             dt = dt.replace(tzinfo=UTC)
-        return int(round(dt.timestamp() * 1000))
+        return round(dt.timestamp() * 1000)
     raise ValueError("timestamp must be RFC 3339 or epoch milliseconds")
 
 
@@ -175,7 +175,8 @@ class Events:
                 )
         if any(p.event_id is not None for p in parts):
             out["event_id"] = np.concatenate(
-                [p.event_id if p.event_id is not None else np.full(k, None, object) for p, k in zip(parts, n, strict=True)]
+                [p.event_id if p.event_id is not None else np.full(k, None, object)
+                 for p, k in zip(parts, n, strict=True)]
             )
         if any(p.label is not None for p in parts):
             out["label"] = np.concatenate(

@@ -111,7 +111,7 @@ class FeatureSpec:
         if tuple(d.get("features", FEATURES)) != FEATURES:
             raise ValueError(f"bundle features {d.get('features')} differ from this featurizer's {FEATURES}")
         keys = cls.__dataclass_fields__
-        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in keys}
+        kw: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in keys}
         return cls(**kw)
 
     @property

@@ -28,11 +28,11 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from app.events import (  # the one definition of the hash
-    _FNV_OFFSET,
-    _FNV_PRIME,
+    FNV_OFFSET,
+    FNV_PRIME,
     HASHED_FIELDS,
     Events,
-    _finalise,
+    finalise_hash,
     parse_timestamp_ms,
 )
 
@@ -558,11 +558,11 @@ def _hash_utf8(arr: pa.StringArray) -> np.ndarray:
     offsets = np.frombuffer(arr.buffers()[1], np.int32, n + 1, arr.offset * 4).astype(np.int64)
     data = np.frombuffer(arr.buffers()[2] or b"", np.uint8)
     starts, lens = offsets[:-1], np.diff(offsets)
-    h = np.full(n, _FNV_OFFSET, dtype=np.uint64)
+    h = np.full(n, FNV_OFFSET, dtype=np.uint64)
     for j in range(int(lens.max(initial=0))):  # FNV-1a, byte j of every string that long
         act = np.flatnonzero(lens > j)
-        h[act] = (h[act] ^ data[starts[act] + j]) * _FNV_PRIME
-    h = _finalise(h ^ lens.astype(np.uint64))
+        h[act] = (h[act] ^ data[starts[act] + j]) * FNV_PRIME
+    h = finalise_hash(h ^ lens.astype(np.uint64))
     h[h == 0] = 1
     h[lens == 0] = 0
     return h

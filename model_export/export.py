@@ -42,7 +42,7 @@ def to_onnx(model: Detector, path: Path) -> None:
     gen = torch.Generator().manual_seed(0)
     dummy = torch.stack([torch.randint(1, c, (2, model.cfg.window), generator=gen) for c in card], dim=-1)
     torch.onnx.export(
-        _Exported(model.eval()),
+        _Exported(model).eval(),  # export restores the wrapper's mode afterwards: keep it eval
         (dummy,),
         str(path),
         input_names=["features"],
@@ -68,7 +68,7 @@ def export(run_dir: Path, out: Path, *, fp16: bool = False, evaluate: bool = Tru
            parity_windows: int = 512) -> dict[str, Any]:
     """Write ``out/`` from ``run_dir``; fails loudly when fp32 parity is beyond tolerance."""
     model, run = load_run(run_dir)
-    cfg = TrainConfig(**{k: tuple(v) if k == "split" else v for k, v in run["train_config"].items()})
+    cfg = TrainConfig.from_dict(run["train_config"])
     src = run["training_data"]
     prep = prepare(Path(src["path"]), src["format"], list(src["inject"]), cfg)
     if prep.source["sha256"] != src["sha256"]:
@@ -101,7 +101,7 @@ def export(run_dir: Path, out: Path, *, fp16: bool = False, evaluate: bool = Tru
         "calibration": run["calibration"],
         "thresholds": run["thresholds"],
         "training_data": _fingerprint(run["training_data"]),
-        "training": {k: run[k] for k in ("train_config", "history", "best_val_loss", "train_seconds")},
+        "training": {k: run[k] for k in ("train_config", "history", "best_val_criterion", "train_seconds")},
         "parity": checks,
         "evaluation": None,
     }

@@ -92,7 +92,8 @@ class FeatureEmbedding(nn.Module):
         nn.init.normal_(self.table.weight, std=0.02)
 
     def forward(self, ids: Tensor) -> Tensor:
-        return self.norm(self.table(ids + self.offsets).sum(dim=-2))  # (B, T, d)
+        offsets: Tensor = self.offsets
+        return self.norm(self.table(ids + offsets).sum(dim=-2))  # (B, T, d)
 
 
 class BandedSelfAttention(nn.Module):
@@ -107,12 +108,15 @@ class BandedSelfAttention(nn.Module):
     def forward(self, x: Tensor, key_valid: Tensor) -> Tensor:
         b, t, d = x.shape
         h = self.n_heads
-        q, k, v = self.qkv(x).view(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)  # each (B, H, T, dh)
+        # split + index_select rather than tensor unpacking / fancy indexing: both trace
+        # into the ONNX graph exactly (parity is checked at export).
+        q, k, v = (z.view(b, t, h, d // h).transpose(1, 2) for z in self.qkv(x).split(d, dim=-1))
         att = (q @ k.transpose(-2, -1)) / math.sqrt(d // h)  # (B, H, T, T)
         pos = torch.arange(t, device=x.device)
         offset = pos[:, None] - pos[None, :]  # (T, T): query minus key
         in_band = (offset >= 0) & (offset < self.band)
-        att = att + self.rel_bias[:, offset.clamp(0, self.band - 1)]  # (H, T, T) broadcast
+        bias = self.rel_bias.index_select(1, offset.clamp(0, self.band - 1).reshape(-1))
+        att = att + bias.view(h, t, t)  # (H, T, T) broadcast over B
         allowed = in_band[None, None] & key_valid[:, None, None, :]
         att = att.masked_fill(~allowed, -1e4).softmax(dim=-1)
         y = (self.drop(att) @ v).transpose(1, 2).reshape(b, t, d)  # (B, T, d)

@@ -42,7 +42,7 @@ def check(model: Detector, onnx_path: Path, windows: np.ndarray, tolerance: floa
         k: float(np.abs(ref[k].numpy()[valid] - got[k].astype(np.float32)[valid]).max())
         for k in OUTPUTS
     }
-    result = {
+    result: dict[str, Any] = {
         "max_abs_diff": max(diffs.values()),
         "per_output": diffs,
         "n_windows": int(windows.shape[0]),

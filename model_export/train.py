@@ -16,11 +16,12 @@ import numpy as np
 import orjson
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from sklearn.metrics import average_precision_score
 from torch.nn import functional as F
 
 from app.events import Events
 from app.features import FeatureSpec, group_starts
-from model_export.calibrate import fit_calibration, choose_thresholds
+from model_export.calibrate import choose_thresholds, fit_calibration
 from model_export.data import read_events, split_by_user
 from model_export.model import Detector, ModelConfig, count_parameters
 from model_export.scenarios import InjectConfig, inject
@@ -41,6 +42,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     aux_weight: float = 0.2  # weight of the next-event loss when labels exist
     patience: int = 3
+    reinject: bool = True  # fresh scenario draws in the training users every epoch
     d_model: int = 64
     n_layers: int = 2
     n_heads: int = 4
@@ -50,6 +52,12 @@ class TrainConfig:
     fpr_targets: dict[str, float] = field(default_factory=lambda: {"review": 0.01, "block": 0.001})
     calibration: str = "auto"  # auto | platt | isotonic | tail
     threads: int = 0  # 0 = torch default
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """As stored in run.json / bundle.json (JSON lists back to tuples)."""
+        kw: dict[str, Any] = {k: tuple(v) if k == "split" else v for k, v in d.items()}
+        return cls(**kw)
 
 
 @dataclass
@@ -61,6 +69,8 @@ class Prepared:
     features: dict[str, np.ndarray]  # split → (N, F) int64
     supervised: bool
     source: dict[str, Any]
+    train_real: Events | None = None  # training users before injection
+    inject_names: list[str] = field(default_factory=list)
 
 
 def prepare(events_path: Path, fmt: str, inject_names: list[str], cfg: TrainConfig) -> Prepared:
@@ -68,6 +78,7 @@ def prepare(events_path: Path, fmt: str, inject_names: list[str], cfg: TrainConf
     events, report = read_events(events_path, fmt, dedupe=True, sort=True)
     log.info("%s", report.summary())
     parts = dict(zip(("train", "val", "test"), split_by_user(events, cfg.split, seed=cfg.seed), strict=True))
+    train_real = parts["train"]
     if inject_names:
         parts = {
             name: inject(ev, inject_names, InjectConfig(seed=cfg.seed * 10 + i))
@@ -92,7 +103,7 @@ def prepare(events_path: Path, fmt: str, inject_names: list[str], cfg: TrainConf
             for name, ev in parts.items()
         },
     }
-    return Prepared(spec, parts, feats, supervised, source)
+    return Prepared(spec, parts, feats, supervised, source, train_real, list(inject_names))
 
 
 def make_chunks(
@@ -156,6 +167,8 @@ def train_model(prep: Prepared, cfg: TrainConfig, progress: bool = True) -> tupl
         task = bar.add_task(f"train {cfg.arch}", total=cfg.epochs * n_batches)
         for epoch in range(cfg.epochs):
             model.train()
+            if epoch and cfg.reinject and prep.inject_names and prep.train_real is not None:
+                data["train"] = _reinjected(prep, cfg, epoch)
             x, y, m = data["train"]
             order = rng.permutation(x.shape[0])
             total = 0.0
@@ -170,9 +183,13 @@ def train_model(prep: Prepared, cfg: TrainConfig, progress: bool = True) -> tupl
                 bar.advance(task)
             val = evaluate_loss(model, data["val"], prep.supervised, cfg.aux_weight, pos_weight)
             history.append({"epoch": epoch + 1, "train_loss": total / len(order), **val})
-            bar.console.log(f"epoch {epoch + 1}: train {total / len(order):.4f}  val {val['val_loss']:.4f}")
-            if val["val_loss"] < best - 1e-4:
-                best, bad = val["val_loss"], 0
+            # Labels: stop on validation average precision (what the thresholds live on);
+            # none: on the next-event loss.
+            crit = -val["val_average_precision"] if prep.supervised else val["val_loss"]
+            bar.console.log(f"epoch {epoch + 1}: train {total / len(order):.4f}  "
+                            + "  ".join(f"{k} {v:.4f}" for k, v in val.items()))
+            if crit < best - 1e-4:
+                best, bad = crit, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:
                 bad += 1
@@ -181,7 +198,7 @@ def train_model(prep: Prepared, cfg: TrainConfig, progress: bool = True) -> tupl
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    info = {"history": history, "best_val_loss": best, "parameters": count_parameters(model),
+    info = {"history": history, "best_val_criterion": best, "parameters": count_parameters(model),
             "train_seconds": round(time.perf_counter() - started, 1), "model": mcfg.to_dict()}
     return model, info
 
@@ -193,18 +210,29 @@ def evaluate_loss(model: Detector, chunks: tuple[np.ndarray, np.ndarray, np.ndar
     x, y, m = chunks
     tot, n = 0.0, 0
     parts: dict[str, float] = {}
+    logits, labels = [], []
     for i in range(0, x.shape[0], batch):
-        loss, comp = _loss(model, x[i : i + batch], y[i : i + batch], m[i : i + batch], supervised,
-                           aux_weight, pos_weight)
-        k = min(batch, x.shape[0] - i)
+        xb, yb, mb = x[i : i + batch], y[i : i + batch], m[i : i + batch]
+        loss, comp = _loss(model, xb, yb, mb, supervised, aux_weight, pos_weight)
+        k = xb.shape[0]
         tot, n = tot + float(loss) * k, n + k
         for key, v in comp.items():
             parts[key] = parts.get(key, 0.0) + v * k
-    return {"val_loss": tot / max(n, 1), **{f"val_{k}": v / max(n, 1) for k, v in parts.items()}}
+        if supervised:
+            keep = mb & (xb[..., 0] != 0)
+            logits.append(model(torch.from_numpy(xb))["logit"].numpy()[keep])
+            labels.append(yb[keep])
+    out = {"val_loss": tot / max(n, 1), **{f"val_{k}": v / max(n, 1) for k, v in parts.items()}}
+    if supervised:
+        out["val_average_precision"] = float(average_precision_score(np.concatenate(labels),
+                                                                     np.concatenate(logits)))
+    return out
 
 
 @torch.no_grad()
-def score_splits(model: Detector, prep: Prepared, names: tuple[str, ...] = ("val",)) -> dict[str, dict[str, np.ndarray]]:
+def score_splits(
+    model: Detector, prep: Prepared, names: tuple[str, ...] = ("val",)
+) -> dict[str, dict[str, np.ndarray]]:
     """Per-event logit, surprise and probability of each named split (PyTorch, exact windows)."""
     out = {}
     for name in names:
@@ -257,6 +285,13 @@ def load_run(run_dir: Path) -> tuple[Detector, dict[str, Any]]:
                           knots_x=cal.get("knots_x"), knots_y=cal.get("knots_y"))
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), summary
+
+
+def _reinjected(prep: Prepared, cfg: TrainConfig, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Training chunks with a fresh draw of every scenario (seeds disjoint from val/test)."""
+    assert prep.train_real is not None
+    ev = inject(prep.train_real, prep.inject_names, InjectConfig(seed=cfg.seed * 10 + 1000 + epoch))
+    return make_chunks(prep.spec.transform(ev), ev.user, ev.label, cfg.chunk_len, cfg.window)
 
 
 def file_sha256(path: Path) -> str:

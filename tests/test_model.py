@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from model_export.calibrate import choose_thresholds, fit_calibration, threshold_at_fpr
-from model_export.model import ARCHS, Calibration, Detector, ModelConfig, layer_bands, piecewise_linear
+from model_export.model import (
+    ARCHS,
+    Calibration,
+    Detector,
+    ModelConfig,
+    layer_bands,
+    piecewise_linear,
+)
 from model_export.train import make_chunks
 
 CARD = (7, 20, 4, 4, 12, 6, 25, 4, 4)
@@ -99,7 +106,7 @@ def test_calibration_is_monotone_in_the_raw_score(kind):
     grid = torch.linspace(-6, 8, 500)
     p = cal(grid, grid)
     assert bool((p[1:] >= p[:-1] - 1e-7).all())
-    assert 0.0 <= float(p.min()) and float(p.max()) <= 1.0
+    assert float(p.min()) >= 0.0 and float(p.max()) <= 1.0
     if kind == "tail":  # the distribution function of normal surprise
         q99 = float(np.quantile(surprise, 0.99))
         assert float(cal(torch.tensor([0.0]), torch.tensor([q99]))[0]) == pytest.approx(0.99, abs=0.005)

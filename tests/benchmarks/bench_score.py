@@ -1,0 +1,56 @@
+"""Batch engine throughput (`seqguard score`): the Taobao sample replicated with new
+user ids to ~1M events, scored end to end on the default bundle, with where the time goes.
+
+    .venv/bin/python tests/benchmarks/bench_score.py [--rows 1000000] [--bundle DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from _common import machine, replicated_taobao
+
+from app.backfill import score_events, write_results
+from app.bundle import load_bundle
+from app.scorer import OnnxModel
+from model_export.data import read_events
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--bundle", type=Path, default=None)
+    ap.add_argument("--chunk-len", type=int, default=192)
+    args = ap.parse_args()
+    bundle = load_bundle(args.bundle)
+    model = OnnxModel(bundle)
+    print(f"machine: {machine()}; bundle {bundle.version} ({bundle.arch}) on {model.provider}")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "events.csv"
+        n = replicated_taobao(src, args.rows)
+        t0 = time.perf_counter()
+        ev, _ = read_events(src, "taobao", dedupe=False, sort=False)
+        t1 = time.perf_counter()
+        feats_t = time.perf_counter()
+        bundle.spec.transform(ev.sorted())
+        feats_secs = time.perf_counter() - feats_t
+        t2 = time.perf_counter()
+        scores = score_events(model, ev, chunk_len=args.chunk_len)
+        t3 = time.perf_counter()
+        write_results(Path(tmp) / "out.jsonl", ev, scores, bundle.thresholds)
+        t4 = time.perf_counter()
+    total = (t1 - t0) + (t3 - t2) + (t4 - t3)
+    print(f"{n:,} events, {np.unique(ev.user).size:,} users")
+    print(f"  load CSV        {t1 - t0:6.2f} s")
+    print(f"  score           {t3 - t2:6.2f} s  (of which featurize ≈ {feats_secs:.2f} s incl. sort)")
+    print(f"  write JSONL     {t4 - t3:6.2f} s")
+    print(f"  end to end      {total:6.2f} s  = {n / total:,.0f} events/s "
+          f"(scoring alone {n / (t3 - t2):,.0f} events/s)")
+
+
+if __name__ == "__main__":
+    main()
