@@ -6,6 +6,9 @@ Each user's sequence is cut into chunks that carry W-1 events of context before 
 events they score, so every event gets exactly the output of its own last W events (the
 detector's window semantics) while a chunk scores up to ``chunk_len - W + 1`` events in
 one pass. Chunks are grouped by length into a few padded shapes.
+
+Order within a user is by timestamp; events of one user with the same timestamp are
+taken in input order, i.e. the order in which they would have arrived online.
 """
 
 from __future__ import annotations
@@ -96,7 +99,8 @@ def result_lines(events: Events, scores: Scores, thresholds: dict[str, float]) -
     ids = events.event_ids()
     users = events.user_id_strings()
     decisions = decide(scores.probability, thresholds)
-    probs = np.round(scores.probability.astype(np.float64), 6)
+    # The exact float32 value the decision was made on, so readers can re-derive it.
+    probs = scores.probability.astype(np.float64)
     for eid, uid, p, d in zip(ids, users, probs.tolist(), decisions, strict=True):
         yield orjson.dumps({"event_id": eid, "user_id": uid, "anomaly_probability": p, "decision": d})
 

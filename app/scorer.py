@@ -33,7 +33,8 @@ class OnnxModel:
         if self.threads:
             opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3  # the CUDA fallback is reported below, once
+        opts.log_severity_level = 3
+        ort.set_default_logger_severity(3)  # the CUDA fallback is reported below, once
         wanted = [CUDA, CPU] if self.prefer_cuda and CUDA in ort.get_available_providers() else [CPU]
         use_fp16 = self.fp16 and (self.bundle.path / "model.fp16.onnx").is_file()
         path = self.bundle.model_path(fp16=use_fp16)

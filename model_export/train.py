@@ -75,8 +75,7 @@ class Prepared:
 
 def prepare(events_path: Path, fmt: str, inject_names: list[str], cfg: TrainConfig) -> Prepared:
     """Load, split by user, inject scenarios into each split separately, fit the spec."""
-    events, report = read_events(events_path, fmt, dedupe=True, sort=True)
-    log.info("%s", report.summary())
+    events, report = read_events(events_path, fmt, dedupe=True, sort=True)  # logs its summary
     parts = dict(zip(("train", "val", "test"), split_by_user(events, cfg.split, seed=cfg.seed), strict=True))
     train_real = parts["train"]
     if inject_names:
