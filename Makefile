@@ -28,7 +28,7 @@ test: lint
 model: $(STAMP)
 	$(VENV)/bin/seqguard train --events $(DATA)/taobao_userbehavior/UserBehavior_head_84k.csv.gz \
 	    --format taobao --inject all --arch transformer --seed 7 --out runs/default
-	$(VENV)/bin/seqguard export runs/default --out app/bundles/default
+	$(VENV)/bin/seqguard export runs/default --out app/bundles/default --fp16
 
 bench: $(STAMP)
 	$(PY) tests/benchmarks/bench_features.py

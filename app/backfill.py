@@ -42,7 +42,7 @@ def score_events(
     model: OnnxModel,
     events: Events,
     *,
-    chunk_len: int = 192,
+    chunk_len: int = 512,
     batch_tokens: int = 32768,
 ) -> Scores:
     """Score every event on its own last W events (at or before it in time).

@@ -34,11 +34,16 @@ class OnnxModel:
             opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
-        ort.set_default_logger_severity(3)  # the CUDA fallback is reported below, once
         wanted = [CUDA, CPU] if self.prefer_cuda and CUDA in ort.get_available_providers() else [CPU]
         use_fp16 = self.fp16 and (self.bundle.path / "model.fp16.onnx").is_file()
         path = self.bundle.model_path(fp16=use_fp16)
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
+        # onnxruntime-gpu logs a failed CUDA load as an error of its own; it is not one for
+        # us (CPU is a supported fallback), so it is reported once below, in our words.
+        ort.set_default_logger_severity(4)
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
+        finally:
+            ort.set_default_logger_severity(2)
         # What the session really got, not what was asked for: without CUDA libraries
         # onnxruntime-gpu silently falls back to the CPU.
         self.provider = self.session.get_providers()[0]

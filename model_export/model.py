@@ -106,21 +106,39 @@ class BandedSelfAttention(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, key_valid: Tensor) -> Tensor:
+        """Block-local form of banded attention: queries in blocks of ``band`` positions,
+        each attending to its own block and the one before (every key of its band is
+        there). Same result as dense masked attention, at O(T·band) instead of O(T²)."""
         b, t, d = x.shape
-        h = self.n_heads
-        # split + index_select rather than tensor unpacking / fancy indexing: both trace
-        # into the ONNX graph exactly (parity is checked at export).
-        q, k, v = (z.view(b, t, h, d // h).transpose(1, 2) for z in self.qkv(x).split(d, dim=-1))
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(d // h)  # (B, H, T, T)
-        pos = torch.arange(t, device=x.device)
-        offset = pos[:, None] - pos[None, :]  # (T, T): query minus key
-        in_band = (offset >= 0) & (offset < self.band)
-        bias = self.rel_bias.index_select(1, offset.clamp(0, self.band - 1).reshape(-1))
-        att = att + bias.view(h, t, t)  # (H, T, T) broadcast over B
-        allowed = in_band[None, None] & key_valid[:, None, None, :]
+        h, s = self.n_heads, self.band
+        pad = (s - t % s) % s  # left padding up to a whole number of blocks
+        x = torch.cat([x.new_zeros(b, pad, d), x], dim=1)  # (B, T', d)
+        valid = torch.cat([key_valid.new_zeros(b, pad), key_valid], dim=1)  # (B, T')
+        tp = x.shape[1]
+        q, k, v = (
+            z.reshape(b, -1, s, h, d // h).permute(0, 3, 1, 2, 4)  # (B, H, nb, S, dh)
+            for z in self.qkv(x).split(d, dim=-1)
+        )
+        k, v = _with_previous_block(k, dim=3), _with_previous_block(v, dim=3)  # (B, H, nb, 2S, dh)
+        key_ok = _with_previous_block(valid.reshape(b, -1, s), dim=2)  # (B, nb, 2S)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(d // h)  # (B, H, nb, S, 2S)
+        offset = s + torch.arange(s, device=x.device)[:, None] - torch.arange(2 * s, device=x.device)[None, :]
+        in_band = (offset >= 0) & (offset < s)  # (S, 2S): query minus key within the band
+        bias = self.rel_bias.index_select(1, offset.clamp(0, s - 1).reshape(-1)).view(h, s, 2 * s)
+        att = att + bias[None, :, None]
+        allowed = in_band[None, None, None] & key_ok[:, None, :, None, :]
         att = att.masked_fill(~allowed, -1e4).softmax(dim=-1)
-        y = (self.drop(att) @ v).transpose(1, 2).reshape(b, t, d)  # (B, T, d)
+        y = self.drop(att) @ v  # (B, H, nb, S, dh)
+        y = y.permute(0, 2, 3, 1, 4).reshape(b, tp, d)[:, pad:]  # (B, T, d)
         return self.proj(y)
+
+
+def _with_previous_block(z: Tensor, dim: int) -> Tensor:
+    """Concatenate each block with the block before it (zeros before the first) along
+    ``dim``; blocks are indexed by ``dim - 1``."""
+    first = torch.zeros_like(z.narrow(dim - 1, 0, 1))
+    prev = torch.cat([first, z.narrow(dim - 1, 0, z.shape[dim - 1] - 1)], dim=dim - 1)
+    return torch.cat([prev, z], dim=dim)
 
 
 class Block(nn.Module):

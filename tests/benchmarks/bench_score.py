@@ -24,7 +24,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--bundle", type=Path, default=None)
-    ap.add_argument("--chunk-len", type=int, default=192)
+    ap.add_argument("--chunk-len", type=int, default=512)
     args = ap.parse_args()
     bundle = load_bundle(args.bundle)
     model = OnnxModel(bundle)
