@@ -1,0 +1,257 @@
+"""Every Prometheus metric of the service, and the small ``track_*`` helpers that update
+them. Nothing else declares a metric.
+
+One ``Metrics`` per app, each with its own ``CollectorRegistry``, so tests can build
+several apps in one process.
+
+Several workers (``uvicorn --workers N``) share metrics through prometheus_client's
+multiprocess mode, switched on by ``PROMETHEUS_MULTIPROC_DIR``:
+
+- the variable must be set before the process imports prometheus_client (the client
+  picks its value storage at import): the ``serve`` command sets it, after emptying the
+  directory with ``reset_multiproc_dir``, before it starts the workers;
+- each worker then writes its values to mmap files in that directory and ``render()``
+  aggregates all workers' files (``MultiProcessCollector`` on a fresh registry that holds
+  nothing else, as the client's docs require);
+- gauges: the queue depth is ``livesum`` (each worker has its own micro-batcher queue;
+  the total of live workers is what is waiting), model info is ``livemax`` (one series
+  per version/provider/arch that a live worker serves, value 1; a worker that fell back
+  to CPU shows up as its own series, a dead worker's disappears);
+- a worker calls ``mark_process_dead(os.getpid())`` at shutdown so that its live gauges
+  stop counting (counters and histograms of dead workers stay, as they must);
+- only one ``Metrics`` per process in this mode: two would write the same file entries.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter as _Tally
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from time import perf_counter
+from typing import Any
+
+import numpy as np
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    values,
+)
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+#: The classic text format, which every Prometheus version reads.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+#: Request latency: 0.5 ms (a cached decision) .. 5 s (a large batch or a timeout).
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+#: Inference and Redis calls: from 0.1 ms (a GPU batch, a local Redis) up.
+FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+#: Probabilities: fine near 0 (review thresholds chosen at 1% FPR sit there) and near 1.
+PROBABILITY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8,
+                       0.9, 0.925, 0.95, 0.975, 0.99, 0.995, 0.999, 1.0)
+BATCH_SIZE_BUCKETS = tuple(float(2**i) for i in range(13))  # 1 .. 4096
+DECISIONS = ("allow", "review", "block")
+SCORE_PATHS = ("online", "batch")
+_SMALL = 8
+
+
+class Metrics:
+    """The service's metrics on a registry of their own (or the multiprocess files).
+
+    ``registry`` is what ``render()`` exposes: this instance's metrics, without the
+    client's ``*_created`` series, plus the client's process/platform/GC collectors in
+    single-process mode (they cannot be aggregated across workers); the workers' files in
+    multiprocess mode.
+    """
+
+    def __init__(self) -> None:
+        self.multiproc_dir = os.environ.get(MULTIPROC_ENV) or None
+        if self.multiproc_dir is not None:
+            if not getattr(values.ValueClass, "_multiprocess", False):
+                raise RuntimeError(f"{MULTIPROC_ENV} was set after prometheus_client was imported: set it before "
+                                   "the process starts (the client picks its value storage at import)")
+            # Values live in the mmap files; the exposition registry holds only the collector.
+            self.registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self.registry, path=self.multiproc_dir)
+            reg: CollectorRegistry | None = None
+        else:
+            reg = CollectorRegistry()
+            self.registry = CollectorRegistry()
+            for collector in (_WithoutCreated(reg), PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+                self.registry.register(collector)
+
+        self.requests = Counter("seqguard_requests_total", "HTTP requests answered, by route template and status.",
+                                ("route", "status"), registry=reg)
+        self.request_duration = Histogram("seqguard_request_duration_seconds", "HTTP request latency.", ("route",),
+                                          buckets=LATENCY_BUCKETS, registry=reg)
+        self.events_scored = Counter("seqguard_events_scored_total", "Events scored, online or in batch.", ("path",),
+                                     registry=reg)
+        self.decisions = Counter("seqguard_decisions_total", "Decisions taken on scored events.", ("decision",),
+                                 registry=reg)
+        self.anomaly_probability = Histogram("seqguard_anomaly_probability", "Anomaly probability of scored events.",
+                                             buckets=PROBABILITY_BUCKETS, registry=reg)
+        self.inference_batch_size = Histogram("seqguard_inference_batch_size", "Windows per ONNX Runtime call.",
+                                              buckets=BATCH_SIZE_BUCKETS, registry=reg)
+        self.inference_duration = Histogram("seqguard_inference_duration_seconds", "Duration of one ONNX Runtime call.",
+                                            buckets=FAST_BUCKETS, registry=reg)
+        self.queue_depth = Gauge("seqguard_scoring_queue_depth", "Windows waiting for inference.",
+                                 multiprocess_mode="livesum", registry=reg)
+        self.store_duration = Histogram("seqguard_window_store_duration_seconds", "Duration of window store calls.",
+                                        ("op",), buckets=FAST_BUCKETS, registry=reg)
+        self.store_errors = Counter("seqguard_window_store_errors_total", "Failed window store calls.", registry=reg)
+        self.duplicates = Counter("seqguard_duplicate_events_total", "Replayed event ids answered from the record.",
+                                  registry=reg)
+        self.model_info = Gauge("seqguard_model_info", "The model being served (value 1).",
+                                ("version", "provider", "arch"), multiprocess_mode="livemax", registry=reg)
+
+        # Children bound once: the hot path skips labels() (a lock and a tuple per call);
+        # the fixed label values are created now so their series exist at 0.
+        self._scored = {p: self.events_scored.labels(p) for p in SCORE_PATHS}
+        self._decided = {d: self.decisions.labels(d) for d in DECISIONS}
+        self._children: dict[tuple[Any, ...], Any] = {}
+        self._model_labels: tuple[str, str, str] | None = None
+        self._prob_bounds = np.asarray(self.anomaly_probability._upper_bounds, dtype=np.float64)
+
+    # Requests -------------------------------------------------------------------------
+
+    def track_request(self, route: str, status: int, seconds: float) -> None:
+        """One answered request. ``route`` is the route template (``/events``), never the
+        raw path, so that label values stay few."""
+        key = ("r", route, status)
+        pair = self._children.get(key)
+        if pair is None:
+            pair = self._children[key] = (self.requests.labels(route, str(status)), self.request_duration.labels(route))
+        pair[0].inc()
+        pair[1].observe(seconds)
+
+    # Scoring ----------------------------------------------------------------------------
+
+    def track_scored(self, path: str, probs: np.ndarray, decisions: Iterable[str]) -> None:
+        """Events scored on ``path`` (online|batch): counts, decisions and the probability
+        histogram, vectorised over the batch."""
+        probs = np.asarray(probs, dtype=np.float64).reshape(-1)
+        n = int(probs.shape[0])
+        if n == 0:
+            return
+        self._scored[path].inc(n)
+        if n <= _SMALL:  # numpy's fixed cost exceeds a few observe() calls (~1 µs each)
+            decided = self._decided
+            for d in decisions:
+                decided[d].inc()
+            hist = self.anomaly_probability
+            for p in probs.tolist():
+                if math.isfinite(p):
+                    hist.observe(p)
+            return
+        for decision, k in _Tally(decisions).items():
+            self._decided[decision].inc(k)
+        self._observe_many(self.anomaly_probability, probs)
+
+    def _observe_many(self, hist: Histogram, x: np.ndarray) -> None:
+        """``hist.observe`` for every finite value of ``x`` at the cost of one call per
+        bucket: the client keeps per-bucket (not cumulative) counts and puts a value in
+        the first bucket whose bound is >= it, which is ``searchsorted(side='left')``."""
+        x = x[np.isfinite(x)]
+        if not x.size:
+            return
+        counts = np.bincount(np.searchsorted(self._prob_bounds, x, side="left"), minlength=self._prob_bounds.size)
+        for i in np.flatnonzero(counts):
+            hist._buckets[i].inc(int(counts[i]))
+        hist._sum.inc(float(x.sum()))
+
+    def track_inference(self, batch_size: int, seconds: float) -> None:
+        """One ONNX Runtime call over ``batch_size`` windows."""
+        self.inference_batch_size.observe(batch_size)
+        self.inference_duration.observe(seconds)
+
+    def set_queue_depth(self, n: int) -> None:
+        self.queue_depth.set(n)
+
+    # Window store -----------------------------------------------------------------------
+
+    def track_store(self, op: str, seconds: float) -> None:
+        key = ("s", op)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.store_duration.labels(op)
+        child.observe(seconds)
+
+    def track_store_error(self, n: int = 1) -> None:
+        self.store_errors.inc(n)
+
+    @contextmanager
+    def time_store(self, op: str) -> Iterator[None]:
+        """Time a window store call; an exception out of it also counts as a store error."""
+        started = perf_counter()
+        try:
+            yield
+        except Exception:
+            self.track_store_error()
+            raise
+        finally:
+            self.track_store(op, perf_counter() - started)
+
+    def track_duplicate(self, n: int = 1) -> None:
+        if n:
+            self.duplicates.inc(n)
+
+    # Model ------------------------------------------------------------------------------
+
+    def set_model_info(self, version: str, provider: str, arch: str) -> None:
+        """The served model, as one series at 1; a previous model's series goes (to 0 in
+        multiprocess mode, where a written value cannot be taken back)."""
+        labels = (version, provider, arch)
+        if self._model_labels is not None and self._model_labels != labels:
+            self.model_info.labels(*self._model_labels).set(0)
+            self.model_info.remove(*self._model_labels)
+        self.model_info.labels(*labels).set(1)
+        self._model_labels = labels
+
+    # Exposition -------------------------------------------------------------------------
+
+    def render(self) -> tuple[bytes, str]:
+        """(body, content type) of ``GET /metrics``; all workers' in multiprocess mode."""
+        return generate_latest(self.registry), CONTENT_TYPE
+
+
+class _WithoutCreated(Collector):
+    """The metrics of ``inner`` without their ``*_created`` samples: in the classic text
+    format they are extra gauge series per label set, and the multiprocess aggregate has
+    none, so leaving them out makes both modes expose the same series."""
+
+    def __init__(self, inner: CollectorRegistry) -> None:
+        self.inner = inner
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self.inner.collect():
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family
+
+
+def mark_process_dead(pid: int, path: str | os.PathLike[str] | None = None) -> None:
+    """Drop a worker's live gauges (``livesum``/``livemax``) from the aggregate. A no-op
+    outside multiprocess mode."""
+    path = path if path is not None else os.environ.get(MULTIPROC_ENV)
+    if path:
+        multiprocess.mark_process_dead(pid, str(path))
+
+
+def reset_multiproc_dir(path: str | os.PathLike[str]) -> Path:
+    """Create ``path`` and remove the value files of a previous run from it: the client's
+    docs require an empty directory when the workers start, else old counts come back."""
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    for f in root.glob("*.db"):
+        f.unlink()
+    return root

@@ -1,0 +1,244 @@
+"""Metrics: every contract metric is exposed with its type, the helpers move the values,
+apps do not share registries, and several real processes aggregate in multiprocess mode."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.metrics import (
+    MULTIPROC_ENV,
+    PROBABILITY_BUCKETS,
+    Metrics,
+    mark_process_dead,
+    reset_multiproc_dir,
+)
+
+CONTRACT = {
+    "seqguard_requests_total": "counter",
+    "seqguard_request_duration_seconds": "histogram",
+    "seqguard_events_scored_total": "counter",
+    "seqguard_decisions_total": "counter",
+    "seqguard_anomaly_probability": "histogram",
+    "seqguard_inference_batch_size": "histogram",
+    "seqguard_inference_duration_seconds": "histogram",
+    "seqguard_scoring_queue_depth": "gauge",
+    "seqguard_window_store_duration_seconds": "histogram",
+    "seqguard_window_store_errors_total": "counter",
+    "seqguard_duplicate_events_total": "counter",
+    "seqguard_model_info": "gauge",
+}
+
+
+@pytest.fixture(autouse=True)
+def _single_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(MULTIPROC_ENV, raising=False)
+
+
+def types_in(text: str) -> dict[str, str]:
+    return dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, flags=re.M))
+
+
+def value(m: Metrics, name: str, **labels: str) -> float | None:
+    return m.registry.get_sample_value(name, labels)
+
+
+def test_every_contract_metric_is_exposed_with_its_type() -> None:
+    m = Metrics()
+    body, content_type = m.render()
+    assert content_type.startswith("text/plain; version=0.0.4")
+    types = types_in(body.decode())
+    assert {k: types.get(k) for k in CONTRACT} == CONTRACT
+    # Nothing of ours beyond the contract (process_* and python_* come from the client).
+    assert {k for k in types if k.startswith("seqguard_")} == set(CONTRACT)
+
+
+def test_helpers_update_values() -> None:
+    m = Metrics()
+    m.track_request("/events", 200, 0.003)
+    m.track_request("/events", 200, 0.0004)
+    m.track_request("/events", 503, 0.001)
+    assert value(m, "seqguard_requests_total", route="/events", status="200") == 2
+    assert value(m, "seqguard_requests_total", route="/events", status="503") == 1
+    assert value(m, "seqguard_request_duration_seconds_count", route="/events") == 3
+    assert value(m, "seqguard_request_duration_seconds_bucket", route="/events", le="0.0005") == 1
+
+    m.track_scored("online", np.array([0.01, 0.6, 0.97], np.float32), np.array(["allow", "review", "block"], object))
+    m.track_scored("batch", np.array([0.2]), ["allow"])
+    m.track_scored("batch", np.array([]), [])
+    assert value(m, "seqguard_events_scored_total", path="online") == 3
+    assert value(m, "seqguard_events_scored_total", path="batch") == 1
+    assert value(m, "seqguard_decisions_total", decision="allow") == 2
+    assert value(m, "seqguard_decisions_total", decision="block") == 1
+    assert value(m, "seqguard_anomaly_probability_count") == 4
+    assert value(m, "seqguard_anomaly_probability_sum") == pytest.approx(0.01 + 0.6 + 0.97 + 0.2, rel=1e-6)
+
+    m.track_inference(48, 0.0021)
+    assert value(m, "seqguard_inference_batch_size_bucket", le="32.0") == 0
+    assert value(m, "seqguard_inference_batch_size_bucket", le="64.0") == 1
+    assert value(m, "seqguard_inference_duration_seconds_sum") == pytest.approx(0.0021)
+
+    m.set_queue_depth(17)
+    assert value(m, "seqguard_scoring_queue_depth") == 17
+    m.track_store("append", 0.0003)
+    m.track_store_error()
+    m.track_duplicate()
+    m.track_duplicate(2)
+    assert value(m, "seqguard_window_store_duration_seconds_count", op="append") == 1
+    assert value(m, "seqguard_window_store_errors_total") == 1
+    assert value(m, "seqguard_duplicate_events_total") == 3
+
+
+def test_fixed_label_values_exist_at_zero() -> None:
+    m = Metrics()
+    for d in ("allow", "review", "block"):
+        assert value(m, "seqguard_decisions_total", decision=d) == 0
+    for p in ("online", "batch"):
+        assert value(m, "seqguard_events_scored_total", path=p) == 0
+
+
+def test_time_store_counts_errors() -> None:
+    m = Metrics()
+    with m.time_store("read"):
+        pass
+    with pytest.raises(ConnectionError), m.time_store("append"):
+        raise ConnectionError("redis down")
+    assert value(m, "seqguard_window_store_duration_seconds_count", op="read") == 1
+    assert value(m, "seqguard_window_store_duration_seconds_count", op="append") == 1
+    assert value(m, "seqguard_window_store_errors_total") == 1
+
+
+def test_vectorised_probability_histogram_matches_observe() -> None:
+    rng = np.random.default_rng(0)
+    probs = np.concatenate([rng.random(5000) ** 4, np.asarray(PROBABILITY_BUCKETS), [0.0, 1.0, np.nan]])
+    decisions = ["allow"] * probs.size
+    m = Metrics()
+    m.track_scored("online", probs, decisions)
+    ref_registry = CollectorRegistry()
+    ref = Histogram("seqguard_anomaly_probability", "x", buckets=PROBABILITY_BUCKETS, registry=ref_registry)
+    for p in probs[np.isfinite(probs)]:
+        ref.observe(float(p))
+
+    def samples(text: str) -> dict[str, float]:
+        fam = {f.name: f for f in text_string_to_metric_families(text)}["seqguard_anomaly_probability"]
+        return {s.name + str(sorted(s.labels.items())): s.value for s in fam.samples if not s.name.endswith("created")}
+
+    got, want = samples(m.render()[0].decode()), samples(generate_latest(ref_registry).decode())
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-12), k
+
+
+def test_model_info_switches_series() -> None:
+    m = Metrics()
+    m.set_model_info("v1", "CUDAExecutionProvider", "transformer")
+    m.set_model_info("v1", "CUDAExecutionProvider", "transformer")
+    m.set_model_info("v2", "CPUExecutionProvider", "gru")
+    assert value(m, "seqguard_model_info", version="v2", provider="CPUExecutionProvider", arch="gru") == 1
+    assert value(m, "seqguard_model_info", version="v1", provider="CUDAExecutionProvider", arch="transformer") is None
+
+
+def test_two_instances_do_not_collide() -> None:
+    a, b = Metrics(), Metrics()
+    a.track_duplicate(5)
+    a.track_request("/events", 200, 0.01)
+    assert value(a, "seqguard_duplicate_events_total") == 5
+    assert value(b, "seqguard_duplicate_events_total") == 0
+    assert value(b, "seqguard_requests_total", route="/events", status="200") is None
+
+
+def test_multiprocess_env_after_import_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(MULTIPROC_ENV, str(tmp_path))
+    with pytest.raises(RuntimeError, match="before"):
+        Metrics()
+
+
+def test_multiproc_dir_helpers(tmp_path: Path) -> None:
+    d = tmp_path / "prom"
+    reset_multiproc_dir(d)
+    (d / "counter_123.db").write_bytes(b"stale")
+    (d / "keep.txt").write_text("x")
+    reset_multiproc_dir(d)
+    assert sorted(p.name for p in d.iterdir()) == ["keep.txt"]
+    mark_process_dead(123)  # no directory configured: a no-op
+    (d / "gauge_livesum_123.db").write_bytes(b"x")
+    (d / "counter_123.db").write_bytes(b"x")
+    mark_process_dead(123, d)
+    assert sorted(p.name for p in d.iterdir()) == ["counter_123.db", "keep.txt"]
+
+
+# Multiprocess: real worker processes (spawned, so prometheus_client is imported with the
+# variable set), each writing its own values; a third process renders the aggregate.
+
+def _worker(requests: int, depth: int, ready: mp.synchronize.Event, release: mp.synchronize.Event) -> None:
+    m = Metrics()
+    for _ in range(requests):
+        m.track_request("/events", 200, 0.002)
+    m.track_scored("online", np.array([0.01] * 5 + [0.97] * 5), ["allow"] * 5 + ["block"] * 5)  # vectorised path
+    m.track_scored("online", np.array([0.5]), ["review"])
+    m.track_inference(2, 0.001)
+    m.set_queue_depth(depth)
+    m.set_model_info("v1", "CPUExecutionProvider", "transformer")
+    ready.set()
+    release.wait(120)
+
+
+def _render() -> tuple[int, str]:
+    return os.getpid(), Metrics().render()[0].decode()
+
+
+def _values(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_multiprocess_aggregates_workers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(MULTIPROC_ENV, str(reset_multiproc_dir(tmp_path / "prom")))
+    ctx = mp.get_context("spawn")
+    ready = [ctx.Event(), ctx.Event()]
+    release = ctx.Event()
+    workers = [ctx.Process(target=_worker, args=(n, d, r, release)) for n, d, r in ((3, 5, ready[0]), (4, 6, ready[1]))]
+    for w in workers:
+        w.start()
+    try:
+        for r in ready:
+            assert r.wait(120), "worker did not start"
+        with ctx.Pool(1) as pool:
+            render_pid, text = pool.apply(_render)
+        v = _values(text)
+        assert types_in(text).get("seqguard_requests_total") == "counter"
+        assert v["seqguard_requests_total", (("route", "/events"), ("status", "200"))] == 7
+        assert v["seqguard_request_duration_seconds_count", (("route", "/events"),)] == 7
+        assert v["seqguard_events_scored_total", (("path", "online"),)] == 22
+        assert v["seqguard_decisions_total", (("decision", "block"),)] == 10
+        assert v["seqguard_decisions_total", (("decision", "review"),)] == 2
+        assert v["seqguard_anomaly_probability_count", ()] == 22
+        assert v["seqguard_anomaly_probability_bucket", (("le", "0.01"),)] == 10
+        assert v["seqguard_anomaly_probability_bucket", (("le", "0.5"),)] == 12
+        assert v["seqguard_anomaly_probability_sum", ()] == pytest.approx(2 * (0.05 + 4.85 + 0.5))
+        assert v["seqguard_inference_batch_size_count", ()] == 2
+        assert v["seqguard_scoring_queue_depth", ()] == 11  # livesum over live workers
+        assert v["seqguard_model_info", (("arch", "transformer"), ("provider", "CPUExecutionProvider"),
+                                         ("version", "v1"))] == 1  # livemax: one series, not one per worker
+    finally:
+        release.set()
+        for w in workers:
+            w.join(60)
+    assert [w.exitcode for w in workers] == [0, 0]
+
+    for pid in (*(w.pid for w in workers), render_pid):
+        assert pid is not None
+        mark_process_dead(pid)
+    with ctx.Pool(1) as pool:
+        _, text = pool.apply(_render)
+    v = _values(text)
+    assert v["seqguard_requests_total", (("route", "/events"), ("status", "200"))] == 7  # counters outlive workers
+    assert v.get(("seqguard_scoring_queue_depth", ()), 0) == 0  # dead workers' live gauges are gone
+    assert not [k for k in v if k[0] == "seqguard_model_info"]
