@@ -32,3 +32,35 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
            "--epochs", "2", "--seed", "3", "--out", run_dir)
     invoke("export", run_dir, "--out", bundle, "--fp16")
     return run_dir, bundle
+
+
+# ---------------------------------------------------------------------------------------
+# Redis (issue #3): one real embedded redis-server per test session, flushed per test.
+# Set SEQGUARD_TEST_REDIS_URL to run against another server instead (it is FLUSHALLed!).
+# Tests create their asyncio clients inside asyncio.run(...) and close them there.
+# ---------------------------------------------------------------------------------------
+import os  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of the session's Redis: SEQGUARD_TEST_REDIS_URL, else an EmbeddedRedis in a tmp dir."""
+    url = os.environ.get("SEQGUARD_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    from app.embedded_redis import EmbeddedRedis
+
+    with EmbeddedRedis(tmp_path_factory.mktemp("redis")) as server:
+        yield server.url
+
+
+@pytest.fixture
+def redis_url(redis_server: str) -> str:
+    """URL of an empty database (FLUSHALL before the test)."""
+    import redis
+
+    with redis.Redis.from_url(redis_server) as client:
+        client.flushall()
+    return redis_server
