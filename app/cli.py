@@ -147,6 +147,92 @@ def score(
     )
 
 
+@cli.command()
+@_friendly
+def serve(
+    bundle: Annotated[Path | None, typer.Option("--bundle", help="Bundle directory (default: shipped).")] = None,
+    redis_url: Annotated[str | None, typer.Option("--redis-url", help="Redis URL (default: embedded).")] = None,
+    host: Annotated[str | None, typer.Option("--host")] = None,
+    port: Annotated[int | None, typer.Option("--port")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1)] = None,
+) -> None:
+    """Serve the scoring API (uvicorn, uvloop, httptools). Flags override SEQGUARD_* settings."""
+    import os
+    import tempfile
+
+    import uvicorn
+
+    from app.embedded_redis import EmbeddedRedis
+    from app.settings import Settings
+
+    for name, value in (("BUNDLE", bundle), ("REDIS_URL", redis_url), ("HOST", host), ("PORT", port),
+                        ("WORKERS", workers)):
+        if value is not None:
+            os.environ[f"SEQGUARD_{name}"] = str(value)
+    settings = Settings()  # validates the environment before anything starts
+    _logging()
+    embedded = None
+    if settings.redis_url is None:
+        # One embedded Redis for all workers, owned by this process.
+        embedded = EmbeddedRedis(settings.redis_data_dir)
+        embedded.start()
+        os.environ["SEQGUARD_REDIS_URL"] = embedded.url
+        err.print(f"embedded Redis (append-only) at {embedded.url}, data in {settings.redis_data_dir}")
+    if settings.workers > 1:
+        from app.metrics import reset_multiproc_dir
+
+        # Several workers share metrics through prometheus-client's multiprocess mode,
+        # starting from an empty directory so no dead process's series linger.
+        path = os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="seqguard-metrics-"))
+        reset_multiproc_dir(Path(path))
+    try:
+        uvicorn.run("app.main:app_from_env", factory=True, host=settings.host, port=settings.port,
+                    workers=settings.workers, loop="uvloop", http="httptools", log_level="warning",
+                    access_log=False, timeout_graceful_shutdown=10)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+@cli.command()
+@_friendly
+def replay(
+    url: Annotated[str, typer.Option("--url", help="Base URL of the service, e.g. http://127.0.0.1:8000.")],
+    events: EventsOpt,
+    fmt: FormatOpt = "auto",
+    rate: Annotated[float, typer.Option("--rate", min=0, help="Events per second (0 = as fast as possible).")] = 0.0,
+    bulk: Annotated[int, typer.Option("--bulk", min=1, max=1000, help="Events per request (1 = single).")] = 1,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="Requests in flight.")] = 16,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="SEQGUARD_API_KEY",
+                                                help="Bearer key (scope events).")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=0, help="Stop after N events (0 = no limit).")] = 0,
+    duration: Annotated[float, typer.Option("--duration", min=0, help="Stop after S seconds (0 = no limit).")] = 0.0,
+    loop: Annotated[bool, typer.Option("--loop", help="Replay the file again, with fresh ids, until "
+                                                      "--limit or --duration.")] = False,
+    tag: Annotated[str, typer.Option("--tag", help="Prefix of event and user ids (replay a file as new "
+                                                   "traffic).")] = "",
+    retries: Annotated[int, typer.Option("--retries", min=0, help="Retries of a 503 (after Retry-After).")] = 5,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the summary as JSON here.")] = None,
+) -> None:
+    """Replay an event log against a running service, as a storefront would; exit 1 if any request failed."""
+    import orjson
+    from rich.console import Console
+
+    from app.replay import ReplayConfig, Replayer, summary_table
+
+    if fmt not in FORMAT_HELP.split("|"):
+        raise ValueError(f"--format {fmt!r}: expected one of {FORMAT_HELP.replace('|', ', ')}")
+    cfg = ReplayConfig(url=url, events=events, format=fmt, rate=rate, bulk=bulk, concurrency=concurrency,
+                       api_key=api_key, limit=limit, duration_s=duration, loop=loop, tag=tag, retries=retries)
+    stats = Replayer(cfg, console=err).run_sync()
+    summary = stats.summary()
+    Console().print(summary_table(summary, cfg))
+    if json_out is not None:
+        json_out.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n")
+    if summary["errors"]:
+        raise typer.Exit(1)
+
+
 def _check_format(fmt: str, formats: tuple[str, ...]) -> None:
     if fmt not in formats:
         raise ValueError(f"--format {fmt!r}: expected one of {', '.join(formats)}")

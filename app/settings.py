@@ -41,11 +41,11 @@ class Settings(BaseSettings):
     queue_size: int = Field(4096, ge=1, description="Windows waiting for inference before 503.")
 
     # HTTP
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    workers: int = Field(1, ge=1, le=64)
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+    workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes (metrics aggregated across them).")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest JSON body of /events (413 past it).")
-    max_events_per_request: int = Field(1000, ge=1, le=10000)
+    max_events_per_request: int = Field(1000, ge=1, le=10000, description="Most events in one /events body.")
     batch_max_events: int = Field(100_000, ge=1, description="Largest JSON body of /batch-score, in events.")
     batch_max_body_bytes: int = Field(64 << 20, ge=1024, description="Largest JSON body of /batch-score.")
     retry_after_s: int = Field(1, ge=1, description="Retry-After of 503 answers.")
@@ -57,8 +57,8 @@ class Settings(BaseSettings):
         description='SHA-256 hex of each API key → its scopes, as JSON: {"<sha256>": ["events"]}. Empty: no auth.',
     )
     user_hash_key: str = Field("seqguard", description="Key of the hash that replaces user ids in logs.")
-    environment: Literal["dev", "prod"] = "dev"
-    log_level: str = "INFO"
+    environment: Literal["dev", "prod"] = Field("dev", description="prod refuses to start without API keys.")
+    log_level: str = Field("INFO", description="Python log level.")
 
     @field_validator("api_keys")
     @classmethod

@@ -1,0 +1,75 @@
+"""What routes depend on: the app's typed state, and API-key scopes."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Annotated
+
+import redis.asyncio as aioredis
+from fastapi import Depends, Request
+
+from app.batching import MicroBatcher
+from app.bundle import Bundle
+from app.embedded_redis import EmbeddedRedis
+from app.errors import Forbidden, Unauthorized
+from app.metrics import Metrics
+from app.online import OnlineScorer
+from app.scorer import OnnxModel
+from app.settings import Scope, Settings
+from app.windows import WindowStore
+
+
+@dataclass
+class AppState:
+    """Everything the lifespan opens, exposed to routes as ``StateDep``."""
+
+    settings: Settings
+    bundle: Bundle
+    model: OnnxModel
+    metrics: Metrics
+    redis: aioredis.Redis
+    store: WindowStore
+    batcher: MicroBatcher
+    scorer: OnlineScorer
+    thresholds: dict[str, float]
+    embedded: EmbeddedRedis | None = None
+    #: Backfills run here, one at a time, beside the online batcher's own thread.
+    batch_executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="backfill"))
+
+    def user_ref(self, user_id: str) -> str:
+        """What logs say instead of a user id: a keyed hash, stable within a deployment."""
+        key = self.settings.user_hash_key.encode()
+        return hmac.new(key, user_id.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.seqguard
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def require(scope: Scope) -> Callable[[Request], Awaitable[None]]:
+    """Dependency: the request carries an API key with ``scope`` (when keys are configured)."""
+
+    async def check(request: Request) -> None:
+        keys = request.app.state.seqguard.settings.api_keys
+        if not keys:
+            return
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized("missing bearer API key")
+        scopes = keys.get(hashlib.sha256(token.strip().encode()).hexdigest())
+        if scopes is None:
+            raise Unauthorized("unknown API key")
+        if scope not in scopes and "admin" not in scopes:
+            raise Forbidden(f"this API key lacks the '{scope}' scope")
+
+    return check

@@ -1,0 +1,111 @@
+"""`create_app(settings)`: the service. The lifespan loads the bundle and its ONNX Runtime
+session (warmed up on every shape it will use), opens the Redis pool (or starts an
+embedded Redis), starts the micro-batcher, and closes all of them on the way out."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from app import errors
+from app.batching import MicroBatcher
+from app.bundle import load_bundle
+from app.deps import AppState
+from app.embedded_redis import EmbeddedRedis
+from app.metrics import Metrics, mark_process_dead
+from app.middleware import RequestMetrics
+from app.online import OnlineScorer
+from app.routes import batch, events, meta
+from app.scorer import OnnxModel
+from app.settings import Settings
+from app.windows import WindowStore
+
+log = logging.getLogger("seqguard")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The seqguard service for ``settings``."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        bundle = load_bundle(settings.bundle)
+        model = OnnxModel(bundle, threads=settings.inference_threads, prefer_cuda=settings.prefer_cuda,
+                          fp16=settings.fp16)
+        metrics = Metrics()
+        metrics.set_model_info(bundle.version, model.provider, bundle.arch)
+        batcher = MicroBatcher(model, metrics, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
+                               queue_size=settings.queue_size)
+        batcher.warm_up()
+        embedded = None
+        url = settings.redis_url
+        if url is None:
+            embedded = EmbeddedRedis(settings.redis_data_dir)
+            embedded.start()
+            url = embedded.url
+            log.info("embedded Redis (append-only) at %s, data in %s", url, settings.redis_data_dir)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=settings.redis_pool_size, timeout=settings.redis_timeout_s,
+            socket_timeout=settings.redis_timeout_s, socket_connect_timeout=settings.redis_timeout_s,
+            # One quick retry, not redis-py's default backoff of seconds: an outage must turn
+            # into a prompt 503 + Retry-After, and the client retries (ids make it safe).
+            retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1),
+        )
+        redis = aioredis.Redis(connection_pool=pool)
+        store = WindowStore(redis, history=bundle.spec.history, window_ttl_s=settings.window_ttl_s,
+                            idempotency_ttl_s=settings.idempotency_ttl_s)
+        thresholds = dict(bundle.thresholds)
+        if settings.review_threshold is not None:
+            thresholds["review"] = settings.review_threshold
+        if settings.block_threshold is not None:
+            thresholds["block"] = settings.block_threshold
+        if thresholds["review"] > thresholds["block"]:
+            raise ValueError(f"review threshold {thresholds['review']} exceeds block {thresholds['block']}")
+        await batcher.start()
+        app.state.seqguard = AppState(
+            settings=settings, bundle=bundle, model=model, metrics=metrics, redis=redis, store=store,
+            batcher=batcher, scorer=OnlineScorer(bundle, batcher, thresholds), thresholds=thresholds,
+            embedded=embedded,
+        )
+        log.info("serving %s (%s, window %d) on %s; thresholds review %.4g block %.4g",
+                 bundle.version, bundle.arch, bundle.window, model.provider, thresholds["review"],
+                 thresholds["block"])
+        try:
+            yield
+        finally:
+            await batcher.stop()
+            app.state.seqguard.batch_executor.shutdown(wait=True)
+            await redis.aclose()
+            await pool.aclose()
+            if embedded is not None:
+                embedded.stop()
+            mark_process_dead(os.getpid())  # multiprocess metrics: drop this worker's live gauges
+
+    app = FastAPI(
+        title="seqguard",
+        summary="Real-time anomaly scoring of user event sequences.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    errors.install(app, retry_after_s=settings.retry_after_s)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(RequestMetrics)
+    for router in (events.router, batch.router, meta.router):
+        app.include_router(router)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory for `seqguard serve` workers: settings from the environment."""
+    settings = Settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return create_app(settings)

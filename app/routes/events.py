@@ -1,0 +1,94 @@
+"""POST /events: append each event to its user's window, score the window ending at it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Depends, Request, Response
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from app.batching import QueueFull
+from app.deps import StateDep, require
+from app.errors import PayloadTooLarge, ServiceUnavailable
+from app.online import reasons
+from app.routes import json_response
+from app.schemas import ScoreResult, ScoreResults, parse_events, to_records
+
+router = APIRouter(tags=["scoring"])
+log = logging.getLogger("seqguard.events")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@router.post(
+    "/events",
+    response_model=ScoreResult | ScoreResults,
+    dependencies=[Depends(require("events"))],
+    responses={413: {}, 422: {}, 503: {}},
+)
+async def post_events(request: Request, state: StateDep, explain: bool = False) -> Response:
+    """Append one event (or up to 1000) to its user's window and score it."""
+    s = state.settings
+    body = await read_body(request, s.max_body_bytes)
+    events, batched = parse_events(body, max_events=s.max_events_per_request)
+    records = to_records(events)
+    started = time.perf_counter()
+    try:
+        stored = await state.store.append_many(records)
+    except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+        state.metrics.track_store_error()
+        log.warning("window store unavailable: %s", type(e).__name__)
+        raise ServiceUnavailable("the window store is unavailable; nothing was written, retry") from None
+    state.metrics.track_store("append", time.perf_counter() - started)
+
+    fresh = [i for i, w in enumerate(stored) if w.answer is None]
+    results: list[dict[str, Any] | None] = [None] * len(stored)
+    for i, w in enumerate(stored):
+        if w.answer is not None:  # a replay: the first answer, nothing changed
+            results[i] = orjson.loads(w.answer) | {"duplicate": True}
+    if fresh:
+        try:
+            scores = await state.scorer.score([stored[i].events for i in fresh])
+        except QueueFull:
+            raise ServiceUnavailable("scoring queue is full; the events are stored, retry to get scores") from None
+        for k, i in enumerate(fresh):
+            w = stored[i]
+            res: dict[str, Any] = {
+                "event_id": w.event_id, "user_id": w.user_id,
+                "anomaly_probability": float(scores.probability[k]), "decision": str(scores.decision[k]),
+                "thresholds": state.thresholds, "window_size": int(scores.window_size[k]),
+                "model_version": state.bundle.version, "duplicate": w.duplicate,
+            }
+            if explain:
+                res["reasons"] = reasons(w.events, scores.surprise[k])
+            results[i] = res
+        # The first answer of each event, for replays (never overwrites an earlier one).
+        first = [(stored[i].user_id, stored[i].event_id, orjson.dumps({**(results[i] or {}), "duplicate": False}))
+                 for i in fresh]
+        try:
+            await state.store.save_answers(first)
+        except RedisError:
+            # The events are stored (acknowledged); a replay re-scores the same window.
+            state.metrics.track_store_error()
+        state.metrics.track_scored("online", scores.probability, scores.decision)
+    dups = sum(1 for w in stored if w.duplicate)
+    if dups:
+        state.metrics.track_duplicate(dups)
+    return json_response({"results": results} if batched else results[0])

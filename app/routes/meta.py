@@ -1,0 +1,57 @@
+"""Liveness, readiness, the loaded model, and Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Response
+from redis.exceptions import RedisError
+
+from app.deps import StateDep, require
+from app.routes import json_response
+from app.schemas import ModelInfo
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {}})
+async def readyz(state: StateDep) -> Response:
+    """Readiness: the model is loaded and Redis answers."""
+    try:
+        redis_ok = bool(await state.redis.ping())
+    except (RedisError, OSError):
+        redis_ok = False
+    body = {"status": "ready" if redis_ok else "unavailable", "model": state.bundle.version, "redis": redis_ok}
+    return json_response(body, status_code=200 if redis_ok else 503,
+                          headers=None if redis_ok else {"Retry-After": str(state.settings.retry_after_s)})
+
+
+@router.get("/model", response_model=ModelInfo, dependencies=[Depends(require("events"))])
+async def model_info(state: StateDep) -> dict[str, Any]:
+    """The loaded bundle: version, architecture, window, thresholds, execution provider."""
+    meta = state.bundle.meta
+    arch = meta["architecture"]
+    return {
+        "version": state.bundle.version,
+        "architecture": state.bundle.arch,
+        "window": state.bundle.window,
+        "thresholds": state.thresholds,
+        "provider": state.model.provider,
+        "fp16": state.model.fp16,
+        "created_at": meta.get("created_at"),
+        "parameters": {k: arch[k] for k in ("d_model", "n_layers", "n_heads", "parameters") if k in arch},
+        "evaluation": meta.get("evaluation") or {},
+    }
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(state: StateDep) -> Response:
+    """Prometheus text exposition."""
+    body, content_type = state.metrics.render()
+    return Response(body, media_type=content_type)
