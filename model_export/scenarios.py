@@ -31,11 +31,12 @@ cart_stuffing
     items, never a purchase; half as new accounts, half as a burst inside a real user
     (on the device and session of the real event it follows).
 
-Injected rows get label 1 and their scenario's code; real rows keep their label (0 if
-none) and scenario 0. New accounts are named ``sg-inj-<scenario>-<n>``, have no event id,
-and get a device/country/session only where the log has those columns. Injected times
-are floored to the log's resolution (whole seconds for Taobao and REES46), as its
-logger would have recorded them.
+Injected rows get label 1 and their scenario's code, except the first event of a new
+account, which is labelled 0 (nothing about it differs from a new shopper's first
+event); real rows keep their label (0 if none) and scenario 0. New accounts are named
+``sg-inj-<scenario>-<n>``, have no event id, and get a device/country/session only where
+the log has those columns. Injected times are floored to the log's resolution (whole
+seconds for Taobao and REES46), as its logger would have recorded them.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ import numpy as np
 
 from app.events import Events, hash_strings
 
+#: User ids of injected new accounts start with this.
+NEW_ACCOUNT_PREFIX = "sg-inj-"
 SCENARIOS: tuple[str, ...] = (
     "scraping_bot", "click_farming", "order_brushing", "account_takeover", "cart_stuffing",
 )
@@ -235,7 +238,7 @@ class _Ctx:
         return rng.permutation(np.flatnonzero(ok))
 
     def actor_ids(self, name: str, k: int) -> list[str]:
-        ids = (f"sg-inj-{name}-{n}" for n in itertools.count())
+        ids = (f"{NEW_ACCOUNT_PREFIX}{name}-{n}" for n in itertools.count())
         return list(itertools.islice((u for u in ids if u not in self.real_ids), k))
 
     def hash(self, tag: str) -> np.uint64:
@@ -504,4 +507,13 @@ def inject(events: Events, names: Sequence[str], config: InjectConfig = InjectCo
         column = np.zeros(len(base), np.uint64)
         column[rows] = values
         base = base.with_columns(**{col: column})
-    return Events.concat([base, *parts]).sorted()
+    out = Events.concat([base, *parts]).sorted()
+    # A new account's first event carries no behavioural evidence: it is labelled normal
+    # (still marked with its scenario), or the detector learns "new account = suspicious"
+    # and flags every new shopper's first event.
+    first = np.ones(len(out), bool)
+    first[1:] = out.user[1:] != out.user[:-1]
+    new_account = np.char.startswith(out.user_ids.astype(str), NEW_ACCOUNT_PREFIX)[out.user]
+    label = out.label.copy()
+    label[first & new_account & (out.scenario != 0)] = 0
+    return out.with_columns(label=label)

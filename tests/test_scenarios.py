@@ -88,15 +88,17 @@ def gaps_s(ev: Events, rows: np.ndarray) -> np.ndarray:
 def test_labels_mark_exactly_the_injected_events(taobao: Events, injected: Events) -> None:
     assert injected.scenarios == ("none", *SCENARIOS)
     assert injected.label.dtype == np.int8 and injected.scenario.dtype == np.int8
-    assert np.array_equal(injected.label == 1, injected.scenario != 0)
-    assert (injected.label == 0).sum() == len(taobao)
     new = np.char.startswith(injected.user_id_strings().astype(str), "sg-inj-")
-    assert injected.label[new].all()  # every event of a new account is injected
+    first = np.append(True, injected.user[1:] != injected.user[:-1])
+    # Injected rows carry their scenario; all are labelled but a new account's first event.
+    assert np.array_equal(injected.label == 1, (injected.scenario != 0) & ~(first & new))
+    assert (injected.scenario == 0).sum() == len(taobao)
+    assert injected.label[new & ~first].all() and not injected.label[new & first].any()
     assert not set(taobao.user_ids) & {u for u in injected.user_ids if u.startswith("sg-inj-")}
 
 
 def test_real_events_unchanged(taobao: Events, injected: Events) -> None:
-    assert real_multiset(injected, injected.label == 0) == real_multiset(taobao)
+    assert real_multiset(injected, injected.scenario == 0) == real_multiset(taobao)
 
 
 def test_sorted_by_user_then_time(injected: Events) -> None:
@@ -106,7 +108,7 @@ def test_sorted_by_user_then_time(injected: Events) -> None:
 
 
 def test_injected_times_follow_the_log(taobao: Events, injected: Events) -> None:
-    t = injected.timestamp_ms[injected.label == 1]
+    t = injected.timestamp_ms[injected.scenario != 0]
     assert t.min() >= taobao.timestamp_ms.min() and t.max() <= taobao.timestamp_ms.max()
     assert not np.any(t % 1000)  # Taobao logs whole seconds; so do the injected events
 
@@ -224,7 +226,7 @@ def test_one_scenario_alone(taobao: Events, injected: Events) -> None:
     alone = inject(taobao, ["scraping_bot"])
     assert set(np.unique(alone.scenario)) == {0, CODE["scraping_bot"]}
     assert alone.device_id is None and alone.country is None
-    assert real_multiset(alone, alone.label == 1) == real_multiset(
+    assert real_multiset(alone, alone.scenario != 0) == real_multiset(
         injected, injected.scenario == CODE["scraping_bot"])  # its own random stream
     nothing = inject(taobao, [])
     assert len(nothing) == len(taobao) and not nothing.label.any()
@@ -267,8 +269,8 @@ def test_rees46_like_log_with_prices_and_sessions() -> None:
     out = inject(ev, SCENARIOS, InjectConfig(user_fraction=0.05))
     assert all(np.array_equal(getattr(ev, n), v) for n, v in before.items())  # input untouched
     assert ev.label is None and ev.device_id is None
-    assert real_multiset(out, out.label == 0) == real_multiset(ev)
-    inj = out.label == 1
+    assert real_multiset(out, out.scenario == 0) == real_multiset(ev)
+    inj = out.scenario != 0
     assert set(np.unique(out.scenario[inj])) == set(CODE.values())
     assert np.isfinite(out.price[inj]).all() and np.all(out.session_id[inj] != 0)
     assert all(e is None for e in out.event_id[inj]) and all(e for e in out.event_id[~inj])
@@ -277,7 +279,7 @@ def test_rees46_like_log_with_prices_and_sessions() -> None:
     assert "purchase" in set(out.event_type_names()[buys])
     for uid, r in rows_of(out, "cart_stuffing").items():  # bursts ride the host's session
         if not uid.startswith("sg-inj-"):
-            host = (out.user == out.user[r[0]]) & (out.label == 0)
+            host = (out.user == out.user[r[0]]) & (out.scenario == 0)
             assert out.session_id[r[0]] in set(out.session_id[host])
 
 
@@ -290,9 +292,9 @@ def test_arbitrary_vocabulary_without_items() -> None:
     out = inject(ev, SCENARIOS)
     assert out.item_id is None and out.category_id is None and out.price is None
     assert set(np.unique(out.scenario)) == {0, *CODE.values()}
-    assert real_multiset(out, out.label == 0) == real_multiset(ev)
+    assert real_multiset(out, out.scenario == 0) == real_multiset(ev)
     alpha = out.event_types.index("alpha")
-    assert np.all(out.event_type[out.label == 1] == alpha)
+    assert np.all(out.event_type[out.scenario != 0] == alpha)
 
 
 def test_log_with_devices_gets_no_decoys() -> None:
@@ -301,14 +303,14 @@ def test_log_with_devices_gets_no_decoys() -> None:
     device = hash_strings([f"d{u}-{rng.integers(2)}" for u in ev.user])
     country = hash_strings(["PL" if u % 3 else "DE" for u in ev.user])
     out = inject(ev.with_columns(device_id=device, country=country), SCENARIOS)
-    real = out.label == 0
+    real = out.scenario == 0
     assert real_multiset(out, real) == real_multiset(ev)
     key = Counter(zip(out.user_id_strings()[real], out.timestamp_ms[real], out.device_id[real],
                       out.country[real], strict=True))
     assert key == Counter(zip(ev.user_id_strings(), ev.timestamp_ms, device, country, strict=True))
     attack = out.scenario == CODE["account_takeover"]
     assert attack.any() and not np.isin(out.device_id[attack], device).any()
-    assert np.all(out.device_id[out.label == 1] != 0)  # new accounts bring their own device
+    assert np.all(out.device_id[out.scenario != 0] != 0)  # new accounts bring their own device
 
 
 def test_event_cap_keeps_short_logs_from_being_swamped() -> None:
