@@ -99,16 +99,24 @@ class MicroBatcher:
         n = windows.shape[0]
         if self._pending + n > self._queue_size:
             raise QueueFull(f"{self._pending} windows waiting")
-        fut: asyncio.Future[tuple[np.ndarray, np.ndarray]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
         self._pending += n
         self.metrics.set_queue_depth(self._pending)
         try:
-            # Large requests are cut so that no job is bigger than one batch.
-            if n <= self.max_batch:
-                self._queues[windows.shape[1]].put_nowait(_Job(windows, fut))
-                return await fut
-            parts = [await self.score(windows[i : i + self.max_batch]) for i in range(0, n, self.max_batch)]
-            return np.concatenate([p for p, _ in parts]), np.concatenate([s for _, s in parts])
+            # Large requests are cut so that no job is bigger than one batch; the parts are
+            # queued at once and counted once (above), not again per part.
+            futs: list[asyncio.Future[tuple[np.ndarray, np.ndarray]]] = []
+            for i in range(0, n, self.max_batch):
+                futs.append(loop.create_future())
+                self._queues[windows.shape[1]].put_nowait(_Job(windows[i : i + self.max_batch], futs[-1]))
+            if len(futs) == 1:
+                return await futs[0]
+            done: list[tuple[np.ndarray, np.ndarray]] = []
+            for part in await asyncio.gather(*futs, return_exceptions=True):
+                if isinstance(part, BaseException):
+                    raise part
+                done.append(part)
+            return np.concatenate([p for p, _ in done]), np.concatenate([s for _, s in done])
         finally:
             self._pending -= n
             self.metrics.set_queue_depth(self._pending)

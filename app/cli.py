@@ -158,6 +158,7 @@ def serve(
 ) -> None:
     """Serve the scoring API (uvicorn, uvloop, httptools). Flags override SEQGUARD_* settings."""
     import os
+    import signal
     import tempfile
 
     import uvicorn
@@ -185,6 +186,9 @@ def serve(
         # starting from an empty directory so no dead process's series linger.
         path = os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="seqguard-metrics-"))
         reset_multiproc_dir(Path(path))
+    # uvicorn re-raises a SIGTERM once it has shut down gracefully; the default action would
+    # end this process at once, skipping the `finally` and orphaning the embedded Redis.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         uvicorn.run("app.main:app_from_env", factory=True, host=settings.host, port=settings.port,
                     workers=settings.workers, loop="uvloop", http="httptools", log_level="warning",
@@ -231,6 +235,10 @@ def replay(
         json_out.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n")
     if summary["errors"]:
         raise typer.Exit(1)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _check_format(fmt: str, formats: tuple[str, ...]) -> None:

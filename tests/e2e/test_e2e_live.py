@@ -1,0 +1,153 @@
+"""A real `seqguard serve` (uvicorn in a subprocess) on a loopback port: Redis crashing
+under the running service and coming back, and two workers sharing their metrics."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+from app.embedded_redis import EmbeddedRedis
+
+from .e2e_support import T0, LiveServer, copy_file, db_size, event, metric, parse_metrics, window_len
+
+
+def wait_ready(http: httpx.Client, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if http.get("/readyz").status_code == 200:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the service did not become ready again")
+
+
+def test_redis_crash_under_a_live_service_and_recovery(live_server: Callable[..., LiveServer],
+                                                       tmp_path: Path) -> None:
+    redis_srv = EmbeddedRedis(tmp_path / "redis").start()
+    try:
+        server = live_server(redis_srv.url)
+        with httpx.Client(base_url=server.url, timeout=10.0) as http:
+            acked = []
+            for i in range(5):
+                r = http.post("/events", json=event(f"e{i}", "u1", T0 + 1000 * i))
+                assert r.status_code == 200, r.text
+                acked.append(r.json())
+            keys_before = db_size(redis_srv.url)
+
+            redis_srv.stop(kill=True)  # a crash: SIGKILL
+            late = event("e5", "u1", T0 + 5000, "cart")
+            newcomer = event("n0", "u2", T0)
+            for body in (late, late, {"events": [newcomer, late]}):
+                r = http.post("/events", json=body)
+                assert r.status_code == 503, r.text
+                assert r.headers["content-type"] == "application/problem+json"
+                assert int(r.headers["retry-after"]) >= 1
+            r = http.get("/readyz")
+            assert r.status_code == 503 and "retry-after" in r.headers
+            assert http.get("/healthz").status_code == 200
+
+            redis_srv.start()  # same port and append-only file; the service keeps running
+            wait_ready(http)
+            # Every acknowledged event survived the crash; nothing of the refused ones was written.
+            assert window_len(redis_srv.url, "u1") == 5 and window_len(redis_srv.url, "u2") == 0
+            assert db_size(redis_srv.url) == keys_before
+            # The client retries: stored exactly once, scored on the full window.
+            retried = http.post("/events", json=late).json()
+            assert retried["duplicate"] is False and retried["window_size"] == 6
+            assert http.post("/events", json=late).json() == retried | {"duplicate": True}
+            assert http.post("/events", json={"events": [newcomer]}).json()["results"][0]["window_size"] == 1
+            assert window_len(redis_srv.url, "u1") == 6 and window_len(redis_srv.url, "u2") == 1
+            # An event acknowledged before the crash is still recognised as a replay.
+            assert http.post("/events", json=event("e0", "u1", T0)).json() == acked[0] | {"duplicate": True}
+
+            s = parse_metrics(http.get("/metrics").text)
+            assert metric(s, "seqguard_requests_total", route="/events", status="503") == 3
+            assert metric(s, "seqguard_requests_total", route="/readyz", status="503") >= 1
+            assert metric(s, "seqguard_window_store_errors_total") == 3
+            assert metric(s, "seqguard_window_store_duration_seconds_count", op="append") == 5 + 4
+            assert metric(s, "seqguard_duplicate_events_total") == 2
+            assert metric(s, "seqguard_events_scored_total", path="online") == 7
+            assert metric(s, "seqguard_model_info", provider="CPUExecutionProvider") == 1
+    finally:
+        redis_srv.stop()
+
+
+def test_sigterm_stops_the_embedded_redis_too_and_windows_survive_a_restart(
+        live_server: Callable[..., LiveServer], tmp_path: Path) -> None:
+    """`seqguard serve` without a Redis URL runs its own (append-only) Redis: a SIGTERM to
+    the service, as a process manager sends it, stops that Redis too, and a new service
+    on the same data directory still knows every acknowledged event."""
+    data = tmp_path / "embedded"
+    server = live_server(None, data_dir=data)
+    first = httpx.post(server.url + "/events", json=event("e1", "u1", T0), timeout=10.0).json()
+    assert first["duplicate"] is False
+    port = re.search(r"^port (\d+)$", (data / "redis.conf").read_text(), re.M)  # the embedded server's config
+    assert port is not None
+    redis_url = f"redis://127.0.0.1:{port.group(1)}/0"
+    assert window_len(redis_url, "u1") == 1
+
+    assert server.terminate() in (0, 143)  # 143: ended on SIGTERM, after cleaning up
+    with pytest.raises(redis.ConnectionError), redis.Redis.from_url(redis_url, socket_connect_timeout=1) as r:
+        r.ping()  # no orphaned redis-server holds the port and the append-only file
+
+    again = live_server(None, data_dir=data)
+    with httpx.Client(base_url=again.url, timeout=10.0) as http:
+        assert http.post("/events", json=event("e1", "u1", T0)).json() == first | {"duplicate": True}
+        assert http.post("/events", json=event("e2", "u1", T0 + 1000)).json()["window_size"] == 2
+
+
+def per_worker_events_requests(prom_dir: Path, scratch: Path) -> dict[str, float]:
+    """/events requests counted by each worker, read from its own counter file."""
+    out = {}
+    for f in sorted(prom_dir.glob("counter_*.db")):
+        pid = f.stem.split("_")[-1]
+        reg = CollectorRegistry()
+        multiprocess.MultiProcessCollector(reg, path=str(copy_file(f, scratch / pid).parent))
+        out[pid] = metric(parse_metrics(generate_latest(reg).decode()), "seqguard_requests_total", route="/events")
+    return out
+
+
+def test_two_workers_aggregate_metrics(live_server: Callable[..., LiveServer], redis_url: str,
+                                       tmp_path: Path) -> None:
+    prom = tmp_path / "prom"
+    prom.mkdir()
+    server = live_server(redis_url, workers=2, env={"PROMETHEUS_MULTIPROC_DIR": str(prom)})
+
+    def post(i: int) -> dict[str, Any]:
+        # A fresh connection per request, so that both workers get some.
+        r = httpx.post(server.url + "/events", json=event(f"e{i}", f"user{i}", T0 + i), timeout=20.0)
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    sent = 0
+    with ThreadPoolExecutor(8) as pool:
+        while sent < 400:
+            answers = list(pool.map(post, range(sent, sent + 40)))
+            assert all(a["window_size"] == 1 and not a["duplicate"] for a in answers)
+            sent += 40
+            workers = per_worker_events_requests(prom, tmp_path / f"scratch{sent}")
+            if sum(1 for v in workers.values() if v > 0) >= 2:
+                break
+    assert sum(1 for v in workers.values() if v > 0) >= 2, f"one worker took every request: {workers}"
+    assert sum(workers.values()) == sent
+
+    for _ in range(4):  # whichever worker answers the scrape, it reports all workers' counts
+        s = parse_metrics(httpx.get(server.url + "/metrics", timeout=10.0).text)
+        assert metric(s, "seqguard_requests_total", route="/events") == sent
+        assert metric(s, "seqguard_requests_total", route="/events", status="200") == sent
+        assert metric(s, "seqguard_events_scored_total", path="online") == sent
+        assert metric(s, "seqguard_decisions_total") == sent
+        assert metric(s, "seqguard_request_duration_seconds_count", route="/events") == sent
+        assert metric(s, "seqguard_inference_batch_size_sum") == sent
+        assert metric(s, "seqguard_scoring_queue_depth") == 0
+        info = [(lab, v) for n, lab, v in s if n == "seqguard_model_info"]
+        assert len(info) == 1 and info[0][0]["provider"] == "CPUExecutionProvider" and info[0][1] == 1
+    assert db_size(redis_url) > 0

@@ -1,0 +1,43 @@
+"""GET /model, /healthz and /readyz."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from app.bundle import DEFAULT_BUNDLE
+
+from .e2e_support import T0, TestClient, event
+
+
+def test_model_describes_the_served_bundle(client: TestClient, bundle_meta: dict[str, Any]) -> None:
+    r = client.get("/model")
+    assert r.status_code == 200
+    m = r.json()
+    shipped = json.loads((DEFAULT_BUNDLE / "bundle.json").read_text())
+    assert m["version"] == bundle_meta["version"] == shipped["model_version"]
+    assert m["architecture"] == shipped["architecture"]["arch"] == "transformer"
+    assert m["window"] == shipped["window"] == bundle_meta["window"]
+    assert m["thresholds"] == {"review": shipped["thresholds"]["review"], "block": shipped["thresholds"]["block"]}
+    assert m["provider"] == "CPUExecutionProvider"  # what the session really runs on (no GPU here)
+    assert m["fp16"] is False
+    assert m["parameters"]["parameters"] == shipped["architecture"]["parameters"]
+    ev = m["evaluation"]
+    assert ev == shipped["evaluation"]
+    assert 0.5 < ev["detectors"]["seqguard-transformer"]["roc_auc"] <= 1.0
+    # The answers of /events name the same model and thresholds.
+    res = client.post("/events", json=event("e1", "u1", T0)).json()
+    assert res["model_version"] == m["version"] and res["thresholds"] == m["thresholds"]
+
+
+def test_health_and_readiness(client: TestClient, bundle_meta: dict[str, Any]) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    r = client.get("/readyz")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ready", "model": bundle_meta["version"], "redis": True}
+    assert "retry-after" not in r.headers
+
+
+def test_openapi_lists_the_contract_routes(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    assert {"/events", "/batch-score", "/model", "/healthz", "/readyz"} <= set(spec["paths"])
