@@ -91,6 +91,11 @@ class MicroBatcher:
 
     # -- scoring -----------------------------------------------------------------------
 
+    def has_room(self, n: int) -> bool:
+        """Whether ``n`` more windows fit in the queue now (admission control before any
+        write, so a refused request leaves nothing behind)."""
+        return self._pending + n <= self._queue_size
+
     async def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(n, T, F) windows → per-position (probability, surprise), each (n, T).
 

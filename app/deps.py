@@ -68,7 +68,7 @@ def require(scope: Scope) -> Callable[[Request], Awaitable[None]]:
             raise Unauthorized("missing bearer API key")
         scopes = keys.get(hashlib.sha256(token.strip().encode()).hexdigest())
         if scopes is None:
-            raise Unauthorized("unknown API key")
+            raise Unauthorized("unknown API key", error="invalid_token")
         if scope not in scopes and "admin" not in scopes:
             raise Forbidden(f"this API key lacks the '{scope}' scope")
 

@@ -75,6 +75,8 @@ class Settings(BaseSettings):
         if (self.review_threshold is not None and self.block_threshold is not None
                 and self.review_threshold > self.block_threshold):
             raise ValueError("review_threshold must not exceed block_threshold")
+        if self.queue_size < self.max_events_per_request:
+            raise ValueError("queue_size must hold at least max_events_per_request windows")
         if self.environment == "prod":
             if not self.api_keys:
                 raise ValueError("environment=prod needs api_keys: refusing to serve without authentication")

@@ -49,6 +49,8 @@ async def post_events(request: Request, state: StateDep, explain: bool = False) 
     body = await read_body(request, s.max_body_bytes)
     events, batched = parse_events(body, max_events=s.max_events_per_request)
     records = to_records(events)
+    if not state.batcher.has_room(len(records)):
+        raise ServiceUnavailable("scoring queue is full; nothing was written, retry")
     started = time.perf_counter()
     try:
         stored = await state.store.append_many(records)
@@ -67,6 +69,8 @@ async def post_events(request: Request, state: StateDep, explain: bool = False) 
         try:
             scores = await state.scorer.score([stored[i].events for i in fresh])
         except QueueFull:
+            # Lost the race for the last slots after storing: a retry re-scores the stored
+            # window and answers with duplicate=true.
             raise ServiceUnavailable("scoring queue is full; the events are stored, retry to get scores") from None
         for k, i in enumerate(fresh):
             w = stored[i]
