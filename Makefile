@@ -30,9 +30,12 @@ model: $(STAMP)
 	    --format taobao --inject all --arch transformer --seed 7 --out runs/default
 	$(VENV)/bin/seqguard export runs/default --out app/bundles/default --fp16
 
+# Benchmarks print figures (docs/PERFORMANCE.md); they assert nothing about time.
 bench: $(STAMP)
 	$(PY) tests/benchmarks/bench_features.py
 	$(PY) tests/benchmarks/bench_score.py
+	$(PY) tests/benchmarks/bench_onnx.py
+	$(PY) tests/benchmarks/bench_service.py
 
 # The service on the shipped default bundle, with an embedded Redis, at 127.0.0.1:8000.
 run: $(STAMP)

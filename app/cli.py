@@ -217,6 +217,8 @@ def replay(
                                                    "traffic).")] = "",
     retries: Annotated[int, typer.Option("--retries", min=0, help="Retries of a 503 (after Retry-After).")] = 5,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the summary as JSON here.")] = None,
+    engine: Annotated[str, typer.Option("--engine", help="HTTP client: httpx, or raw (a minimal HTTP/1.1 "
+                                                         "client, for load tests on the same machine).")] = "httpx",
 ) -> None:
     """Replay an event log against a running service, as a storefront would; exit 1 if any request failed."""
     import orjson
@@ -227,7 +229,8 @@ def replay(
     if fmt not in FORMAT_HELP.split("|"):
         raise ValueError(f"--format {fmt!r}: expected one of {FORMAT_HELP.replace('|', ', ')}")
     cfg = ReplayConfig(url=url, events=events, format=fmt, rate=rate, bulk=bulk, concurrency=concurrency,
-                       api_key=api_key, limit=limit, duration_s=duration, loop=loop, tag=tag, retries=retries)
+                       api_key=api_key, limit=limit, duration_s=duration, loop=loop, tag=tag, retries=retries,
+                       engine=engine)
     stats = Replayer(cfg, console=err).run_sync()
     summary = stats.summary()
     Console().print(summary_table(summary, cfg))

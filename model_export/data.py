@@ -91,6 +91,17 @@ class _Spec:
     utc_offset_minutes: int = 0
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """The valid rows of one raw chunk: source text columns named by contract field, and
+    the parsed times, prices and labels (None where the source lacks the column)."""
+
+    cols: dict[str, pa.Array]
+    ms: np.ndarray  # (n,) int64 epoch milliseconds
+    price: np.ndarray | None  # (n,) float64, NaN = missing
+    label: np.ndarray | None  # (n,) int8
+
+
 _GENERIC = _Spec({f: f for f in FIELDS})
 _SPECS = {
     "taobao": _Spec({"user_id": "user_id", "item_id": "item_id", "category_id": "category_id",
@@ -192,11 +203,7 @@ def read_events(path: str | Path, format: str = "auto", *, dedupe: bool = True, 
     if on_chunk is not None and (rest := loader.take_progress()):
         on_chunk(rest)  # rows of trailing chunks that were all malformed
     rep = loader.report
-    if rep.malformed > 1 and rep.malformed > max_malformed_fraction * rep.rows_read:
-        line, fld, why = loader.examples[0]
-        raise DataError(rep.path, f"{why} ({rep.malformed:,} of {rep.rows_read:,} rows malformed, "
-                                  f"more than the {max_malformed_fraction:.1%} tolerated)",
-                        line=line, field=fld, unit=loader.unit)
+    _check_malformed(loader, max_malformed_fraction)
     if not parts:
         raise DataError(rep.path, "no events")
     events = Events.concat(parts)
@@ -219,6 +226,68 @@ def iter_event_chunks(path: str | Path, format: str = "auto", *,
     Each chunk has its own user and event-type dictionaries; ``Events.concat`` merges them.
     """
     yield from _Loader(path, format).chunks(chunk_rows)
+
+
+def iter_records(path: str | Path, format: str = "auto", *, chunk_rows: int = 10_000,
+                 max_malformed_fraction: float = 0.01) -> RecordStream:
+    """Events of a file as the service's request dicts, chunk by chunk, in file order.
+
+    Each event is a contract dict: ``event_id``, ``user_id``, ``event_type``, ``timestamp``
+    (epoch milliseconds, an int) and, where the file has them, the optional string fields
+    and ``price``; ids are the RAW strings of the file (``Events`` keeps only hashes of
+    items and categories). Malformed rows are skipped and counted as :func:`read_events`
+    counts them (``stream.report``), and the same fraction of them is refused at the end.
+    An event without an id gets the one ``Events.event_ids()`` gives it after
+    ``read_events(path, dedupe=False, sort=False)``: ``f"{user_id}-{timestamp_ms}-{row}"``,
+    ``row`` counting the kept rows of the file from 0.
+
+    Parameters
+    ----------
+    path, format
+        The file (``.gz`` allowed) and one of :data:`FORMATS`.
+    chunk_rows
+        Rows parsed at a time; every list yielded has at most this many events.
+
+    Returns
+    -------
+    RecordStream
+        An iterator of ``list[dict]``; ``.report`` is its :class:`LoadReport` so far.
+
+    Raises
+    ------
+    DataError
+        Missing file or required column; while iterating, too many malformed rows or none kept.
+
+    Examples
+    --------
+    >>> stream = iter_records("UserBehavior.csv.gz")  # doctest: +SKIP
+    >>> next(stream)[0]  # doctest: +SKIP
+    {'event_id': '1-1511544070000-0', 'user_id': '1', 'event_type': 'pv', 'timestamp': 1511544070000,
+     'item_id': '2268318', 'category_id': '2520377'}
+    """
+    return RecordStream(_Loader(path, format), chunk_rows, max_malformed_fraction)
+
+
+class RecordStream(Iterator[list[dict[str, Any]]]):
+    """What :func:`iter_records` returns: lists of request dicts, and the load's report."""
+
+    def __init__(self, loader: _Loader, chunk_rows: int, max_malformed_fraction: float) -> None:
+        self.report = loader.report
+        self._it = self._run(loader, chunk_rows, max_malformed_fraction)
+
+    def __iter__(self) -> RecordStream:
+        return self
+
+    def __next__(self) -> list[dict[str, Any]]:
+        return next(self._it)
+
+    def _run(self, loader: _Loader, chunk_rows: int, fraction: float) -> Iterator[list[dict[str, Any]]]:
+        for recs in loader.record_chunks(chunk_rows):
+            self.report.rows_kept += len(recs)
+            yield recs
+        _check_malformed(loader, fraction)
+        if not self.report.rows_kept:
+            raise DataError(self.report.path, "no events")
 
 
 def split_by_user(events: Events, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
@@ -269,12 +338,25 @@ class _Loader:
         return n
 
     def chunks(self, chunk_rows: int) -> Iterator[Events]:
+        for rows in self._clean_chunks(chunk_rows):
+            ev = self._events(rows)
+            if len(ev):
+                yield ev
+
+    def record_chunks(self, chunk_rows: int) -> Iterator[list[dict[str, Any]]]:
+        """Kept rows as contract dicts (raw strings, epoch-ms ints), chunk by chunk."""
+        kept = 0  # kept rows before this chunk: the row index of generated event ids
+        for rows in self._clean_chunks(chunk_rows):
+            recs = _records(rows, kept)
+            kept += len(recs)
+            if recs:
+                yield recs
+
+    def _clean_chunks(self, chunk_rows: int) -> Iterator[_Rows]:
         raw = {"jsonl": self._jsonl, "parquet": self._parquet}.get(self.fmt, self._csv)
         try:
             for table, lines in raw(max(int(chunk_rows), 1)):
-                ev = self._convert(table, lines)
-                if len(ev):
-                    yield ev
+                yield self._clean(table, lines)
         except (pa.ArrowException, OSError) as e:
             raise DataError(self.path, f"cannot read: {e}") from e
         if self.report.ignored_columns:
@@ -375,9 +457,10 @@ class _Loader:
                 yield table, np.arange(done + 1, done + table.num_rows + 1)
                 done += table.num_rows
 
-    # ---- one raw chunk -> Events ---------------------------------------------------------
+    # ---- one raw chunk -> its valid rows -> Events ------------------------------------------
 
-    def _convert(self, table: pa.Table, lines: np.ndarray) -> Events:
+    def _clean(self, table: pa.Table, lines: np.ndarray) -> _Rows:
+        """The chunk's valid rows (malformed ones skipped and counted), columns parsed."""
         cols = {self.spec.columns[c]: _combined(table.column(c)) for c in table.column_names}
         n = table.num_rows
         missing = {f: _is_missing(a) for f, a in cols.items()}
@@ -418,22 +501,27 @@ class _Loader:
         keep = np.flatnonzero(~bad)
         if len(keep) < n:
             cols = {f: a.take(pa.array(keep)) for f, a in cols.items()}
+        return _Rows(cols, ms[keep], None if price is None else price[keep], None if label is None else label[keep])
+
+    @staticmethod
+    def _events(rows: _Rows) -> Events:
+        cols = rows.cols
         users = pc.dictionary_encode(_strings(cols["user_id"]))
         etypes = pc.dictionary_encode(_strings(cols["event_type"]))
         out: dict[str, Any] = {
             "user": users.indices.to_numpy(zero_copy_only=False).astype(np.int32),
             "user_ids": np.asarray(users.dictionary.to_pylist(), dtype=object),
-            "timestamp_ms": ms[keep],
+            "timestamp_ms": rows.ms,
             "event_type": etypes.indices.to_numpy(zero_copy_only=False).astype(np.int32),
             "event_types": tuple(etypes.dictionary.to_pylist()),
         }
         for f in HASHED_FIELDS:
             if f in cols:
                 out[f] = _hash_column(cols[f])
-        if price is not None:
-            out["price"] = price[keep].astype(np.float32)
-        if label is not None:
-            out["label"] = label[keep]
+        if rows.price is not None:
+            out["price"] = rows.price.astype(np.float32)
+        if rows.label is not None:
+            out["label"] = rows.label
         if "event_id" in cols:
             ids = _strings(cols["event_id"]).to_numpy(zero_copy_only=False)
             out["event_id"] = np.where(ids == "", None, ids).astype(object)
@@ -453,6 +541,39 @@ class _Loader:
         self.examples = self.examples[:_MAX_EXAMPLES]
         self.report.malformed_examples = [f"{self.unit} {ln}: " + (f"field {f!r}: " if f else "")
                                           + w for ln, f, w in self.examples]
+
+
+def _check_malformed(loader: _Loader, fraction: float) -> None:
+    """Refuse a file with more than ``fraction`` of its rows (and more than one) malformed."""
+    rep = loader.report
+    if rep.malformed > 1 and rep.malformed > fraction * rep.rows_read:
+        line, fld, why = loader.examples[0]
+        raise DataError(rep.path, f"{why} ({rep.malformed:,} of {rep.rows_read:,} rows malformed, "
+                                  f"more than the {fraction:.1%} tolerated)",
+                        line=line, field=fld, unit=loader.unit)
+
+
+def _records(rows: _Rows, start: int) -> list[dict[str, Any]]:
+    """Request dicts of ``rows``; ``start`` is the file's kept-row index of the first one."""
+    cols = rows.cols
+    n = len(rows.ms)
+    users = _strings(cols["user_id"]).to_pylist()
+    ids = _strings(cols["event_id"]).to_pylist() if "event_id" in cols else [None] * n
+    recs: list[dict[str, Any]] = [
+        {"event_id": e or f"{u}-{t}-{start + i}", "user_id": u, "event_type": k, "timestamp": t}
+        for i, (e, u, k, t) in enumerate(zip(ids, users, _strings(cols["event_type"]).to_pylist(),
+                                             rows.ms.tolist(), strict=True))
+    ]
+    for f in HASHED_FIELDS:
+        if f in cols:
+            for r, v in zip(recs, _strings(cols[f]).to_pylist(), strict=True):
+                if v:  # "" is missing, as in the hashed columns
+                    r[f] = v
+    if rows.price is not None:
+        for r, p in zip(recs, rows.price.tolist(), strict=True):
+            if p == p:  # NaN: missing
+                r["price"] = p
+    return recs
 
 
 # ---- column helpers ----------------------------------------------------------------------

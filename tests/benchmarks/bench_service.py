@@ -1,0 +1,327 @@
+"""The service end to end on loopback: `seqguard serve` (default bundle, embedded Redis) as
+a subprocess, loaded by `seqguard replay` in a process of its own, on the real Taobao
+stream slice (time-ordered, 66k users). For each phase: a warm-up, then a fixed duration
+measured: events/s, requests/s, client-side p50/p99, errors; and, from /metrics scraped
+before and after (and polled during), where the server's time went: mean inference batch
+size and time, inference thread busy share, mean window-store append time, server-side
+request time, queue depth; plus the CPU each process used. Then `/batch-score` events/s
+for a JSON body and an NDJSON stream. Prints figures; asserts nothing about time.
+
+    .venv/bin/python tests/benchmarks/bench_service.py [--duration 20] [--warmup 4] [--workers 1 2]
+        [--env SEQGUARD_MAX_WAIT_MS=4 ...] [--profile] [--json OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pstats
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import psutil
+from _common import DATA, REPO, TAOBAO, machine
+from prometheus_client.parser import text_string_to_metric_families
+
+from model_export.data import iter_records
+
+FLINK = DATA / "taobao_userbehavior" / "UserBehavior_flink_course_slice_110k.csv.gz"
+TARGETS = {"single": (1500.0, 20.0), "bulk": (4000.0, None)}  # events/s, p99 ms
+PY = [sys.executable, "-m", "app.cli"]
+
+
+# ---- the server --------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def server(workers: int, env_over: dict[str, str], tmp: Path,
+           profile: Path | None = None) -> Iterator[tuple[str, int]]:
+    """`seqguard serve` on a free port; yields (URL, pid) once /readyz answers 200."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SEQGUARD_", "PROMETHEUS_MULTIPROC"))}
+    env |= {"SEQGUARD_REDIS_DATA_DIR": str(tmp / f"redis-{port}"), **env_over}
+    prefix = [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "app.cli"] if profile else PY
+    log = open(tmp / f"serve-{port}.log", "wb")  # noqa: SIM115 - closed below, after the process
+    proc = subprocess.Popen([*prefix, "serve", "--port", str(port), "--workers", str(workers)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start:\n{(tmp / f'serve-{port}.log').read_text()[-3000:]}")
+            time.sleep(0.25)
+        yield url, proc.pid
+    finally:
+        proc.send_signal(signal.SIGINT)  # graceful: the profile (if any) is written on the way out
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def proc_tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its live children."""
+    try:
+        root = psutil.Process(pid)
+        total = 0.0
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+    except psutil.NoSuchProcess:
+        return 0.0
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def metric(m: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    want = set(labels.items())
+    return sum(v for (n, lab), v in m.items() if n == name and want <= set(lab))
+
+
+# ---- one load phase ----------------------------------------------------------------------
+
+
+def run_phase(url: str, server_pid: int, tmp: Path, *, name: str, events: Path, bulk: int, concurrency: int,
+              duration: float, warmup: float, tag: str, engine: str = "raw") -> dict[str, Any]:
+    def replay_cmd(secs: float, tag_: str, out: Path) -> list[str]:
+        return [*PY, "replay", "--url", url, "--events", str(events), "--bulk", str(bulk), "--concurrency",
+                str(concurrency), "--duration", str(secs), "--loop", "--tag", tag_, "--retries", "0",
+                "--engine", engine, "--json", str(out)]
+
+    warm = tmp / f"{tag}warm.json"
+    subprocess.run(replay_cmd(warmup, tag + "w", warm), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   check=False)
+    out = tmp / f"{tag}.json"
+    before, cpu0 = scrape(url), proc_tree_cpu(server_pid)
+    children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    gen = subprocess.Popen(replay_cmd(duration, tag, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    depth: list[float] = []
+    t0 = time.perf_counter()
+    while gen.poll() is None:  # poll the queue depth while it runs
+        time.sleep(0.5)
+        with suppress(httpx.HTTPError):
+            depth.append(metric(scrape(url), "seqguard_scoring_queue_depth"))
+    wall = time.perf_counter() - t0
+    children1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the generator, reaped by poll()
+    gen_cpu = (children1.ru_utime + children1.ru_stime) - (children0.ru_utime + children0.ru_stime)
+    after, cpu1 = scrape(url), proc_tree_cpu(server_pid)
+    s = json.loads(out.read_text())
+
+    def d(n: str, **lab: str) -> float:
+        return metric(after, n, **lab) - metric(before, n, **lab)
+
+    calls = d("seqguard_inference_duration_seconds_count")
+    appends = d("seqguard_window_store_duration_seconds_count", op="append")
+    reqs = d("seqguard_request_duration_seconds_count", route="/events")
+    s |= {
+        "phase": name, "bulk": bulk, "concurrency": concurrency,
+        "server": {
+            "inference_calls": calls,
+            "mean_batch": d("seqguard_inference_batch_size_sum") / calls if calls else 0.0,
+            "mean_inference_ms": 1e3 * d("seqguard_inference_duration_seconds_sum") / calls if calls else 0.0,
+            "inference_busy": d("seqguard_inference_duration_seconds_sum") / s["elapsed_s"],
+            "mean_append_ms": 1e3 * d("seqguard_window_store_duration_seconds_sum", op="append") / appends
+            if appends else 0.0,
+            "mean_request_ms": 1e3 * d("seqguard_request_duration_seconds_sum", route="/events") / reqs
+            if reqs else 0.0,
+            "queue_depth_mean": sum(depth) / len(depth) if depth else 0.0,
+            "queue_depth_max": max(depth, default=0.0),
+            "cpu_cores": (cpu1 - cpu0) / wall,
+        },
+        "generator_cpu_cores": gen_cpu / wall,
+    }
+    return s
+
+
+def print_phase(s: dict[str, Any]) -> None:
+    lat, srv = s["latency_ms"], s["server"]
+    kind = "single" if s["bulk"] == 1 else "bulk"
+    target, p99_target = TARGETS[kind]
+    ok = s["events_per_s"] >= target and (p99_target is None or lat["p99"] <= p99_target) and not s["errors"]
+    goal = f"≥ {target:,.0f} events/s" + (f" at p99 ≤ {p99_target:.0f} ms" if p99_target else "") + ", no errors"
+    print(f"\n{s['phase']}: {s['concurrency']} connections, {s['elapsed_s']:.1f} s")
+    print(f"  {s['events_per_s']:>9,.0f} events/s  {s['requests_per_s']:>8,.0f} requests/s  "
+          f"p50 {lat['p50']:.2f} ms  p99 {lat['p99']:.2f} ms  max {lat['max']:.1f} ms  "
+          f"errors {s['errors']} (of {s['requests']:,} requests)")
+    print(f"  target {goal}: {'reached' if ok else 'NOT reached'}")
+    print(f"  server: inference {srv['inference_calls']:,.0f} calls, mean batch {srv['mean_batch']:.1f} windows, "
+          f"mean {srv['mean_inference_ms']:.2f} ms/call, thread busy {100 * srv['inference_busy']:.0f}%; "
+          f"append {srv['mean_append_ms']:.2f} ms; request {srv['mean_request_ms']:.2f} ms (server side); "
+          f"queue depth mean {srv['queue_depth_mean']:.1f} max {srv['queue_depth_max']:.0f}")
+    print(f"  CPU: server (incl. Redis) {srv['cpu_cores']:.2f} cores, load generator {s['generator_cpu_cores']:.2f}"
+          f" cores; decisions {s['decisions']}")
+
+
+# ---- /batch-score --------------------------------------------------------------------------
+
+
+def records(n: int, tag: str) -> list[dict[str, Any]]:
+    """``n`` events of the stream slice (looped with fresh ids past its end)."""
+    out: list[dict[str, Any]] = []
+    k = 0
+    while len(out) < n:
+        pre = f"{tag}{k}."
+        for chunk in iter_records(FLINK, "taobao", chunk_rows=50_000):
+            out.extend(r | {"event_id": pre + r["event_id"], "user_id": pre + r["user_id"]} for r in chunk)
+        k += 1
+    return out[:n]
+
+
+def batch_score(url: str, json_events: int, ndjson_events: int, timeout_s: float = 120.0) -> dict[str, Any]:
+    res: dict[str, Any] = {}
+    with httpx.Client(base_url=url, timeout=timeout_s) as client:
+        if json_events:
+            body = orjson.dumps({"events": records(json_events, "bj")})
+            t = time.perf_counter()
+            r = client.post("/batch-score", content=body, headers={"content-type": "application/json"})
+            secs = time.perf_counter() - t
+            n = len(r.json()["results"]) if r.status_code == 200 else 0
+            res["json"] = {"events": n, "status": r.status_code, "seconds": secs, "events_per_s": n / secs,
+                           "body_mb": len(body) / 1e6}
+        if ndjson_events:
+            body = b"".join(orjson.dumps(e) + b"\n" for e in records(ndjson_events, "bn"))
+            lines, first, status, error = 0, None, 0, None
+            t = time.perf_counter()
+            try:
+                with client.stream("POST", "/batch-score", content=body,
+                                   headers={"content-type": "application/x-ndjson"}) as r:
+                    status = r.status_code
+                    for line in r.iter_lines():
+                        if line:
+                            lines += 1
+                            first = first or time.perf_counter() - t
+            except httpx.HTTPError as e:  # reported, not raised: the other figures still count
+                error = f"{type(e).__name__} after {lines:,} result lines"
+            secs = time.perf_counter() - t
+            res["ndjson"] = {"events": lines, "status": status, "seconds": secs, "events_per_s": lines / secs,
+                             "first_line_s": first, "body_mb": len(body) / 1e6, "error": error}
+    return res
+
+
+# ---- profile -------------------------------------------------------------------------------
+
+
+def profile_summary(path: Path, top: int = 22) -> None:
+    st = pstats.Stats(str(path))
+    total = st.total_tt  # type: ignore[attr-defined]
+    print(f"\ncProfile of the server's event-loop thread (single events, 16 connections); "
+          f"{total:.1f} s on the main thread; top functions by own time:")
+    rows = sorted(st.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]  # type: ignore[attr-defined]
+    for (file, line, fn), (_cc, nc, tt, ct, _) in rows:
+        where = file.replace(str(REPO) + "/", "").split("site-packages/")[-1]
+        print(f"  {100 * tt / total:5.1f}%  own {tt:6.2f} s  cum {ct:6.2f} s  {nc:>9,} calls  {where}:{line} {fn}")
+    by_pkg: dict[str, float] = {}
+    for (file, _line, _fn), (_cc, _nc, tt, _ct, _) in st.stats.items():  # type: ignore[attr-defined]
+        f = file.split("site-packages/")[-1]
+        key = f.split("/")[0] if "site-packages/" in file else ("app" if "/app/" in file else
+                                                                 "model_export" if "model_export" in file else
+                                                                 "builtins/stdlib")
+        by_pkg[key] = by_pkg.get(key, 0.0) + tt
+    print("  own time by package: " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in
+                                                 sorted(by_pkg.items(), key=lambda kv: -kv[1])[:10]))
+
+
+# ---- main ----------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds measured per phase")
+    ap.add_argument("--warmup", type=float, default=4.0, help="seconds of warm-up before each phase")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1], help="worker counts to run (e.g. 1 2)")
+    ap.add_argument("--single", type=int, nargs="+", default=[16, 64], help="connections of the single phases")
+    ap.add_argument("--bulk", type=int, nargs="+", default=[4, 16], help="connections of the bulk-100 phases")
+    ap.add_argument("--batch-json", type=int, default=50_000, help="events in the /batch-score JSON body")
+    ap.add_argument("--batch-ndjson", type=int, default=200_000, help="events in the /batch-score NDJSON stream")
+    ap.add_argument("--long", action=argparse.BooleanOptionalAction, default=True,
+                    help="also a single phase on the 84k head file (long per-user histories)")
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="server setting, e.g. SEQGUARD_MAX_WAIT_MS=4 (repeatable)")
+    ap.add_argument("--profile", action="store_true", help="also profile the server under cProfile")
+    ap.add_argument("--json", type=Path, default=None, help="write every figure here")
+    args = ap.parse_args()
+    env = dict(kv.split("=", 1) for kv in args.env)
+
+    print(f"machine: {machine()}")
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+          f"server settings: {env or 'defaults'}")
+    print(f"data: {FLINK.name} (single and bulk), {TAOBAO.name} (long histories)")
+    print("targets: single ≥ 1,500 events/s at p99 ≤ 20 ms; bulk ≥ 4,000 events/s; no errors")
+    report: dict[str, Any] = {"machine": machine(), "env": env, "runs": []}
+    with tempfile.TemporaryDirectory(prefix="bench-service-") as d:
+        tmp = Path(d)
+        for workers in args.workers:
+            print(f"\n=== seqguard serve --workers {workers} ===")
+            run: dict[str, Any] = {"workers": workers, "phases": [], "load_start": os.getloadavg()}
+            with server(workers, env, tmp) as (url, pid):
+                phases = [("single", FLINK, 1, c) for c in args.single]
+                if args.long:
+                    phases.append(("single, long histories", TAOBAO, 1, args.single[0]))
+                phases += [("bulk 100", FLINK, 100, c) for c in args.bulk]
+                for i, (name, events, bulk, conc) in enumerate(phases):
+                    s = run_phase(url, pid, tmp, name=name, events=events, bulk=bulk, concurrency=conc,
+                                  duration=args.duration, warmup=args.warmup, tag=f"w{workers}p{i}-")
+                    s["load_avg"] = os.getloadavg()
+                    print_phase(s)
+                    print(f"  load average now {s['load_avg'][0]:.2f}")
+                    run["phases"].append(s)
+                if args.batch_json or args.batch_ndjson:
+                    b = batch_score(url, args.batch_json, args.batch_ndjson)
+                    run["batch_score"] = b
+                    for kind, r in b.items():
+                        extra = f", first line after {r['first_line_s']:.2f} s" if r.get("first_line_s") else ""
+                        print(f"\n/batch-score {kind}: {r['events']:,} events ({r['body_mb']:.1f} MB) in "
+                              f"{r['seconds']:.2f} s = {r['events_per_s']:,.0f} events/s (HTTP {r['status']}{extra})")
+                        if r.get("error"):
+                            print(f"  FAILED: {r['error']}")
+            report["runs"].append(run)
+        if args.profile:
+            prof = tmp / "serve.prof"
+            with server(1, env, tmp, profile=prof) as (url, pid):
+                run_phase(url, pid, tmp, name="profiled", events=FLINK, bulk=1, concurrency=16,
+                          duration=min(args.duration, 10), warmup=2, tag="prof-")
+            profile_summary(prof)
+    print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
