@@ -18,6 +18,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from redis.exceptions import RedisError
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
 
 from app.backfill import Scores, score_events
 from app.decisions import decide
@@ -106,7 +108,23 @@ async def _ndjson(request: Request, state: StateDep, update_windows: bool) -> St
                 problem = {"line": err["loc"][1], "path": json_path(err["loc"]), "message": err["msg"]}
                 yield orjson.dumps({"error": problem}) + b"\n"
 
-    return StreamingResponse(stream(), media_type=NDJSON)
+    return _ReadingStreamingResponse(stream(), media_type=NDJSON)
+
+
+class _ReadingStreamingResponse(StreamingResponse):
+    """A streaming answer whose generator keeps reading the request body.
+
+    Under servers speaking ASGI < 2.4 (uvicorn says 2.3), Starlette's StreamingResponse
+    calls ``receive()`` in a task of its own to notice disconnects, and so swallows the
+    body messages this route is still reading: a stream longer than one chunk would hang.
+    Here a disconnect surfaces as an error on send instead.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.stream_response(send)
+        except OSError:
+            raise ClientDisconnect() from None
 
 
 async def _lines(request: Request) -> AsyncIterator[bytes]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import redis
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
@@ -151,3 +152,21 @@ def test_two_workers_aggregate_metrics(live_server: Callable[..., LiveServer], r
         info = [(lab, v) for n, lab, v in s if n == "seqguard_model_info"]
         assert len(info) == 1 and info[0][0]["provider"] == "CPUExecutionProvider" and info[0][1] == 1
     assert db_size(redis_url) > 0
+
+
+def test_ndjson_backfill_longer_than_a_chunk_streams_through_a_live_server(
+        live_server: Callable[..., LiveServer], redis_url: str) -> None:
+    """The route reads the request body while it streams its answer: under uvicorn that
+    must not hang after the first chunk (regression: Starlette's disconnect listener
+    swallowed the rest of the body)."""
+    from app.routes.batch import CHUNK_EVENTS
+
+    server = live_server(redis_url)
+    n = CHUNK_EVENTS + 500
+    lines = (orjson.dumps(event(f"n{i}", f"u{i % 300}", T0 + i)) + b"\n" for i in range(n))
+    with httpx.stream("POST", server.url + "/batch-score", content=lines,
+                      headers={"content-type": "application/x-ndjson"}, timeout=60.0) as r:
+        assert r.status_code == 200
+        got = [orjson.loads(line) for line in r.iter_lines() if line]
+    assert len(got) == n
+    assert [g["event_id"] for g in got] == [f"n{i}" for i in range(n)]
