@@ -96,13 +96,14 @@ def score_events(
 
 def result_lines(events: Events, scores: Scores, thresholds: dict[str, float]) -> Iterator[bytes]:
     """One JSON object per event, in input order, as `seqguard score` writes them."""
-    ids = events.event_ids()
-    users = events.user_id_strings()
-    decisions = decide(scores.probability, thresholds)
+    ids = events.event_ids().tolist()
+    users = events.user_id_strings().tolist()
+    decisions = decide(scores.probability, thresholds).tolist()
     # The exact float32 value the decision was made on, so readers can re-derive it.
-    probs = scores.probability.astype(np.float64)
-    for eid, uid, p, d in zip(ids, users, probs.tolist(), decisions, strict=True):
-        yield orjson.dumps({"event_id": eid, "user_id": uid, "anomaly_probability": p, "decision": d})
+    probs = scores.probability.astype(np.float64).tolist()
+    dumps = orjson.dumps
+    for eid, uid, p, d in zip(ids, users, probs, decisions, strict=True):
+        yield dumps({"event_id": eid, "user_id": uid, "anomaly_probability": p, "decision": d})
 
 
 def write_results(out: Path | IO[bytes], events: Events, scores: Scores, thresholds: dict[str, float],

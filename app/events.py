@@ -134,11 +134,9 @@ class Events:
 
     def event_ids(self) -> np.ndarray:
         """Event ids, with a deterministic id for rows that have none."""
-        uid = self.user_id_strings()
-        gen = np.array(
-            [f"{u}-{t}-{i}" for i, (u, t) in enumerate(zip(uid, self.timestamp_ms, strict=True))],
-            dtype=object,
-        )
+        uid = self.user_id_strings().tolist()
+        ts = self.timestamp_ms.tolist()  # Python ints: formatting numpy scalars is slow
+        gen = np.array([f"{u}-{t}-{i}" for i, (u, t) in enumerate(zip(uid, ts, strict=True))], dtype=object)
         if self.event_id is None:
             return gen
         have = np.array([bool(e) for e in self.event_id], dtype=bool)
