@@ -142,6 +142,7 @@ class Replayer:
         self._transport = transport
         self._progress = progress
         self._console = console or Console(stderr=True)
+        self._started = 0.0  # perf_counter() of the first request
         self._headers = {"content-type": "application/json"}
         if config.api_key:
             self._headers["authorization"] = f"Bearer {config.api_key}"
@@ -163,17 +164,17 @@ class Replayer:
             for p in dict.fromkeys(posters):
                 stack.push_async_callback(p.aclose)
             stack.enter_context(bar or contextlib.nullcontext())
-            started = time.perf_counter()
+            self._started = time.perf_counter()
             workers = [asyncio.create_task(self._worker(p, queue, bar, task)) for p in posters]
             try:
-                await self._produce(queue, started)
+                await self._produce(queue)
                 for _ in workers:
                     await queue.put(None)
                 await asyncio.gather(*workers)
             finally:
                 for w in workers:
                     w.cancel()
-            self.stats.elapsed_s = time.perf_counter() - started
+            self.stats.elapsed_s = time.perf_counter() - self._started
         return self.stats
 
     def run_sync(self) -> ReplayStats:
@@ -187,8 +188,12 @@ class Replayer:
         with asyncio.Runner(loop_factory=factory) as runner:
             return runner.run(self.run())
 
-    async def _produce(self, queue: asyncio.Queue[tuple[bytes, int] | None], started: float) -> None:
-        """Bodies into the queue, paced at ``rate`` events/s, until the file, limit or time runs out."""
+    async def _produce(self, queue: asyncio.Queue[tuple[bytes, int] | None]) -> None:
+        """Bodies into the queue, paced at ``rate`` events/s, until the file, limit or time runs out.
+
+        The clock starts at the first request, not before the file's first chunk is read:
+        else pacing would open with a burst to catch up with the time spent reading.
+        """
         cfg = self.config
         sent = 0
         async with contextlib.aclosing(self._batches()) as batches:
@@ -196,10 +201,12 @@ class Replayer:
                 if cfg.limit:
                     batch = batch[: cfg.limit - sent]
                 now = time.perf_counter()
-                if not batch or (cfg.duration_s and now - started >= cfg.duration_s):
+                if not sent:
+                    self._started = now
+                if not batch or (cfg.duration_s and now - self._started >= cfg.duration_s):
                     break
                 if cfg.rate:
-                    delay = started + sent / cfg.rate - now
+                    delay = self._started + sent / cfg.rate - now
                     if delay > 0.0005:  # below that, sleeping costs more than it paces
                         await asyncio.sleep(delay)
                 body = orjson.dumps(batch[0] if cfg.bulk == 1 else {"events": batch})

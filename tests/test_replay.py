@@ -3,9 +3,11 @@ against a live service: `seqguard serve` on a free loopback port, embedded Redis
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 from conftest import TAOBAO_100, invoke
 
@@ -168,12 +171,21 @@ def live_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 time.sleep(0.2)
             yield url
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop `seqguard serve` gracefully (it stops its embedded Redis); failing that, kill it and its children."""
+    children = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for child in children:  # the embedded redis-server, if the graceful path did not stop it
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
 
 
 def test_replay_cli_single_events_against_the_service(live_url: str, tmp_path: Path) -> None:

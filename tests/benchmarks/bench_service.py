@@ -1,14 +1,18 @@
 """The service end to end on loopback: `seqguard serve` (default bundle, embedded Redis) as
-a subprocess, loaded by `seqguard replay` in a process of its own, on the real Taobao
-stream slice (time-ordered, 66k users). For each phase: a warm-up, then a fixed duration
-measured: events/s, requests/s, client-side p50/p99, errors; and, from /metrics scraped
+a subprocess, loaded by `seqguard replay --engine raw` in a process of its own (the raw
+HTTP/1.1 client costs about a tenth of httpx's CPU per request, and the generator shares
+the machine with the service), on the real Taobao stream slice (time-ordered, 66k users).
+Phases: single events with N connections as fast as answered, single events paced at a
+rate, single events with long per-user histories, bulks of 100. For each: a warm-up, then
+a fixed duration measured: events/s, requests/s, client-side p50/p99, errors; and, from /metrics scraped
 before and after (and polled during), where the server's time went: mean inference batch
 size and time, inference thread busy share, mean window-store append time, server-side
 request time, queue depth; plus the CPU each process used. Then `/batch-score` events/s
 for a JSON body and an NDJSON stream. Prints figures; asserts nothing about time.
 
     .venv/bin/python tests/benchmarks/bench_service.py [--duration 20] [--warmup 4] [--workers 1 2]
-        [--env SEQGUARD_MAX_WAIT_MS=4 ...] [--profile] [--json OUT.json]
+        [--single 16 64] [--paced 400 1500] [--bulk 4 16] [--env SEQGUARD_MAX_WAIT_MS=0 ...]
+        [--profile] [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -76,12 +80,16 @@ def server(workers: int, env_over: dict[str, str], tmp: Path,
             time.sleep(0.25)
         yield url, proc.pid
     finally:
+        children = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
         proc.send_signal(signal.SIGINT)  # graceful: the profile (if any) is written on the way out
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        for child in children:  # workers and the embedded Redis, if the graceful path left any
+            with suppress(psutil.NoSuchProcess):
+                child.kill()
         log.close()
 
 
@@ -119,11 +127,11 @@ def metric(m: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, *
 
 
 def run_phase(url: str, server_pid: int, tmp: Path, *, name: str, events: Path, bulk: int, concurrency: int,
-              duration: float, warmup: float, tag: str, engine: str = "raw") -> dict[str, Any]:
+              duration: float, warmup: float, tag: str, engine: str = "raw", rate: float = 0) -> dict[str, Any]:
     def replay_cmd(secs: float, tag_: str, out: Path) -> list[str]:
         return [*PY, "replay", "--url", url, "--events", str(events), "--bulk", str(bulk), "--concurrency",
                 str(concurrency), "--duration", str(secs), "--loop", "--tag", tag_, "--retries", "0",
-                "--engine", engine, "--json", str(out)]
+                "--engine", engine, "--rate", str(rate), "--json", str(out)]
 
     warm = tmp / f"{tag}warm.json"
     subprocess.run(replay_cmd(warmup, tag + "w", warm), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -151,7 +159,7 @@ def run_phase(url: str, server_pid: int, tmp: Path, *, name: str, events: Path, 
     appends = d("seqguard_window_store_duration_seconds_count", op="append")
     reqs = d("seqguard_request_duration_seconds_count", route="/events")
     s |= {
-        "phase": name, "bulk": bulk, "concurrency": concurrency,
+        "phase": name, "bulk": bulk, "concurrency": concurrency, "rate": rate,
         "server": {
             "inference_calls": calls,
             "mean_batch": d("seqguard_inference_batch_size_sum") / calls if calls else 0.0,
@@ -176,7 +184,8 @@ def print_phase(s: dict[str, Any]) -> None:
     target, p99_target = TARGETS[kind]
     ok = s["events_per_s"] >= target and (p99_target is None or lat["p99"] <= p99_target) and not s["errors"]
     goal = f"≥ {target:,.0f} events/s" + (f" at p99 ≤ {p99_target:.0f} ms" if p99_target else "") + ", no errors"
-    print(f"\n{s['phase']}: {s['concurrency']} connections, {s['elapsed_s']:.1f} s")
+    paced = f", paced at {s['rate']:,.0f} events/s" if s.get("rate") else ", as fast as answered"
+    print(f"\n{s['phase']}: {s['concurrency']} connections{paced}, {s['elapsed_s']:.1f} s")
     print(f"  {s['events_per_s']:>9,.0f} events/s  {s['requests_per_s']:>8,.0f} requests/s  "
           f"p50 {lat['p50']:.2f} ms  p99 {lat['p99']:.2f} ms  max {lat['max']:.1f} ms  "
           f"errors {s['errors']} (of {s['requests']:,} requests)")
@@ -204,7 +213,7 @@ def records(n: int, tag: str) -> list[dict[str, Any]]:
     return out[:n]
 
 
-def batch_score(url: str, json_events: int, ndjson_events: int, timeout_s: float = 120.0) -> dict[str, Any]:
+def batch_score(url: str, json_events: int, ndjson_events: int, timeout_s: float = 60.0) -> dict[str, Any]:
     res: dict[str, Any] = {}
     with httpx.Client(base_url=url, timeout=timeout_s) as client:
         if json_events:
@@ -238,24 +247,46 @@ def batch_score(url: str, json_events: int, ndjson_events: int, timeout_s: float
 # ---- profile -------------------------------------------------------------------------------
 
 
-def profile_summary(path: Path, top: int = 22) -> None:
+#: Where a request's event-loop time goes: (label, file suffix, function) of cProfile entries.
+PROFILE_PARTS = (
+    ("whole ASGI app (per request)", "fastapi/applications.py", "__call__"),
+    ("  POST /events handler", "app/routes/events.py", "post_events"),
+    ("    window store (Redis calls)", "app/windows.py", "_run"),
+    ("    online scorer (featurize, batch handoff)", "app/online.py", "score"),
+    ("      Events.from_records", "app/events.py", "from_records"),
+    ("      featurizer transform", "app/features.py", "transform"),
+    ("    parse + validate body", "app/schemas.py", "parse_events"),
+    ("    JSON answer", "app/routes/__init__.py", "json_response"),
+    ("  FastAPI dependencies", "fastapi/dependencies/utils.py", "solve_dependencies"),
+    ("  sync dependencies sent to the thread pool", "starlette/concurrency.py", "run_in_threadpool"),
+    ("  request metrics", "app/metrics.py", "track_request"),
+    ("HTTP parsing (httptools protocol)", "uvicorn/protocols/http/httptools_impl.py", "data_received"),
+    ("socket writes", "asyncio/streams.py", "writelines"),
+)
+#: Not request work: the idle event loop (inside uvloop's run, below the lifespan) and start-up.
+_IDLE = {"lifespan", "<built-in method marshal.loads>", "<built-in method builtins.compile>",
+         "<built-in method builtins.exec>"}
+
+
+def profile_summary(path: Path, requests: int, top: int = 15) -> None:
+    """Per-request event-loop time by part of the request path, then the top functions."""
     st = pstats.Stats(str(path))
-    total = st.total_tt  # type: ignore[attr-defined]
-    print(f"\ncProfile of the server's event-loop thread (single events, 16 connections); "
-          f"{total:.1f} s on the main thread; top functions by own time:")
-    rows = sorted(st.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]  # type: ignore[attr-defined]
-    for (file, line, fn), (_cc, nc, tt, ct, _) in rows:
-        where = file.replace(str(REPO) + "/", "").split("site-packages/")[-1]
-        print(f"  {100 * tt / total:5.1f}%  own {tt:6.2f} s  cum {ct:6.2f} s  {nc:>9,} calls  {where}:{line} {fn}")
-    by_pkg: dict[str, float] = {}
-    for (file, _line, _fn), (_cc, _nc, tt, _ct, _) in st.stats.items():  # type: ignore[attr-defined]
-        f = file.split("site-packages/")[-1]
-        key = f.split("/")[0] if "site-packages/" in file else ("app" if "/app/" in file else
-                                                                 "model_export" if "model_export" in file else
-                                                                 "builtins/stdlib")
-        by_pkg[key] = by_pkg.get(key, 0.0) + tt
-    print("  own time by package: " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in
-                                                 sorted(by_pkg.items(), key=lambda kv: -kv[1])[:10]))
+    stats = st.stats  # type: ignore[attr-defined]
+    print(f"\ncProfile of the server's event-loop thread, {requests:,} single-event requests "
+          "(cProfile slows Python ~2x; read the shares, not the absolute times):")
+    base = None
+    for label, suffix, fn in PROFILE_PARTS:
+        cum = sum(v[3] for (f, _l, name), v in stats.items() if f.endswith(suffix) and name == fn)
+        base = base or cum
+        if cum:
+            print(f"  {label:<46} {1e3 * cum / requests:6.3f} ms/request  {100 * cum / base:5.1f}%")
+    busy = [(k, v) for k, v in stats.items() if k[2] not in _IDLE]
+    total = sum(v[2] for _k, v in busy)
+    print(f"  top functions by own time ({total:.1f} s of main-thread work, idle loop and start-up left out):")
+    for (file, line, fn), (_cc, nc, tt, _ct, _) in sorted(busy, key=lambda kv: kv[1][2], reverse=True)[:top]:
+        where = file.replace(str(REPO) + "/", "").split("site-packages/")[-1].split("lib/python3")[-1]
+        print(f"    {100 * tt / total:5.1f}%  {1e3 * tt / requests:6.3f} ms/request  {nc:>9,} calls  "
+              f"{where}:{line} {fn}")
 
 
 # ---- main ----------------------------------------------------------------------------------
@@ -265,9 +296,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=20.0, help="seconds measured per phase")
     ap.add_argument("--warmup", type=float, default=4.0, help="seconds of warm-up before each phase")
-    ap.add_argument("--workers", type=int, nargs="+", default=[1], help="worker counts to run (e.g. 1 2)")
-    ap.add_argument("--single", type=int, nargs="+", default=[16, 64], help="connections of the single phases")
-    ap.add_argument("--bulk", type=int, nargs="+", default=[4, 16], help="connections of the bulk-100 phases")
+    ap.add_argument("--workers", type=int, nargs="*", default=[1], help="worker counts to run (e.g. 1 2)")
+    ap.add_argument("--single", type=int, nargs="*", default=[16, 64], help="connections of the single phases")
+    ap.add_argument("--bulk", type=int, nargs="*", default=[4, 16], help="connections of the bulk-100 phases")
+    ap.add_argument("--paced", type=float, nargs="*", default=[400, 1500],
+                    help="single events paced at these rates (64 connections): latency at a given load")
     ap.add_argument("--batch-json", type=int, default=50_000, help="events in the /batch-score JSON body")
     ap.add_argument("--batch-ndjson", type=int, default=200_000, help="events in the /batch-score NDJSON stream")
     ap.add_argument("--long", action=argparse.BooleanOptionalAction, default=True,
@@ -291,13 +324,14 @@ def main() -> None:
             print(f"\n=== seqguard serve --workers {workers} ===")
             run: dict[str, Any] = {"workers": workers, "phases": [], "load_start": os.getloadavg()}
             with server(workers, env, tmp) as (url, pid):
-                phases = [("single", FLINK, 1, c) for c in args.single]
+                phases = [("single", FLINK, 1, c, 0.0) for c in args.single]
+                phases += [("single", FLINK, 1, 64, r) for r in args.paced]
                 if args.long:
-                    phases.append(("single, long histories", TAOBAO, 1, args.single[0]))
-                phases += [("bulk 100", FLINK, 100, c) for c in args.bulk]
-                for i, (name, events, bulk, conc) in enumerate(phases):
+                    phases.append(("single, long histories", TAOBAO, 1, (args.single or [16])[0], 0.0))
+                phases += [("bulk 100", FLINK, 100, c, 0.0) for c in args.bulk]
+                for i, (name, events, bulk, conc, rate) in enumerate(phases):
                     s = run_phase(url, pid, tmp, name=name, events=events, bulk=bulk, concurrency=conc,
-                                  duration=args.duration, warmup=args.warmup, tag=f"w{workers}p{i}-")
+                                  duration=args.duration, warmup=args.warmup, tag=f"w{workers}p{i}-", rate=rate)
                     s["load_avg"] = os.getloadavg()
                     print_phase(s)
                     print(f"  load average now {s['load_avg'][0]:.2f}")
@@ -315,9 +349,10 @@ def main() -> None:
         if args.profile:
             prof = tmp / "serve.prof"
             with server(1, env, tmp, profile=prof) as (url, pid):
-                run_phase(url, pid, tmp, name="profiled", events=FLINK, bulk=1, concurrency=16,
-                          duration=min(args.duration, 10), warmup=2, tag="prof-")
-            profile_summary(prof)
+                s = run_phase(url, pid, tmp, name="profiled", events=FLINK, bulk=1, concurrency=16,
+                              duration=min(args.duration, 10), warmup=2, tag="prof-")
+                warm = json.loads((tmp / "prof-warm.json").read_text())
+            profile_summary(prof, s["requests"] + warm["requests"])
     print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
