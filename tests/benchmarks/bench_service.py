@@ -18,6 +18,7 @@ for a JSON body and an NDJSON stream. Prints figures; asserts nothing about time
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import pstats
@@ -226,22 +227,50 @@ def batch_score(url: str, json_events: int, ndjson_events: int, timeout_s: float
                            "body_mb": len(body) / 1e6}
         if ndjson_events:
             body = b"".join(orjson.dumps(e) + b"\n" for e in records(ndjson_events, "bn"))
-            lines, first, status, error = 0, None, 0, None
-            t = time.perf_counter()
-            try:
-                with client.stream("POST", "/batch-score", content=body,
-                                   headers={"content-type": "application/x-ndjson"}) as r:
-                    status = r.status_code
-                    for line in r.iter_lines():
-                        if line:
-                            lines += 1
-                            first = first or time.perf_counter() - t
-            except httpx.HTTPError as e:  # reported, not raised: the other figures still count
-                error = f"{type(e).__name__} after {lines:,} result lines"
-            secs = time.perf_counter() - t
-            res["ndjson"] = {"events": lines, "status": status, "seconds": secs, "events_per_s": lines / secs,
-                             "first_line_s": first, "body_mb": len(body) / 1e6, "error": error}
+            res["ndjson"] = asyncio.run(ndjson_duplex(url, body, timeout_s))
     return res
+
+
+async def ndjson_duplex(url: str, body: bytes, timeout_s: float) -> dict[str, Any]:
+    """POST an NDJSON stream and read the streamed answer WHILE sending (full duplex).
+
+    httpx, like most clients, sends the whole body before it reads the answer; the route
+    answers chunk by chunk as it reads, so once an answer outgrows the socket buffers both
+    sides wait on each other. A storefront-sized stream needs a client that reads as it writes.
+    """
+    u = httpx.URL(url)
+    reader, writer = await asyncio.open_connection(u.host, u.port)
+    head = (f"POST /batch-score HTTP/1.1\r\nHost: {u.host}:{u.port}\r\nContent-Type: application/x-ndjson\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+
+    async def send() -> None:
+        writer.write(head)
+        for i in range(0, len(body), 1 << 16):
+            writer.write(body[i : i + (1 << 16)])
+            await writer.drain()
+
+    lines, first, status, error = 0, None, 0, None
+    t = time.perf_counter()
+    sender = asyncio.create_task(send())
+    try:
+        async with asyncio.timeout(timeout_s * 10):
+            status_line, *header_lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            status = int(status_line.split()[1])
+            chunked = any(h.lower().startswith("transfer-encoding:") and "chunked" in h.lower() for h in header_lines)
+            if not chunked:
+                raise ValueError(f"HTTP {status} without a chunked stream")
+            while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                lines += (await reader.readexactly(size + 2))[:-2].count(b"\n")  # one result per line
+                first = first or time.perf_counter() - t
+            await sender
+    except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError) as e:
+        error = f"{type(e).__name__} after {lines:,} result lines"
+    finally:
+        sender.cancel()
+        writer.close()
+    secs = time.perf_counter() - t
+    return {"events": lines, "status": status, "seconds": secs, "events_per_s": lines / secs, "first_line_s": first,
+            "body_mb": len(body) / 1e6, "error": error}
 
 
 # ---- profile -------------------------------------------------------------------------------
