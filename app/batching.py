@@ -1,11 +1,14 @@
-"""The micro-batcher: windows from concurrent requests are gathered into one ONNX
-Runtime call, up to ``max_batch`` windows or ``max_wait_ms``, whichever comes first.
+"""The micro-batcher: windows from concurrent requests are gathered into one batch, up
+to ``max_batch`` windows or ``max_wait_ms``, whichever comes first.
 
-Windows are padded in time to one of a few fixed lengths (see :func:`padded_length`), so
-the session sees a bounded set of shapes, all warmed up at start and memory stays flat.
-Inference runs in a one-thread executor (ONNX Runtime releases the GIL and uses its
-own intra-op threads), never on the event loop. A full queue is refused at once
-(:class:`QueueFull`), so overload turns into a 503 with ``Retry-After``, not latency.
+A batch is featurized once (one pass of the featurizer over all its events: per-call
+numpy overhead is paid per batch, not per request), then cut by padded time length (see
+:func:`padded_length`) into one ONNX Runtime call per length, so the session sees a
+bounded set of shapes, all warmed up at start, and memory stays flat. Inference runs in
+a one-thread executor (ONNX Runtime releases the GIL and uses its own intra-op threads),
+never on the event loop; all the calls of a batch go in one hop. A full queue is refused
+at once (:class:`QueueFull`), so overload turns into a 503 with ``Retry-After``, not
+latency.
 """
 
 from __future__ import annotations
@@ -14,15 +17,21 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from app.events import Events
+from app.features import last_windows
 from app.metrics import Metrics
 from app.scorer import OnnxModel
 
 log = logging.getLogger("seqguard.batching")
+
+Window = Sequence[Mapping[str, Any]]
 
 
 class QueueFull(RuntimeError):
@@ -45,48 +54,63 @@ def padded_length(n: int, lengths: tuple[int, ...]) -> int:
     return lengths[-1]
 
 
+@dataclass(frozen=True)
+class Scored:
+    """Per window: the probability of its last event, and the per-event surprise of the
+    events the model saw (oldest first, at most the model's window)."""
+
+    probability: np.ndarray  # (n,) float32
+    surprise: list[np.ndarray]
+
+
 @dataclass
 class _Job:
-    windows: np.ndarray  # (n, T, F) left-padded
-    future: asyncio.Future[tuple[np.ndarray, np.ndarray]]
+    windows: Sequence[Window]
+    future: asyncio.Future[Scored]
     enqueued: float = field(default_factory=time.perf_counter)
 
 
+# One ONNX Runtime call of a batch: the batch rows it scores, and their padded windows.
+_Call = tuple[np.ndarray, np.ndarray]
+
+
 class MicroBatcher:
+    """Scores windows of contract events (oldest first, the last one being scored, at most
+    the featurizer's ``history`` of them) in shared batches."""
+
     def __init__(self, model: OnnxModel, metrics: Metrics, *, max_batch: int, max_wait_ms: float,
                  queue_size: int) -> None:
         self.model = model
+        self.spec = model.bundle.spec
         self.metrics = metrics
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.lengths = time_lengths(model.bundle.window)
-        self._queues: dict[int, asyncio.Queue[_Job]] = {}
+        self._queue: asyncio.Queue[_Job] | None = None
         self._queue_size = queue_size
         self._pending = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
-        self._tasks: list[asyncio.Task[None]] = []
+        self._task: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
     def warm_up(self) -> None:
         """Run every shape the batcher will use once, before taking traffic."""
-        f = len(self.model.bundle.spec.cardinalities)
+        f = len(self.spec.cardinalities)
         for t in self.lengths:
             for b in sorted({1, self.max_batch}):
                 self.model.run(np.ones((b, t, f), dtype=np.int64))
 
     async def start(self) -> None:
-        for t in self.lengths:
-            self._queues[t] = asyncio.Queue()
-            self._tasks.append(asyncio.create_task(self._worker(t), name=f"batcher-T{t}"))
+        self._queue = asyncio.Queue()
+        self._task = asyncio.create_task(self._worker(self._queue), name="micro-batcher")
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
+        if self._task is not None:
+            self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+                await self._task
+            self._task = None
         self._executor.shutdown(wait=True)
 
     # -- scoring -----------------------------------------------------------------------
@@ -96,12 +120,13 @@ class MicroBatcher:
         write, so a refused request leaves nothing behind)."""
         return self._pending + n <= self._queue_size
 
-    async def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(n, T, F) windows → per-position (probability, surprise), each (n, T).
-
-        ``T`` must be one of :attr:`lengths` (see :func:`padded_length`).
-        """
-        n = windows.shape[0]
+    async def score(self, windows: Sequence[Window]) -> Scored:
+        """Score the last event of each window."""
+        n = len(windows)
+        if any(not w for w in windows):
+            raise ValueError("every window needs at least the event being scored")
+        if self._queue is None:
+            raise RuntimeError("the micro-batcher is not started")
         if self._pending + n > self._queue_size:
             raise QueueFull(f"{self._pending} windows waiting")
         loop = asyncio.get_running_loop()
@@ -110,28 +135,27 @@ class MicroBatcher:
         try:
             # Large requests are cut so that no job is bigger than one batch; the parts are
             # queued at once and counted once (above), not again per part.
-            futs: list[asyncio.Future[tuple[np.ndarray, np.ndarray]]] = []
+            futs: list[asyncio.Future[Scored]] = []
             for i in range(0, n, self.max_batch):
                 futs.append(loop.create_future())
-                self._queues[windows.shape[1]].put_nowait(_Job(windows[i : i + self.max_batch], futs[-1]))
+                self._queue.put_nowait(_Job(windows[i : i + self.max_batch], futs[-1]))
             if len(futs) == 1:
                 return await futs[0]
-            done: list[tuple[np.ndarray, np.ndarray]] = []
+            done: list[Scored] = []
             for part in await asyncio.gather(*futs, return_exceptions=True):
                 if isinstance(part, BaseException):
                     raise part
                 done.append(part)
-            return np.concatenate([p for p, _ in done]), np.concatenate([s for _, s in done])
+            return Scored(np.concatenate([d.probability for d in done]), [s for d in done for s in d.surprise])
         finally:
             self._pending -= n
             self.metrics.set_queue_depth(self._pending)
 
-    async def _worker(self, length: int) -> None:
-        queue = self._queues[length]
+    async def _worker(self, queue: asyncio.Queue[_Job]) -> None:
         loop = asyncio.get_running_loop()
         while True:
             jobs = [await queue.get()]
-            size = jobs[0].windows.shape[0]
+            size = len(jobs[0].windows)
             deadline = loop.time() + self.max_wait
             while size < self.max_batch:
                 if queue.empty():
@@ -144,28 +168,64 @@ class MicroBatcher:
                         break
                 else:
                     job = queue.get_nowait()
-                if size + job.windows.shape[0] > self.max_batch:
-                    queue.put_nowait(job)  # next batch; order within a length barely matters
+                if size + len(job.windows) > self.max_batch:
+                    queue.put_nowait(job)  # the next batch; order barely matters
                     break
                 jobs.append(job)
-                size += job.windows.shape[0]
-            await self._run(jobs, size, loop)
+                size += len(job.windows)
+            await self._run(jobs, loop)
 
-    async def _run(self, jobs: list[_Job], size: int, loop: asyncio.AbstractEventLoop) -> None:
-        x = jobs[0].windows if len(jobs) == 1 else np.concatenate([j.windows for j in jobs])
-        started = time.perf_counter()
+    async def _run(self, jobs: list[_Job], loop: asyncio.AbstractEventLoop) -> None:
+        windows = [w for j in jobs for w in j.windows]
         try:
-            prob, surprise = await loop.run_in_executor(self._executor, self.model.run, x)
+            # On the loop: the featurizer is numpy calls with the GIL held; a thread
+            # would only contend for it.
+            calls, seen = self._featurize(windows)
+            outputs = await loop.run_in_executor(self._executor, self._infer, calls)
         except Exception as e:  # resolve every waiter; the route turns it into a 500
-            log.exception("inference failed")
+            log.exception("scoring a batch of %d windows failed", len(windows))
             for j in jobs:
                 if not j.future.done():
                     j.future.set_exception(e)
             return
-        self.metrics.track_inference(size, time.perf_counter() - started)
+        prob = np.empty(len(windows), np.float32)
+        surprise: list[np.ndarray] = [np.empty(0, np.float32)] * len(windows)
+        for (rows, x), (p, s, seconds) in zip(calls, outputs, strict=True):
+            self.metrics.track_inference(len(rows), seconds)
+            t = x.shape[1]
+            prob[rows] = p[:, -1]
+            for k, i in enumerate(rows.tolist()):
+                surprise[i] = s[k, t - seen[i]:]
         i = 0
         for j in jobs:
-            n = j.windows.shape[0]
+            n = len(j.windows)
             if not j.future.done():
-                j.future.set_result((prob[i : i + n], surprise[i : i + n]))
+                j.future.set_result(Scored(prob[i : i + n], surprise[i : i + n]))
             i += n
+
+    def _featurize(self, windows: list[Window]) -> tuple[list[_Call], list[int]]:
+        """One featurizer pass over every event of the batch → one padded (n, T, F) array
+        per time length in use, and the events each window's model input holds."""
+        lens = np.fromiter((len(w) for w in windows), np.int64, len(windows))
+        records = [e for w in windows for e in w]
+        groups = np.repeat(np.arange(len(windows)), lens)
+        feats = self.spec.transform(Events.from_records(records), groups=groups)  # (N, F)
+        ends = np.cumsum(lens) - 1
+        starts = ends - lens + 1
+        seen = np.minimum(lens, self.spec.window)
+        t_of = np.array([padded_length(int(n), self.lengths) for n in seen])
+        calls = []
+        for t in np.unique(t_of).tolist():
+            rows = np.flatnonzero(t_of == t)
+            calls.append((rows, last_windows(feats, ends[rows], starts[rows], t)))
+        return calls, seen.tolist()
+
+    def _infer(self, calls: list[_Call]) -> list[tuple[np.ndarray, np.ndarray, float]]:
+        """The batch's ONNX Runtime calls, in the executor thread: each call's
+        (probability, surprise) and its own duration (not the time spent queued)."""
+        out = []
+        for _, x in calls:
+            started = time.perf_counter()
+            p, s = self.model.run(x)
+            out.append((p, s, time.perf_counter() - started))
+        return out

@@ -47,7 +47,8 @@ class AppState:
         return hmac.new(key, user_id.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
+    # async: a sync dependency would be sent to the thread pool on every request
     state: AppState = request.app.state.seqguard
     return state
 
@@ -55,21 +56,27 @@ def get_state(request: Request) -> AppState:
 StateDep = Annotated[AppState, Depends(get_state)]
 
 
+def authorize(request: Request, scope: Scope) -> None:
+    """The request carries an API key with ``scope`` (when keys are configured); raises
+    401/403 otherwise. Called inline by the hot routes, as a dependency elsewhere."""
+    keys = request.app.state.seqguard.settings.api_keys
+    if not keys:
+        return
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("missing bearer API key")
+    scopes = keys.get(hashlib.sha256(token.strip().encode()).hexdigest())
+    if scopes is None:
+        raise Unauthorized("unknown API key", error="invalid_token")
+    if scope not in scopes and "admin" not in scopes:
+        raise Forbidden(f"this API key lacks the '{scope}' scope")
+
+
 def require(scope: Scope) -> Callable[[Request], Awaitable[None]]:
-    """Dependency: the request carries an API key with ``scope`` (when keys are configured)."""
+    """Dependency: :func:`authorize` for ``scope``."""
 
     async def check(request: Request) -> None:
-        keys = request.app.state.seqguard.settings.api_keys
-        if not keys:
-            return
-        auth = request.headers.get("authorization", "")
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise Unauthorized("missing bearer API key")
-        scopes = keys.get(hashlib.sha256(token.strip().encode()).hexdigest())
-        if scopes is None:
-            raise Unauthorized("unknown API key", error="invalid_token")
-        if scope not in scopes and "admin" not in scopes:
-            raise Forbidden(f"this API key lacks the '{scope}' scope")
+        authorize(request, scope)
 
     return check

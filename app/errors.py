@@ -164,14 +164,50 @@ def _error_id_response(method: str | None, path: str | None, exc: BaseException)
                    type_=PROBLEM_BASE + "internal-error", error_id=error_id)
 
 
-class _CatchAll:
-    """Answers problem+json for exceptions that escape the routes, so that middlewares
-    added after ``install`` (request metrics, access logs) see a 500 response rather
-    than an exception. Once a response has started nothing can be sent: re-raise."""
+class Problems:
+    """Every exception the service answers, turned into its problem+json response: the
+    one translation used by FastAPI's exception handlers, by the catch-all middleware
+    and by routes served without FastAPI's machinery (:class:`app.middleware.DirectRoutes`)."""
 
-    def __init__(self, app: ASGIApp, problem_response: Any) -> None:
+    def __init__(self, retry_after_s: int) -> None:
+        self.retry_after_s = retry_after_s
+
+    def response(self, exc: BaseException, method: str | None, path: str | None) -> Response:
+        if isinstance(exc, ProblemError):
+            headers = dict(exc.headers)
+            if isinstance(exc, ServiceUnavailable):
+                headers.setdefault("Retry-After", str(exc.retry_after_s or self.retry_after_s))
+            return problem(exc.status, exc.title, exc.detail, type_=exc.type, headers=headers, instance=path,
+                           **exc.extensions)
+        if isinstance(exc, RequestValidationError):
+            errors = exc.errors()
+            bad_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
+            if bad_json is not None:
+                return problem(400, "Malformed JSON", _json_error_detail(bad_json, exc.body),
+                               type_=PROBLEM_BASE + "malformed-json", instance=path)
+            listed = _validation_errors(errors)
+            n = len(listed)
+            return problem(422, "Validation failed", f"{n} invalid field{'s' if n != 1 else ''}: see errors",
+                           type_=PROBLEM_BASE + "validation-error", instance=path, errors=listed)
+        if isinstance(exc, HTTPException):
+            if exc.status_code in (204, 304) or exc.status_code < 200:
+                return Response(status_code=exc.status_code, headers=exc.headers)
+            phrase = _phrase(exc.status_code)
+            slug, title = _HTTP_TYPES.get(exc.status_code, (None, phrase))
+            detail = exc.detail if exc.detail != phrase else None  # Starlette's default detail is the phrase
+            return problem(exc.status_code, title, detail, type_=PROBLEM_BASE + slug if slug else "about:blank",
+                           headers=exc.headers, instance=path)
+        return _error_id_response(method, path, exc)
+
+
+class CatchAll:
+    """Answers problem+json for exceptions that escape ``app``, so that middlewares
+    outside it (request metrics, access logs) see an error response rather than an
+    exception. Once a response has started nothing can be sent: re-raise."""
+
+    def __init__(self, app: ASGIApp, problems: Problems) -> None:
         self.app = app
-        self.problem_response = problem_response
+        self.problems = problems
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -190,56 +226,19 @@ class _CatchAll:
         except Exception as exc:
             if started:
                 raise
-            if isinstance(exc, ProblemError):
-                response = self.problem_response(exc, scope.get("path"))
-            else:
-                response = _error_id_response(scope.get("method"), scope.get("path"), exc)
+            response = self.problems.response(exc, scope.get("method"), scope.get("path"))
             await response(scope, receive, send)
 
 
-def install(app: FastAPI, *, retry_after_s: int) -> None:
+def install(app: FastAPI, problems: Problems) -> None:
     """Register the problem+json handlers on ``app``; call it before adding middleware."""
 
-    def problem_response(exc: ProblemError, path: str | None) -> Response:
-        headers = dict(exc.headers)
-        if isinstance(exc, ServiceUnavailable):
-            headers.setdefault("Retry-After", str(exc.retry_after_s or retry_after_s))
-        return problem(exc.status, exc.title, exc.detail, type_=exc.type, headers=headers, instance=path,
-                       **exc.extensions)
+    async def handler(request: Request, exc: Exception) -> Response:
+        return problems.response(exc, request.method, request.url.path)
 
-    async def on_problem(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, ProblemError)
-        return problem_response(exc, request.url.path)
-
-    async def on_validation(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, RequestValidationError)
-        errors = exc.errors()
-        bad_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
-        if bad_json is not None:
-            return problem(400, "Malformed JSON", _json_error_detail(bad_json, exc.body),
-                           type_=PROBLEM_BASE + "malformed-json", instance=request.url.path)
-        listed = _validation_errors(errors)
-        n = len(listed)
-        return problem(422, "Validation failed", f"{n} invalid field{'s' if n != 1 else ''}: see errors",
-                       type_=PROBLEM_BASE + "validation-error", instance=request.url.path, errors=listed)
-
-    async def on_http(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        if exc.status_code in (204, 304) or exc.status_code < 200:
-            return Response(status_code=exc.status_code, headers=exc.headers)
-        phrase = _phrase(exc.status_code)
-        slug, title = _HTTP_TYPES.get(exc.status_code, (None, phrase))
-        detail = exc.detail if exc.detail != phrase else None  # Starlette's default detail is the phrase
-        return problem(exc.status_code, title, detail, type_=PROBLEM_BASE + slug if slug else "about:blank",
-                       headers=exc.headers, instance=request.url.path)
-
-    async def on_unexpected(request: Request, exc: Exception) -> Response:
-        return _error_id_response(request.method, request.url.path, exc)
-
-    app.add_exception_handler(ProblemError, on_problem)
-    app.add_exception_handler(RequestValidationError, on_validation)
-    app.add_exception_handler(HTTPException, on_http)
-    # Exceptions raised by middlewares outside _CatchAll reach Starlette's
+    for exc_type in (ProblemError, RequestValidationError, HTTPException):
+        app.add_exception_handler(exc_type, handler)
+    # Exceptions raised by middlewares outside CatchAll reach Starlette's
     # ServerErrorMiddleware, which uses this handler (and re-raises for the server's log).
-    app.add_exception_handler(Exception, on_unexpected)
-    app.add_middleware(_CatchAll, problem_response=problem_response)
+    app.add_exception_handler(Exception, handler)
+    app.add_middleware(CatchAll, problems=problems)

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.routing import APIRoute
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
@@ -21,7 +22,7 @@ from app.bundle import load_bundle
 from app.deps import AppState
 from app.embedded_redis import EmbeddedRedis
 from app.metrics import Metrics, mark_process_dead
-from app.middleware import RequestMetrics
+from app.middleware import DirectRoutes, RequestMetrics
 from app.online import OnlineScorer
 from app.routes import batch, events, meta
 from app.scorer import OnnxModel
@@ -60,7 +61,8 @@ def create_app(settings: Settings) -> FastAPI:
         )
         redis = aioredis.Redis(connection_pool=pool)
         store = WindowStore(redis, history=bundle.spec.history, window_ttl_s=settings.window_ttl_s,
-                            idempotency_ttl_s=settings.idempotency_ttl_s)
+                            idempotency_ttl_s=settings.idempotency_ttl_s,
+                            on_answer_error=lambda e: metrics.track_store_error())
         thresholds = dict(bundle.thresholds)
         if settings.review_threshold is not None:
             thresholds["review"] = settings.review_threshold
@@ -82,6 +84,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             await batcher.stop()
             app.state.seqguard.batch_executor.shutdown(wait=True)
+            await store.flush_answers()
             await redis.aclose()
             await pool.aclose()
             if embedded is not None:
@@ -94,13 +97,17 @@ def create_app(settings: Settings) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
-    errors.install(app, retry_after_s=settings.retry_after_s)
+    problems = errors.Problems(retry_after_s=settings.retry_after_s)
+    errors.install(app, problems)
+    for router in (events.router, batch.router, meta.router):
+        app.include_router(router)
+    # POST /events, included above without a prefix or router dependencies.
+    hot = [r for r in events.router.routes if isinstance(r, APIRoute) and r.endpoint is events.post_events]
+    app.add_middleware(DirectRoutes, routes=hot, problems=problems)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(RequestMetrics)
-    for router in (events.router, batch.router, meta.router):
-        app.include_router(router)
     return app
 
 

@@ -1,20 +1,17 @@
-"""Online scoring: windows read from the store → the one featurizer → the micro-batcher
-→ probabilities, decisions and (on request) reasons."""
+"""Online scoring: windows read from the store → the micro-batcher (one featurizer pass
+and ONNX Runtime per batch) → probabilities, decisions and (on request) reasons."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from app.batching import MicroBatcher, padded_length
+from app.batching import MicroBatcher
 from app.bundle import Bundle
 from app.decisions import decide
-from app.events import Events
-from app.features import last_windows
 
 
 @dataclass(frozen=True)
@@ -28,7 +25,6 @@ class WindowScores:
 class OnlineScorer:
     def __init__(self, bundle: Bundle, batcher: MicroBatcher, thresholds: dict[str, float]) -> None:
         self.bundle = bundle
-        self.spec = bundle.spec
         self.batcher = batcher
         self.thresholds = thresholds
 
@@ -39,29 +35,10 @@ class OnlineScorer:
         A window of a single event gets a defined answer: the model sees one event with
         no history, exactly as the batch engine scores a user's first event.
         """
-        lens = np.array([len(w) for w in windows], dtype=np.int64)
-        if (lens == 0).any():
-            raise ValueError("every window needs at least the event being scored")
-        records = [e for w in windows for e in w]
-        groups = np.repeat(np.arange(len(windows)), lens)
-        feats = self.spec.transform(Events.from_records(records), groups=groups)  # (N, F)
-        ends = np.cumsum(lens) - 1
-        starts = ends - lens + 1
-        seen = np.minimum(lens, self.spec.window)
-        t_of = np.array([padded_length(int(n), self.batcher.lengths) for n in seen])
-        prob = np.empty(len(windows), np.float32)
-        surprise: list[np.ndarray] = [np.empty(0, np.float32)] * len(windows)
-
-        async def run(t: int) -> None:
-            sel = np.flatnonzero(t_of == t)
-            x = last_windows(feats, ends[sel], starts[sel], t)  # (n, T, F)
-            p, s = await self.batcher.score(x)
-            prob[sel] = p[:, -1]
-            for k, i in enumerate(sel):
-                surprise[i] = s[k, t - seen[i] :]
-
-        await asyncio.gather(*(run(int(t)) for t in np.unique(t_of)))
-        return WindowScores(prob, decide(prob, self.thresholds), seen, surprise)
+        scored = await self.batcher.score(windows)
+        seen = np.minimum(np.fromiter((len(w) for w in windows), np.int64, len(windows)), self.bundle.window)
+        return WindowScores(scored.probability, decide(scored.probability, self.thresholds), seen,
+                            scored.surprise)
 
 
 def reasons(window: Sequence[dict[str, Any]], surprise: np.ndarray, top: int = 5) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ locations in the body, as FastAPI's own validation would.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -266,6 +267,21 @@ def parse_event_line(line: bytes | str, index: int) -> EventIn:
         return EventIn.model_validate_json(line)
     except ValidationError as exc:
         raise request_validation_error(exc, ("body", index)) from None
+
+
+_BOOL = TypeAdapter(bool)
+
+
+def query_flag(params: Mapping[str, str], name: str) -> bool:
+    """A boolean query parameter (``true``/``false``, ``1``/``0``, ``yes``/``no``,
+    ``on``/``off``; absent = false), refused like FastAPI's own query parameters."""
+    raw = params.get(name)
+    if raw is None:
+        return False
+    try:
+        return _BOOL.validate_python(raw)
+    except ValidationError as exc:
+        raise request_validation_error(exc, ("query", name)) from None
 
 
 def request_validation_error(

@@ -10,7 +10,7 @@ id, which appears nowhere in Redis):
   member bytes) — the batch engine's rule (equal timestamps → input order).
 - ``sg:{<tag>}:n``   string, the arrival counter (``INCR``).
 - ``sg:{<tag>}:ids`` hash, event_id → ``"<timestamp>|<seq>|<first answer>"`` (answer
-  empty until :meth:`WindowStore.save_answers` records it).
+  empty until :meth:`WindowStore.save_answers` records it, after the reply).
 - ``sg:{<tag>}:idt`` sorted set, event_id → arrival time (server ms): bounds the
   idempotency records by age (``idempotency_ttl_s``) and by count.
 
@@ -22,8 +22,10 @@ the same ``user_id`` and ``event_id``.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-from collections.abc import Mapping, Sequence
+import itertools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, NoReturn
 
@@ -39,6 +41,8 @@ MAX_IDS_PER_USER = 10_000
 #: Events of one user per script call: bounds the time Redis spends in one script
 #: and the size of one reply (each event returns its window).
 MAX_EVENTS_PER_CALL = 128
+#: First answers saved per pipeline by :meth:`WindowStore.save_answers_soon`.
+SAVE_ANSWERS_PER_CALL = 512
 
 _SEQ_WIDTH = 12  # 10**12 events per user before the width grows
 _PREFIX = _SEQ_WIDTH + 1  # "<seq>|"
@@ -214,10 +218,13 @@ class WindowStore:
     window_ttl_s : the window's lifetime after its user's last event.
     idempotency_ttl_s : how long a replayed event_id is recognised.
     max_ids_per_user : idempotency records kept per user at most.
+    on_answer_error : called with the error when answers queued by
+        :meth:`save_answers_soon` could not be saved.
     """
 
     def __init__(self, redis: aioredis.Redis, *, history: int, keep: int | None = None, window_ttl_s: int,
-                 idempotency_ttl_s: int, max_ids_per_user: int = MAX_IDS_PER_USER) -> None:
+                 idempotency_ttl_s: int, max_ids_per_user: int = MAX_IDS_PER_USER,
+                 on_answer_error: Callable[[BaseException], None] | None = None) -> None:
         keep = history if keep is None else keep
         if history < 1:
             raise ValueError("history must be ≥ 1")
@@ -232,6 +239,9 @@ class WindowStore:
         self.idempotency_ttl_s = idempotency_ttl_s
         self.max_ids_per_user = max_ids_per_user
         self._head = (history, keep, window_ttl_s * 1000, idempotency_ttl_s * 1000, max_ids_per_user)
+        self.on_answer_error = on_answer_error
+        self._unsaved: dict[tuple[str, str], bytes] = {}
+        self._saver: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ writes
 
@@ -279,6 +289,40 @@ class WindowStore:
         calls = [_Call(_SAVE_ANSWER, (user_keys(uid).ids,), (eid, answer)) for uid, eid, answer in items if answer]
         if calls:
             await self._run(calls)
+
+    def save_answers_soon(self, items: Sequence[tuple[str, str, bytes]]) -> None:
+        """Queue first answers for :meth:`save_answers` in the background, one pipeline
+        for all answers queued meanwhile, so that a reply does not wait for a second round
+        trip. The events themselves are stored already (acknowledged means stored); the
+        answer only serves replays. A replay that comes before its answer is saved gets it
+        from :meth:`unsaved_answer` in the same process, and is otherwise scored again on
+        the stored window at its event. Answers that cannot be saved (Redis down) are
+        dropped and reported to ``on_answer_error``."""
+        for uid, eid, answer in items:
+            self._unsaved.setdefault((uid, eid), answer)
+        if self._unsaved and (self._saver is None or self._saver.done()):
+            self._saver = asyncio.create_task(self._save_unsaved(), name="save-answers")
+
+    def unsaved_answer(self, user_id: str, event_id: str) -> bytes | None:
+        """The first answer of an event, while it waits in this process to be saved."""
+        return self._unsaved.get((user_id, event_id))
+
+    async def flush_answers(self) -> None:
+        """Wait until every queued answer is saved (or dropped): before closing Redis."""
+        while self._saver is not None and not self._saver.done():
+            await asyncio.shield(self._saver)
+
+    async def _save_unsaved(self) -> None:
+        while self._unsaved:
+            # Answers stay visible to unsaved_answer() until their pipeline has run.
+            batch = list(itertools.islice(self._unsaved.items(), SAVE_ANSWERS_PER_CALL))
+            try:
+                await self.save_answers([(uid, eid, answer) for (uid, eid), answer in batch])
+            except (rexc.RedisError, OSError) as e:
+                if self.on_answer_error is not None:
+                    self.on_answer_error(e)
+            for key, _ in batch:
+                self._unsaved.pop(key, None)
 
     # ------------------------------------------------------------------- reads
 

@@ -1,16 +1,23 @@
-"""The micro-batcher on a real ONNX Runtime session (the shipped bundle)."""
+"""The micro-batcher on a real ONNX Runtime session (the shipped bundle) and real events."""
 
 from __future__ import annotations
 
 import asyncio
+import csv
+import gzip
+import time
+from typing import Any
 
 import numpy as np
 import pytest
 
-from app.batching import MicroBatcher, QueueFull, padded_length, time_lengths
+from app.batching import MicroBatcher, QueueFull, Scored, padded_length, time_lengths
 from app.bundle import load_bundle
+from app.events import Events
+from app.features import last_windows
 from app.metrics import Metrics
 from app.scorer import OnnxModel
+from tests.conftest import TAOBAO_100
 
 
 @pytest.fixture(scope="module")
@@ -18,14 +25,54 @@ def model() -> OnnxModel:
     return OnnxModel(load_bundle(), threads=1)
 
 
-CARD = load_bundle().spec.cardinalities
+@pytest.fixture(scope="module")
+def users() -> list[list[dict[str, Any]]]:
+    """Every user of the 100-user Taobao sample as contract events, oldest first."""
+    by_user: dict[str, list[dict[str, Any]]] = {}
+    with gzip.open(TAOBAO_100, "rt", newline="") as fh:
+        for user, item, category, behavior, seconds in csv.reader(fh):
+            evs = by_user.setdefault(user, [])
+            evs.append({"event_id": f"{user}-{len(evs)}", "user_id": user, "event_type": behavior,
+                        "timestamp": int(seconds) * 1000, "item_id": item, "category_id": category})
+    return [sorted(evs, key=lambda e: e["timestamp"]) for evs in by_user.values()]
 
 
-def windows(n: int, t: int, seed: int) -> np.ndarray:
+def windows_of(users: list[list[dict[str, Any]]], history: int, seed: int, n: int) -> list[list[dict[str, Any]]]:
+    """``n`` windows ending at random events of random users, of every length up to ``history``."""
     rng = np.random.default_rng(seed)
-    x = np.stack([rng.integers(1, c, size=(n, t)) for c in CARD], axis=-1)
-    x[:, : t // 3] = 0  # some left padding, as short windows have
-    return x.astype(np.int64)
+    out = []
+    for _ in range(n):
+        evs = users[int(rng.integers(len(users)))]
+        end = int(rng.integers(1, len(evs) + 1))
+        out.append(evs[max(0, end - history):end])
+    return out
+
+
+def one_by_one(model: OnnxModel, window: list[dict[str, Any]]) -> tuple[float, np.ndarray]:
+    """The reference: one window featurized and run alone."""
+    spec, lengths = model.bundle.spec, time_lengths(model.bundle.window)
+    feats = spec.transform(Events.from_records(window), groups=np.zeros(len(window), np.int64))
+    seen = min(len(window), spec.window)
+    t = padded_length(seen, lengths)
+    p, s = model.run(last_windows(feats, np.array([len(window) - 1]), np.array([0]), t))
+    return float(p[0, -1]), s[0, t - seen:]
+
+
+def run_batcher(model: OnnxModel, metrics: Metrics, jobs: list[Any], **kw: Any) -> list[Scored]:
+    async def main() -> list[Scored]:
+        b = MicroBatcher(model, metrics, **{"max_batch": 32, "max_wait_ms": 20, "queue_size": 10_000} | kw)
+        await b.start()
+        try:
+            return await asyncio.gather(*(b.score(w) for w in jobs))
+        finally:
+            await b.stop()
+
+    return asyncio.run(main())
+
+
+def metric(metrics: Metrics, name: str) -> float:
+    body = metrics.render()[0].decode()
+    return float(next(line for line in body.splitlines() if line.startswith(name + " ")).split()[-1])
 
 
 def test_lengths_are_few_and_cover_the_window():
@@ -33,51 +80,66 @@ def test_lengths_are_few_and_cover_the_window():
     assert [padded_length(n, (8, 16, 32, 64)) for n in (1, 8, 9, 33, 64)] == [8, 8, 16, 64, 64]
 
 
-def test_concurrent_requests_share_batches_and_get_their_own_answers(model):
+def test_concurrent_requests_share_batches_and_get_their_own_answers(model, users):
     metrics = Metrics()
-    jobs = [windows(k % 3 + 1, 16, seed=k) for k in range(40)]
-
-    async def main() -> list[tuple[np.ndarray, np.ndarray]]:
-        b = MicroBatcher(model, metrics, max_batch=32, max_wait_ms=20, queue_size=1000)
-        await b.start()
-        try:
-            return await asyncio.gather(*(b.score(x) for x in jobs))
-        finally:
-            await b.stop()
-
-    got = asyncio.run(main())
-    for x, (p, s) in zip(jobs, got, strict=True):
-        want_p, want_s = model.run(x)
-        assert np.abs(p - want_p).max() <= 1e-6 and np.abs(s - want_s).max() <= 1e-5
-    body = metrics.render()[0].decode()
-    count = next(line for line in body.splitlines() if line.startswith("seqguard_inference_batch_size_count"))
-    calls = float(count.split()[-1])
+    history = model.bundle.spec.history
+    jobs = [windows_of(users, history, seed=k, n=k % 3 + 1) for k in range(40)]
+    lengths = {padded_length(min(len(w), model.bundle.window), time_lengths(model.bundle.window))
+               for job in jobs for w in job}
+    assert len(lengths) >= 3, "the jobs mix padded lengths"
+    got = run_batcher(model, metrics, jobs)
+    for job, scored in zip(jobs, got, strict=True):
+        assert scored.probability.shape == (len(job),)
+        for w, p, s in zip(job, scored.probability, scored.surprise, strict=True):
+            want_p, want_s = one_by_one(model, w)
+            assert abs(p - want_p) <= 1e-6 and np.abs(s - want_s).max() <= 1e-5
+            assert len(s) == min(len(w), model.bundle.window)
+    calls = metric(metrics, "seqguard_inference_batch_size_count")
     assert calls < len(jobs), "requests were batched together"
+    assert metric(metrics, "seqguard_inference_batch_size_sum") == sum(len(j) for j in jobs)
 
 
-def test_requests_larger_than_a_batch_are_split(model):
-    async def main() -> tuple[np.ndarray, np.ndarray]:
-        b = MicroBatcher(model, Metrics(), max_batch=8, max_wait_ms=1, queue_size=1000)
-        await b.start()
-        try:
-            return await b.score(windows(30, 32, seed=1))
-        finally:
-            await b.stop()
-
-    p, _ = asyncio.run(main())
-    assert np.abs(p - model.run(windows(30, 32, seed=1))[0]).max() <= 1e-6
+def test_inference_time_is_the_calls_alone(model, users):
+    """The duration metric times the ONNX Runtime calls, not the wait for the executor:
+    concurrent jobs cannot add up to more than the wall time they took."""
+    metrics = Metrics()
+    jobs = [windows_of(users, model.bundle.spec.history, seed=k, n=4) for k in range(60)]
+    started = time.perf_counter()
+    run_batcher(model, metrics, jobs, max_batch=8, max_wait_ms=0)
+    wall = time.perf_counter() - started
+    assert 0 < metric(metrics, "seqguard_inference_duration_seconds_sum") <= wall
 
 
-def test_a_full_queue_is_refused_at_once(model):
+def test_requests_larger_than_a_batch_are_split(model, users):
+    metrics = Metrics()
+    job = windows_of(users, model.bundle.spec.history, seed=1, n=30)
+    (scored,) = run_batcher(model, metrics, [job], max_batch=8, max_wait_ms=1)
+    want = [one_by_one(model, w)[0] for w in job]
+    assert np.abs(scored.probability - want).max() <= 1e-6
+    assert len(scored.surprise) == 30
+    assert metric(metrics, "seqguard_inference_batch_size_sum") == 30
+    assert metric(metrics, "seqguard_inference_batch_size_count") >= 4  # no call above max_batch
+
+
+def test_an_empty_window_is_refused(model, users):
+    with pytest.raises(ValueError, match="at least the event"):
+        run_batcher(model, Metrics(), [[users[0][:1], []]])
+
+
+def test_a_full_queue_is_refused_at_once(model, users):
+    history = model.bundle.spec.history
+
     async def main() -> None:
         b = MicroBatcher(model, Metrics(), max_batch=4, max_wait_ms=50, queue_size=6)
         await b.start()
         try:
-            first = asyncio.create_task(b.score(windows(4, 8, seed=2)))
+            first = asyncio.create_task(b.score(windows_of(users, history, seed=2, n=4)))
             await asyncio.sleep(0)
+            assert not b.has_room(3)
             with pytest.raises(QueueFull):
-                await b.score(windows(4, 8, seed=3))
+                await b.score(windows_of(users, history, seed=3, n=4))
             await first
+            assert b.has_room(6)
         finally:
             await b.stop()
 

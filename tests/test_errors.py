@@ -25,7 +25,7 @@ PROBLEM = "application/problem+json"
 
 def make_app() -> FastAPI:
     app = FastAPI()
-    errors.install(app, retry_after_s=7)
+    errors.install(app, errors.Problems(retry_after_s=7))
     statuses: list[int] = []
     app.state.statuses = statuses
 

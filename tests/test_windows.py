@@ -371,6 +371,47 @@ def test_out_of_memory_is_unavailable_and_writes_nothing(redis_url: str) -> None
     run(redis_url, body)
 
 
+def test_answers_saved_after_the_reply_are_visible_until_saved(redis_url: str) -> None:
+    async def body(r: aioredis.Redis) -> None:
+        s = store(r)
+        await s.append_many([ev("e1", 10), ev("e2", 20)])
+        s.save_answers_soon([("u1", "e1", b'{"p": 0.1}'), ("u1", "e2", b'{"p": 0.2}')])
+        s.save_answers_soon([("u1", "e1", b'{"p": 0.9}')])  # the first answer wins, queued or saved
+        # Queued, not saved yet: Redis has no answer, this process has.
+        assert (await s.append(ev("e1", 10))).answer is None
+        assert s.unsaved_answer("u1", "e1") == b'{"p": 0.1}'
+        await s.flush_answers()
+        assert s.unsaved_answer("u1", "e1") is None
+        assert (await s.append(ev("e1", 10))).answer == b'{"p": 0.1}'
+        assert (await s.append(ev("e2", 20))).answer == b'{"p": 0.2}'
+        # Later answers start a new background save.
+        await s.append(ev("e3", 30))
+        s.save_answers_soon([("u1", "e3", b'{"p": 0.3}')])
+        await s.flush_answers()
+        assert (await s.append(ev("e3", 30))).answer == b'{"p": 0.3}'
+
+    run(redis_url, body)
+
+
+def test_answers_that_cannot_be_saved_are_reported_and_dropped(tmp_path: Path) -> None:
+    errors: list[BaseException] = []
+    with EmbeddedRedis(tmp_path / "redis") as server:
+
+        async def body(r: aioredis.Redis) -> None:
+            s = store(r, on_answer_error=errors.append)
+            await s.append(ev("e1", 1))
+            server.stop()
+            s.save_answers_soon([("u1", "e1", b"{}")])
+            await s.flush_answers()
+            assert s.unsaved_answer("u1", "e1") is None
+            server.start()
+            w = await s.append(ev("e1", 1))  # the event is stored; its answer is not
+            assert w.duplicate and w.answer is None and ids(w) == ["e1"]
+
+        run(server.url, body, retry=Retry(NoBackoff(), 1), socket_timeout=2, socket_connect_timeout=2)
+    assert len(errors) == 1 and isinstance(errors[0], RedisConnectionError)
+
+
 def test_stopped_redis_raises_connection_error_and_recovers_with_its_data(tmp_path: Path) -> None:
     with EmbeddedRedis(tmp_path / "redis") as server:
 

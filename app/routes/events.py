@@ -7,17 +7,16 @@ import time
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.batching import QueueFull
-from app.deps import StateDep, require
+from app.deps import AppState, authorize
 from app.errors import PayloadTooLarge, ServiceUnavailable
 from app.online import reasons
 from app.routes import json_response
-from app.schemas import ScoreResult, ScoreResults, parse_events, to_records
+from app.schemas import ScoreResult, ScoreResults, parse_events, query_flag, to_records
 
 router = APIRouter(tags=["scoring"])
 log = logging.getLogger("seqguard.events")
@@ -40,11 +39,18 @@ async def read_body(request: Request, limit: int) -> bytes:
 @router.post(
     "/events",
     response_model=ScoreResult | ScoreResults,
-    dependencies=[Depends(require("events"))],
-    responses={413: {}, 422: {}, 503: {}},
+    responses={401: {}, 403: {}, 413: {}, 422: {}, 503: {}},
+    # The one hot route: no dependencies to solve (state, key and query are read inline).
+    openapi_extra={"parameters": [{
+        "name": "explain", "in": "query", "required": False, "schema": {"type": "boolean", "default": False},
+        "description": "Add the events that drove each score (`reasons`).",
+    }]},
 )
-async def post_events(request: Request, state: StateDep, explain: bool = False) -> Response:
+async def post_events(request: Request) -> Response:
     """Append one event (or up to 1000) to its user's window and score it."""
+    state: AppState = request.app.state.seqguard
+    authorize(request, "events")
+    explain = query_flag(request.query_params, "explain")
     s = state.settings
     body = await read_body(request, s.max_body_bytes)
     events, batched = parse_events(body, max_events=s.max_events_per_request)
@@ -60,11 +66,16 @@ async def post_events(request: Request, state: StateDep, explain: bool = False) 
         raise ServiceUnavailable("the window store is unavailable; nothing was written, retry") from None
     state.metrics.track_store("append", time.perf_counter() - started)
 
-    fresh = [i for i, w in enumerate(stored) if w.answer is None]
     results: list[dict[str, Any] | None] = [None] * len(stored)
+    fresh = []
     for i, w in enumerate(stored):
-        if w.answer is not None:  # a replay: the first answer, nothing changed
-            results[i] = orjson.loads(w.answer) | {"duplicate": True}
+        # A replay: its first answer, nothing changed. Not saved yet: maybe still queued here.
+        answer = w.answer if w.answer is not None or not w.duplicate else state.store.unsaved_answer(
+            w.user_id, w.event_id)
+        if answer is not None:
+            results[i] = orjson.loads(answer) | {"duplicate": True}
+        else:
+            fresh.append(i)
     if fresh:
         try:
             scores = await state.scorer.score([stored[i].events for i in fresh])
@@ -72,6 +83,7 @@ async def post_events(request: Request, state: StateDep, explain: bool = False) 
             # Lost the race for the last slots after storing: a retry re-scores the stored
             # window and answers with duplicate=true.
             raise ServiceUnavailable("scoring queue is full; the events are stored, retry to get scores") from None
+        first = []
         for k, i in enumerate(fresh):
             w = stored[i]
             res: dict[str, Any] = {
@@ -83,14 +95,10 @@ async def post_events(request: Request, state: StateDep, explain: bool = False) 
             if explain:
                 res["reasons"] = reasons(w.events, scores.surprise[k])
             results[i] = res
-        # The first answer of each event, for replays (never overwrites an earlier one).
-        first = [(stored[i].user_id, stored[i].event_id, orjson.dumps({**(results[i] or {}), "duplicate": False}))
-                 for i in fresh]
-        try:
-            await state.store.save_answers(first)
-        except RedisError:
-            # The events are stored (acknowledged); a replay re-scores the same window.
-            state.metrics.track_store_error()
+            first.append((w.user_id, w.event_id, orjson.dumps(res | {"duplicate": False})))
+        # The first answer of each event, for replays (never overwrites an earlier one),
+        # saved after the reply: the events are stored already.
+        state.store.save_answers_soon(first)
         state.metrics.track_scored("online", scores.probability, scores.decision)
     dups = sum(1 for w in stored if w.duplicate)
     if dups:
