@@ -9,12 +9,9 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import redis.asyncio as aioredis
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 
 from app import errors
 from app.batching import MicroBatcher
@@ -24,6 +21,7 @@ from app.embedded_redis import EmbeddedRedis
 from app.metrics import Metrics, mark_process_dead
 from app.middleware import DirectRoutes, RequestMetrics
 from app.online import OnlineScorer
+from app.redis_client import connect
 from app.routes import batch, events, meta
 from app.scorer import OnnxModel
 from app.settings import Settings
@@ -52,14 +50,7 @@ def create_app(settings: Settings) -> FastAPI:
             embedded.start()
             url = embedded.url
             log.info("embedded Redis (append-only) at %s, data in %s", url, settings.redis_data_dir)
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=settings.redis_pool_size, timeout=settings.redis_timeout_s,
-            socket_timeout=settings.redis_timeout_s, socket_connect_timeout=settings.redis_timeout_s,
-            # One quick retry, not redis-py's default backoff of seconds: an outage must turn
-            # into a prompt 503 + Retry-After, and the client retries (ids make it safe).
-            retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1),
-        )
-        redis = aioredis.Redis(connection_pool=pool)
+        redis = connect(url, pool_size=settings.redis_pool_size, timeout_s=settings.redis_timeout_s)
         store = WindowStore(redis, history=bundle.spec.history, window_ttl_s=settings.window_ttl_s,
                             idempotency_ttl_s=settings.idempotency_ttl_s,
                             on_answer_error=lambda e: metrics.track_store_error())
@@ -86,7 +77,7 @@ def create_app(settings: Settings) -> FastAPI:
             app.state.seqguard.batch_executor.shutdown(wait=True)
             await store.flush_answers()
             await redis.aclose()
-            await pool.aclose()
+            await redis.connection_pool.aclose()
             if embedded is not None:
                 embedded.stop()
             mark_process_dead(os.getpid())  # multiprocess metrics: drop this worker's live gauges

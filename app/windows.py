@@ -242,6 +242,9 @@ class WindowStore:
         self.on_answer_error = on_answer_error
         self._unsaved: dict[tuple[str, str], bytes] = {}
         self._saver: asyncio.Task[None] | None = None
+        self._queued: list[tuple[list[_Call], asyncio.Future[list[Any]]]] = []
+        self._flush_due = False
+        self._flushes: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ writes
 
@@ -354,9 +357,53 @@ class WindowStore:
     # ---------------------------------------------------------------- internals
 
     async def _run(self, calls: list[_Call]) -> list[Any]:
-        """EVALSHA the calls in one pipeline; calls that met NOSCRIPT (a restarted or
-        flushed Redis) run again once the scripts are loaded. Each call is atomic and
-        independent of the others in the batch, so re-running one alone is safe."""
+        """Run script calls; replies in order. Calls of concurrent callers issued in the
+        same turn of the event loop go to Redis together, in one pipeline: redis-py spends
+        about 0.1 ms of CPU per command sent alone and a third of that per command in a
+        pipeline. No caller waits for another: the pipeline leaves on the next turn."""
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._queued.append((calls, future))
+        if not self._flush_due:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._start_flush)
+        return await future
+
+    def _start_flush(self) -> None:
+        self._flush_due = False
+        queued, self._queued = self._queued, []
+        task = asyncio.create_task(self._flush(queued), name="window-store-pipeline")
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _flush(self, queued: list[tuple[list[_Call], asyncio.Future[list[Any]]]]) -> None:
+        try:
+            replies = await self._pipeline([c for calls, _ in queued for c in calls])
+        except BaseException as e:  # the connection: every caller gets it (a retry is safe)
+            for _, future in queued:
+                if not future.done():
+                    future.set_exception(e)
+            if not isinstance(e, Exception):
+                raise
+            return
+        i = 0
+        for calls, future in queued:
+            mine, i = replies[i : i + len(calls)], i + len(calls)
+            if future.done():  # the caller is gone (cancelled); its calls ran all the same
+                continue
+            failed = next((r for r in mine if isinstance(r, Exception)), None)
+            if failed is None:
+                future.set_result(mine)
+            else:
+                try:
+                    _reraise(failed)
+                except Exception as e:
+                    future.set_exception(e)
+
+    async def _pipeline(self, calls: list[_Call]) -> list[Any]:
+        """EVALSHA the calls in one pipeline; replies in order, error replies as exceptions.
+        Calls that met NOSCRIPT (a restarted or flushed Redis) run again once the scripts
+        are loaded. Each call is atomic and independent of the others; a NOSCRIPT fails
+        every call of its script in the pipeline, so re-running them keeps their order."""
         replies: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         for attempt in range(2):
@@ -369,8 +416,6 @@ class WindowStore:
             for i, r in zip(todo, out, strict=True):
                 if isinstance(r, rexc.NoScriptError) and attempt == 0:
                     missing.append(i)
-                elif isinstance(r, Exception):
-                    _reraise(r)
                 else:
                     replies[i] = r
             if not missing:
