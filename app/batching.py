@@ -86,6 +86,7 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.lengths = time_lengths(model.bundle.window)
+        self._lengths = np.array(self.lengths)
         self._queue: asyncio.Queue[_Job] | None = None
         self._queue_size = queue_size
         self._pending = 0
@@ -213,9 +214,9 @@ class MicroBatcher:
         ends = np.cumsum(lens) - 1
         starts = ends - lens + 1
         seen = np.minimum(lens, self.spec.window)
-        t_of = np.array([padded_length(int(n), self.lengths) for n in seen])
+        t_of = self._lengths[np.searchsorted(self._lengths, seen)]  # padded_length of each
         calls = []
-        for t in np.unique(t_of).tolist():
+        for t in sorted(set(t_of.tolist())):
             rows = np.flatnonzero(t_of == t)
             calls.append((rows, last_windows(feats, ends[rows], starts[rows], t)))
         return calls, seen.tolist()

@@ -192,10 +192,8 @@ class Events:
         Timestamps are RFC 3339 strings or epoch milliseconds. Meant for request-sized
         inputs; files go through the streaming loaders.
         """
-        users, user = np.unique(np.array([str(r["user_id"]) for r in records], dtype=object),
-                                return_inverse=True) if records else (np.array([], object), np.array([], np.int64))
-        etypes, etype = np.unique(np.array([str(r["event_type"]) for r in records], dtype=object),
-                                  return_inverse=True) if records else (np.array([], object), np.array([], np.int64))
+        users, user = _codes([str(r["user_id"]) for r in records])
+        etypes, etype = _codes([str(r["event_type"]) for r in records])
         cols: dict[str, Any] = {
             "user": user.astype(np.int32),
             "user_ids": users.astype(object),
@@ -206,7 +204,7 @@ class Events:
         for name in HASHED_FIELDS:
             vals = [r.get(name) for r in records]
             if any(v not in (None, "") for v in vals):
-                cols[name] = hash_strings(None if v is None else str(v) for v in vals)
+                cols[name] = _hash_remembered([None if v is None else str(v) for v in vals])
         prices = [r.get("price") for r in records]
         if any(p is not None for p in prices):
             cols["price"] = np.array([np.nan if p is None else float(p) for p in prices], np.float32)
@@ -217,6 +215,33 @@ class Events:
         if any(v is not None for v in labels):
             cols["label"] = np.array([int(v or 0) for v in labels], np.int8)
         return cls(**cols)
+
+
+def _codes(values: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(values, return_inverse=True)`` for Python strings: the sorted distinct
+    values and each value's index among them (a dict, not an object-array sort)."""
+    distinct = sorted(set(values))
+    index = {v: i for i, v in enumerate(distinct)}
+    return np.array(distinct, dtype=object), np.fromiter(map(index.__getitem__, values), np.int64, len(values))
+
+
+#: Hashes of recently seen strings (item and category ids, ...): the online path hashes a
+#: user's recent events again with every new event. Bounded; emptied when full.
+_HASHED: dict[str, int] = {}
+_HASHED_MAX = 1 << 18
+
+
+def _hash_remembered(values: list[str | None]) -> np.ndarray:
+    """``hash_strings(values)``, hashing only the strings not seen recently."""
+    known = _HASHED
+    out = [0 if v is None else known.get(v) for v in values]
+    missing = {v: i for i, (v, h) in enumerate(zip(values, out, strict=True)) if v is not None and h is None}
+    if missing:
+        if len(known) + len(missing) > _HASHED_MAX:
+            known.clear()
+        known.update(zip(missing, hash_strings(list(missing)).tolist(), strict=True))
+        out = [0 if v is None else known[v] for v in values]
+    return np.array(out, dtype=np.uint64)
 
 
 def _row_columns(ev: Events) -> list[str]:
