@@ -9,6 +9,7 @@ import torch
 from model_export.calibrate import choose_thresholds, fit_calibration, threshold_at_fpr
 from model_export.model import (
     ARCHS,
+    BandedSelfAttention,
     Calibration,
     Detector,
     ModelConfig,
@@ -64,6 +65,35 @@ def test_padding_positions_score_zero_and_do_not_leak():
         out = model(padded)
     assert float(out["anomaly_probability"][0, :4].abs().max()) == 0.0
     assert float(out["surprise"][0, :4].abs().max()) == 0.0
+
+
+def dense_banded_attention(att: BandedSelfAttention, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The reference: every query against every key, masked to the band and valid keys."""
+    b, t, d = x.shape
+    h, dh = att.n_heads, d // att.n_heads
+    q, k, v = (z.reshape(b, t, h, dh).transpose(1, 2) for z in att.qkv(x).split(d, dim=-1))
+    dist = torch.arange(t)[:, None] - torch.arange(t)[None, :]  # query minus key
+    in_band = (dist >= 0) & (dist < att.band)
+    scores = q @ k.transpose(-2, -1) / dh**0.5 + att.rel_bias[:, dist.clamp(0, att.band - 1)][None]
+    scores = scores.masked_fill(~(in_band[None, None] & valid[:, None, None, :]), -1e4)
+    y = scores.softmax(dim=-1) @ v
+    return att.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+@pytest.mark.parametrize("band", [1, 5, 8, 9, 32])
+@pytest.mark.parametrize("t", [1, 7, 8, 9, 33, 64])
+def test_block_local_attention_equals_dense_masked_attention(band, t):
+    torch.manual_seed(band * 100 + t)
+    att = BandedSelfAttention(d=16, n_heads=2, band=band, dropout=0.0).eval()
+    torch.nn.init.normal_(att.rel_bias)
+    x = torch.randn(3, t, 16)
+    valid = torch.rand(3, t) > 0.2
+    valid[:, -1] = True
+    with torch.no_grad():
+        got, want = att(x, valid), dense_banded_attention(att, x, valid)
+    # Rows whose band holds no valid key are a uniform mix either way; compare the rest.
+    has_key = torch.stack([valid[:, max(0, i - band + 1): i + 1].any(dim=1) for i in range(t)], dim=1)
+    assert torch.allclose(got[has_key], want[has_key], atol=1e-5)
 
 
 def test_bands_cover_window_minus_one():
