@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from app.decisions import decide
 from app.events import Events
 from app.features import last_windows
 from app.metrics import Metrics
@@ -56,11 +57,21 @@ def padded_length(n: int, lengths: tuple[int, ...]) -> int:
 
 @dataclass(frozen=True)
 class Scored:
-    """Per window: the probability of its last event, and the per-event surprise of the
-    events the model saw (oldest first, at most the model's window)."""
+    """Per window: the anomaly probability of its last event, its decision, the events
+    the model saw (at most its window) and their per-event surprise, oldest first."""
 
-    probability: np.ndarray  # (n,) float32
+    probability: list[float]
+    decision: list[str]
+    window_size: list[int]
     surprise: list[np.ndarray]
+
+    def __getitem__(self, part: slice) -> Scored:
+        return Scored(self.probability[part], self.decision[part], self.window_size[part], self.surprise[part])
+
+    @staticmethod
+    def concat(parts: Sequence[Scored]) -> Scored:
+        return Scored([p for s in parts for p in s.probability], [d for s in parts for d in s.decision],
+                      [n for s in parts for n in s.window_size], [x for s in parts for x in s.surprise])
 
 
 @dataclass
@@ -76,11 +87,13 @@ _Call = tuple[np.ndarray, np.ndarray]
 
 class MicroBatcher:
     """Scores windows of contract events (oldest first, the last one being scored, at most
-    the featurizer's ``history`` of them) in shared batches."""
+    the featurizer's ``history`` of them) in shared batches, and decides on them with
+    ``thresholds``. Decisions and the scoring metrics are computed once per batch."""
 
-    def __init__(self, model: OnnxModel, metrics: Metrics, *, max_batch: int, max_wait_ms: float,
-                 queue_size: int) -> None:
+    def __init__(self, model: OnnxModel, metrics: Metrics, *, thresholds: Mapping[str, float], max_batch: int,
+                 max_wait_ms: float, queue_size: int) -> None:
         self.model = model
+        self.thresholds = dict(thresholds)
         self.spec = model.bundle.spec
         self.metrics = metrics
         self.max_batch = max_batch
@@ -122,7 +135,11 @@ class MicroBatcher:
         return self._pending + n <= self._queue_size
 
     async def score(self, windows: Sequence[Window]) -> Scored:
-        """Score the last event of each window."""
+        """Score the last event of each window.
+
+        A window of a single event gets a defined answer: the model sees one event with
+        no history, exactly as the batch engine scores a user's first event.
+        """
         n = len(windows)
         if any(not w for w in windows):
             raise ValueError("every window needs at least the event being scored")
@@ -147,7 +164,7 @@ class MicroBatcher:
                 if isinstance(part, BaseException):
                     raise part
                 done.append(part)
-            return Scored(np.concatenate([d.probability for d in done]), [s for d in done for s in d.surprise])
+            return Scored.concat(done)
         finally:
             self._pending -= n
             self.metrics.set_queue_depth(self._pending)
@@ -197,11 +214,14 @@ class MicroBatcher:
             prob[rows] = p[:, -1]
             for k, i in enumerate(rows.tolist()):
                 surprise[i] = s[k, t - seen[i]:]
+        decision = decide(prob, self.thresholds)
+        self.metrics.track_scored("online", prob, decision)
+        scored = Scored(prob.tolist(), decision.tolist(), seen, surprise)
         i = 0
         for j in jobs:
             n = len(j.windows)
             if not j.future.done():
-                j.future.set_result(Scored(prob[i : i + n], surprise[i : i + n]))
+                j.future.set_result(scored[i : i + n])
             i += n
 
     def _featurize(self, windows: list[Window]) -> tuple[list[_Call], list[int]]:

@@ -17,7 +17,6 @@ from app.bundle import Bundle
 from app.embedded_redis import EmbeddedRedis
 from app.errors import Forbidden, Unauthorized
 from app.metrics import Metrics
-from app.online import OnlineScorer
 from app.scorer import OnnxModel
 from app.settings import Scope, Settings
 from app.windows import WindowStore
@@ -34,7 +33,6 @@ class AppState:
     redis: aioredis.Redis
     store: WindowStore
     batcher: MicroBatcher
-    scorer: OnlineScorer
     thresholds: dict[str, float]
     embedded: EmbeddedRedis | None = None
     #: Backfills run here, one at a time, beside the online batcher's own thread.

@@ -201,10 +201,12 @@ class Events:
             "event_type": etype.astype(np.int32),
             "event_types": tuple(str(e) for e in etypes),
         }
+        hashed = {}
         for name in HASHED_FIELDS:
             vals = [r.get(name) for r in records]
             if any(v not in (None, "") for v in vals):
-                cols[name] = _hash_remembered([None if v is None else str(v) for v in vals])
+                hashed[name] = [None if v is None else str(v) for v in vals]
+        cols.update(zip(hashed, _hash_remembered(list(hashed.values())), strict=True))
         prices = [r.get("price") for r in records]
         if any(p is not None for p in prices):
             cols["price"] = np.array([np.nan if p is None else float(p) for p in prices], np.float32)
@@ -231,17 +233,16 @@ _HASHED: dict[str, int] = {}
 _HASHED_MAX = 1 << 18
 
 
-def _hash_remembered(values: list[str | None]) -> np.ndarray:
-    """``hash_strings(values)``, hashing only the strings not seen recently."""
+def _hash_remembered(columns: list[list[str | None]]) -> list[np.ndarray]:
+    """``hash_strings`` of each column, hashing only the strings not seen recently, all
+    columns' new strings in one call."""
     known = _HASHED
-    out = [0 if v is None else known.get(v) for v in values]
-    missing = {v: i for i, (v, h) in enumerate(zip(values, out, strict=True)) if v is not None and h is None}
+    missing = {v for col in columns for v in col if v is not None and v not in known}
     if missing:
         if len(known) + len(missing) > _HASHED_MAX:
             known.clear()
         known.update(zip(missing, hash_strings(list(missing)).tolist(), strict=True))
-        out = [0 if v is None else known[v] for v in values]
-    return np.array(out, dtype=np.uint64)
+    return [np.array([0 if v is None else known[v] for v in col], dtype=np.uint64) for col in columns]
 
 
 def _row_columns(ev: Events) -> list[str]:

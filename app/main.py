@@ -20,7 +20,6 @@ from app.deps import AppState
 from app.embedded_redis import EmbeddedRedis
 from app.metrics import Metrics, mark_process_dead
 from app.middleware import DirectRoutes, RequestMetrics
-from app.online import OnlineScorer
 from app.redis_client import connect
 from app.routes import batch, events, meta
 from app.scorer import OnnxModel
@@ -40,8 +39,15 @@ def create_app(settings: Settings) -> FastAPI:
                           fp16=settings.fp16)
         metrics = Metrics()
         metrics.set_model_info(bundle.version, model.provider, bundle.arch)
-        batcher = MicroBatcher(model, metrics, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
-                               queue_size=settings.queue_size)
+        thresholds = dict(bundle.thresholds)
+        if settings.review_threshold is not None:
+            thresholds["review"] = settings.review_threshold
+        if settings.block_threshold is not None:
+            thresholds["block"] = settings.block_threshold
+        if thresholds["review"] > thresholds["block"]:
+            raise ValueError(f"review threshold {thresholds['review']} exceeds block {thresholds['block']}")
+        batcher = MicroBatcher(model, metrics, thresholds=thresholds, max_batch=settings.max_batch,
+                               max_wait_ms=settings.max_wait_ms, queue_size=settings.queue_size)
         batcher.warm_up()
         embedded = None
         url = settings.redis_url
@@ -54,17 +60,10 @@ def create_app(settings: Settings) -> FastAPI:
         store = WindowStore(redis, history=bundle.spec.history, window_ttl_s=settings.window_ttl_s,
                             idempotency_ttl_s=settings.idempotency_ttl_s,
                             on_answer_error=lambda e: metrics.track_store_error())
-        thresholds = dict(bundle.thresholds)
-        if settings.review_threshold is not None:
-            thresholds["review"] = settings.review_threshold
-        if settings.block_threshold is not None:
-            thresholds["block"] = settings.block_threshold
-        if thresholds["review"] > thresholds["block"]:
-            raise ValueError(f"review threshold {thresholds['review']} exceeds block {thresholds['block']}")
         await batcher.start()
         app.state.seqguard = AppState(
             settings=settings, bundle=bundle, model=model, metrics=metrics, redis=redis, store=store,
-            batcher=batcher, scorer=OnlineScorer(bundle, batcher, thresholds), thresholds=thresholds,
+            batcher=batcher, thresholds=thresholds,
             embedded=embedded,
         )
         log.info("serving %s (%s, window %d) on %s; thresholds review %.4g block %.4g",

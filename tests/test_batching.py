@@ -60,7 +60,8 @@ def one_by_one(model: OnnxModel, window: list[dict[str, Any]]) -> tuple[float, n
 
 def run_batcher(model: OnnxModel, metrics: Metrics, jobs: list[Any], **kw: Any) -> list[Scored]:
     async def main() -> list[Scored]:
-        b = MicroBatcher(model, metrics, **{"max_batch": 32, "max_wait_ms": 20, "queue_size": 10_000} | kw)
+        b = MicroBatcher(model, metrics, thresholds=model.bundle.thresholds,
+                         **{"max_batch": 32, "max_wait_ms": 20, "queue_size": 10_000} | kw)
         await b.start()
         try:
             return await asyncio.gather(*(b.score(w) for w in jobs))
@@ -88,15 +89,20 @@ def test_concurrent_requests_share_batches_and_get_their_own_answers(model, user
                for job in jobs for w in job}
     assert len(lengths) >= 3, "the jobs mix padded lengths"
     got = run_batcher(model, metrics, jobs)
+    th = model.bundle.thresholds
     for job, scored in zip(jobs, got, strict=True):
-        assert scored.probability.shape == (len(job),)
-        for w, p, s in zip(job, scored.probability, scored.surprise, strict=True):
+        assert len(scored.probability) == len(scored.decision) == len(scored.surprise) == len(job)
+        for w, p, d, n, s in zip(job, scored.probability, scored.decision, scored.window_size, scored.surprise,
+                                 strict=True):
             want_p, want_s = one_by_one(model, w)
             assert abs(p - want_p) <= 1e-6 and np.abs(s - want_s).max() <= 1e-5
-            assert len(s) == min(len(w), model.bundle.window)
+            assert n == len(s) == min(len(w), model.bundle.window)
+            assert d == ("block" if p >= th["block"] else "review" if p >= th["review"] else "allow")
     calls = metric(metrics, "seqguard_inference_batch_size_count")
     assert calls < len(jobs), "requests were batched together"
-    assert metric(metrics, "seqguard_inference_batch_size_sum") == sum(len(j) for j in jobs)
+    windows = sum(len(j) for j in jobs)
+    assert metric(metrics, "seqguard_inference_batch_size_sum") == windows
+    assert metric(metrics, 'seqguard_events_scored_total{path="online"}') == windows
 
 
 def test_inference_time_is_the_calls_alone(model, users):
@@ -115,7 +121,7 @@ def test_requests_larger_than_a_batch_are_split(model, users):
     job = windows_of(users, model.bundle.spec.history, seed=1, n=30)
     (scored,) = run_batcher(model, metrics, [job], max_batch=8, max_wait_ms=1)
     want = [one_by_one(model, w)[0] for w in job]
-    assert np.abs(scored.probability - want).max() <= 1e-6
+    assert np.abs(np.array(scored.probability) - want).max() <= 1e-6
     assert len(scored.surprise) == 30
     assert metric(metrics, "seqguard_inference_batch_size_sum") == 30
     assert metric(metrics, "seqguard_inference_batch_size_count") >= 4  # no call above max_batch
@@ -130,7 +136,8 @@ def test_a_full_queue_is_refused_at_once(model, users):
     history = model.bundle.spec.history
 
     async def main() -> None:
-        b = MicroBatcher(model, Metrics(), max_batch=4, max_wait_ms=50, queue_size=6)
+        b = MicroBatcher(model, Metrics(), thresholds=model.bundle.thresholds, max_batch=4, max_wait_ms=50,
+                         queue_size=6)
         await b.start()
         try:
             first = asyncio.create_task(b.score(windows_of(users, history, seed=2, n=4)))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import orjson
 from fastapi import APIRouter, Request, Response
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -14,7 +16,6 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from app.batching import QueueFull
 from app.deps import AppState, authorize
 from app.errors import PayloadTooLarge, ServiceUnavailable
-from app.online import reasons
 from app.routes import json_response
 from app.schemas import ScoreResult, ScoreResults, parse_events, query_flag, to_records
 
@@ -34,6 +35,18 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def reasons(window: Sequence[dict[str, Any]], surprise: np.ndarray, top: int = 5) -> list[dict[str, Any]]:
+    """The events of the window that drove the score: the most surprising ones, with
+    their per-event surprise (next-event negative log-likelihood, nats)."""
+    events = list(window)[-len(surprise):]
+    order = np.argsort(-surprise, kind="stable")[:top]
+    return [
+        {"event_id": events[i].get("event_id"), "event_type": events[i]["event_type"],
+         "timestamp": events[i]["timestamp"], "surprise": round(float(surprise[i]), 4)}
+        for i in sorted(order.tolist())
+    ]
 
 
 @router.post(
@@ -78,7 +91,7 @@ async def post_events(request: Request) -> Response:
             fresh.append(i)
     if fresh:
         try:
-            scores = await state.scorer.score([stored[i].events for i in fresh])
+            scores = await state.batcher.score([stored[i].events for i in fresh])
         except QueueFull:
             # Lost the race for the last slots after storing: a retry re-scores the stored
             # window and answers with duplicate=true.
@@ -88,8 +101,8 @@ async def post_events(request: Request) -> Response:
             w = stored[i]
             res: dict[str, Any] = {
                 "event_id": w.event_id, "user_id": w.user_id,
-                "anomaly_probability": float(scores.probability[k]), "decision": str(scores.decision[k]),
-                "thresholds": state.thresholds, "window_size": int(scores.window_size[k]),
+                "anomaly_probability": scores.probability[k], "decision": scores.decision[k],
+                "thresholds": state.thresholds, "window_size": scores.window_size[k],
                 "model_version": state.bundle.version, "duplicate": w.duplicate,
             }
             if explain:
@@ -99,7 +112,6 @@ async def post_events(request: Request) -> Response:
         # The first answer of each event, for replays (never overwrites an earlier one),
         # saved after the reply: the events are stored already.
         state.store.save_answers_soon(first)
-        state.metrics.track_scored("online", scores.probability, scores.decision)
     dups = sum(1 for w in stored if w.duplicate)
     if dups:
         state.metrics.track_duplicate(dups)

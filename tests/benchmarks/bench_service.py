@@ -279,16 +279,14 @@ async def ndjson_duplex(url: str, body: bytes, timeout_s: float) -> dict[str, An
 #: Where a request's event-loop time goes: (label, file suffix, function) of cProfile entries.
 PROFILE_PARTS = (
     ("whole ASGI app (per request)", "fastapi/applications.py", "__call__"),
-    ("  POST /events handler", "app/routes/events.py", "post_events"),
-    ("    window store (Redis calls)", "app/windows.py", "_run"),
-    ("    online scorer (featurize, batch handoff)", "app/online.py", "score"),
-    ("      Events.from_records", "app/events.py", "from_records"),
-    ("      featurizer transform", "app/features.py", "transform"),
+    ("  POST /events handler (served by DirectRoutes)", "app/routes/events.py", "post_events"),
     ("    parse + validate body", "app/schemas.py", "parse_events"),
     ("    JSON answer", "app/routes/__init__.py", "json_response"),
-    ("  FastAPI dependencies", "fastapi/dependencies/utils.py", "solve_dependencies"),
-    ("  sync dependencies sent to the thread pool", "starlette/concurrency.py", "run_in_threadpool"),
     ("  request metrics", "app/metrics.py", "track_request"),
+    ("window store pipelines (shared by concurrent requests)", "app/windows.py", "_pipeline"),
+    ("micro-batches (featurize once, ONNX Runtime call, decide)", "app/batching.py", "_run"),
+    ("  Events.from_records", "app/events.py", "from_records"),
+    ("  featurizer transform", "app/features.py", "transform"),
     ("HTTP parsing (httptools protocol)", "uvicorn/protocols/http/httptools_impl.py", "data_received"),
     ("socket writes", "asyncio/streams.py", "writelines"),
 )
