@@ -163,6 +163,7 @@ def serve(
 
     import uvicorn
 
+    from app import serving
     from app.embedded_redis import EmbeddedRedis
     from app.settings import Settings
 
@@ -189,10 +190,15 @@ def serve(
     # uvicorn re-raises a SIGTERM once it has shut down gracefully; the default action would
     # end this process at once, skipping the `finally` and orphaning the embedded Redis.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    options: dict[str, Any] = dict(factory=True, host=settings.host, port=settings.port, workers=settings.workers,
+                                   loop="uvloop", http="httptools", log_level="warning", access_log=False,
+                                   timeout_graceful_shutdown=10)
     try:
-        uvicorn.run("app.main:app_from_env", factory=True, host=settings.host, port=settings.port,
-                    workers=settings.workers, loop="uvloop", http="httptools", log_level="warning",
-                    access_log=False, timeout_graceful_shutdown=10)
+        if settings.workers > 1 and serving.SUPPORTED and settings.port != 0:
+            # One socket per worker: the kernel balances connections (see app/serving.py).
+            serving.run_workers(uvicorn.Config("app.main:app_from_env", **options))
+        else:
+            uvicorn.run("app.main:app_from_env", **options)
     finally:
         if embedded is not None:
             embedded.stop()

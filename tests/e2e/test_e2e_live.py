@@ -1,8 +1,11 @@
 """A real `seqguard serve` (uvicorn in a subprocess) on a loopback port: Redis crashing
-under the running service and coming back, and two workers sharing their metrics."""
+under the running service and coming back, two workers sharing their metrics, each on
+its own listening socket."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import time
 from collections.abc import Callable
@@ -12,10 +15,12 @@ from typing import Any
 
 import httpx
 import orjson
+import psutil
 import pytest
 import redis
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
+from app import serving
 from app.embedded_redis import EmbeddedRedis
 
 from .e2e_support import T0, LiveServer, copy_file, db_size, event, metric, parse_metrics, window_len
@@ -152,6 +157,50 @@ def test_two_workers_aggregate_metrics(live_server: Callable[..., LiveServer], r
         info = [(lab, v) for n, lab, v in s if n == "seqguard_model_info"]
         assert len(info) == 1 and info[0][0]["provider"] == "CPUExecutionProvider" and info[0][1] == 1
     assert db_size(redis_url) > 0
+
+
+def listening_sockets(pid: int, port: int) -> set[int]:
+    """Inodes of the TCP sockets listening on ``port`` that process ``pid`` holds (Linux /proc)."""
+    listening = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                listening.add(int(fields[9]))
+    held = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            m = re.fullmatch(r"socket:\[(\d+)\]", os.readlink(fd))
+            if m and int(m.group(1)) in listening:
+                held.add(int(m.group(1)))
+    return held
+
+
+@pytest.mark.skipif(not serving.SUPPORTED, reason="per-worker SO_REUSEPORT sockets are Linux-only")
+def test_each_worker_listens_on_its_own_socket_and_both_serve(live_server: Callable[..., LiveServer],
+                                                              redis_url: str) -> None:
+    """Not one socket shared by the workers (whose accept race hands one worker most
+    connections) but one each in a SO_REUSEPORT group, so the kernel balances them."""
+    server = live_server(redis_url, workers=2)
+    assert server.proc is not None
+    held = {p: listening_sockets(p.pid, server.port) for p in psutil.Process(server.proc.pid).children()}
+    workers = [p for p, sockets in held.items() if sockets]  # not Redis nor multiprocessing's helper
+    assert len(workers) == 2
+    assert all(len(held[w]) == 1 for w in workers) and held[workers[0]] != held[workers[1]], held
+    # A burst of keep-alive connections, as a storefront's pool opens them: both workers get some.
+    served = set()
+    clients = [httpx.Client(base_url=server.url, timeout=20.0) for _ in range(32)]
+    try:
+        for c in clients:
+            assert c.get("/healthz").status_code == 200
+        for w in workers:
+            if any(conn.status == psutil.CONN_ESTABLISHED and conn.laddr.port == server.port
+                   for conn in w.net_connections(kind="tcp")):
+                served.add(w.pid)
+    finally:
+        for c in clients:
+            c.close()
+    assert served == {w.pid for w in workers}
 
 
 def test_ndjson_backfill_longer_than_a_chunk_streams_through_a_live_server(
