@@ -23,7 +23,7 @@ class Settings(BaseSettings):
     bundle: Path | None = Field(None, description="Bundle directory; default: the shipped bundle.")
     prefer_cuda: bool = Field(True, description="Use the CUDA execution provider when it loads.")
     fp16: bool = Field(False, description="Serve model.fp16.onnx on CUDA when the bundle has one.")
-    inference_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0 = all cores).")
+    inference_threads: int = Field(1, ge=0, description="ONNX Runtime intra-op threads per worker (0 = all cores).")
     review_threshold: float | None = Field(None, ge=0, le=1, description="Override the bundle's review threshold.")
     block_threshold: float | None = Field(None, ge=0, le=1, description="Override the bundle's block threshold.")
 
@@ -37,7 +37,8 @@ class Settings(BaseSettings):
 
     # Micro-batcher
     max_batch: int = Field(64, ge=1, le=4096, description="Most windows per ONNX Runtime call.")
-    max_wait_ms: float = Field(2.0, ge=0, le=1000, description="Longest wait to fill a batch.")
+    max_wait_ms: float = Field(0.0, ge=0, le=1000, description="Longest wait to fill a batch (under load, batches "
+                               "form anyway while the previous one runs).")
     queue_size: int = Field(4096, ge=1, description="Windows waiting for inference before 503.")
 
     # HTTP
