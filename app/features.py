@@ -162,9 +162,9 @@ class FeatureSpec:
         out = np.empty((n, len(FEATURES)), dtype=np.int64)
         if n == 0:
             return out
-        # same[i, k-1]: row i-k exists and belongs to the same group as row i.
-        same = _lagged(g, max(1, self.lookback), fill=g.min() - 1) == g[:, None]
-        first = ~same[:, 0]
+        # same[k-1, i]: row i-k exists and belongs to the same group as row i.
+        same = _lagged(g, max(1, self.lookback), fill=g.min() - 1) == g[None, :]
+        first = ~same[0]
 
         lut = {t: i + 2 for i, t in enumerate(self.event_types)}
         type_ids = np.array([lut.get(t, 1) for t in events.event_types], dtype=np.int64)
@@ -209,7 +209,7 @@ class FeatureSpec:
                 continue
             prev = np.zeros(n, dtype=np.uint64)
             prev[1:] = values[:-1]
-            changed = same[:, 0] & (prev != 0) & (values != prev)
+            changed = same[0] & (prev != 0) & (values != prev)
             out[:, col] = np.where(values == 0, 1, np.where(changed, 3, 2))
         return out
 
@@ -218,23 +218,24 @@ class FeatureSpec:
         k = self.lookback
         if k == 0:
             return np.zeros(values.shape[0], dtype=bool)
-        hit = (_lagged(values, k, fill=0) == values[:, None]) & same[:, :k]
-        return hit.any(axis=1) & (values != 0)
+        hit = (_lagged(values, k, fill=0) == values[None, :]) & same[:k]
+        return hit.any(axis=0) & (values != 0)
 
 
 def _lagged(x: np.ndarray, k: int, fill: Any) -> np.ndarray:
-    """(N, k) view: ``[i, j]`` is ``x[i - 1 - j]``, or ``fill`` before the first row.
+    """(k, N) view: ``[j, i]`` is ``x[i - 1 - j]`` (lag j + 1), or ``fill`` before the
+    first row.
 
     >>> _lagged(np.array([5, 6, 7]), 2, fill=0).tolist()
-    [[0, 0], [5, 0], [6, 5]]
+    [[0, 5, 6], [0, 0, 5]]
     """
     padded = np.empty(len(x) + k, dtype=x.dtype)
     padded[:k] = fill
     padded[k:] = x
-    # Row i starts at padded[k - 1 + i] (= x[i - 1]) and steps back one row per column:
-    # every read stays inside ``padded``. A read-only view, no copy.
+    # Lag j + 1 is ``padded[k - 1 - j:][:N]``: each row a contiguous slice, every read
+    # inside ``padded``. A read-only view, no copy.
     step = padded.strides[0]
-    return np.lib.stride_tricks.as_strided(padded[k - 1 :], shape=(len(x), k), strides=(step, -step),
+    return np.lib.stride_tricks.as_strided(padded[k - 1 :], shape=(k, len(x)), strides=(-step, step),
                                            writeable=False)
 
 
