@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import TAOBAO_100
 
 from app.batching import MicroBatcher, QueueFull, Scored, padded_length, time_lengths
 from app.bundle import load_bundle
@@ -17,7 +18,6 @@ from app.events import Events
 from app.features import last_windows
 from app.metrics import Metrics
 from app.scorer import OnnxModel
-from tests.conftest import TAOBAO_100
 
 
 @pytest.fixture(scope="module")
