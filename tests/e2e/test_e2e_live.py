@@ -183,8 +183,13 @@ def test_each_worker_listens_on_its_own_socket_and_both_serve(live_server: Calla
     connections) but one each in a SO_REUSEPORT group, so the kernel balances them."""
     server = live_server(redis_url, workers=2)
     assert server.proc is not None
-    held = {p: listening_sockets(p.pid, server.port) for p in psutil.Process(server.proc.pid).children()}
-    workers = [p for p, sockets in held.items() if sockets]  # not Redis nor multiprocessing's helper
+    deadline = time.monotonic() + 60  # /readyz answers once the first worker is up
+    while True:
+        held = {p: listening_sockets(p.pid, server.port) for p in psutil.Process(server.proc.pid).children()}
+        workers = [p for p, sockets in held.items() if sockets]  # not Redis nor multiprocessing's helper
+        if len(workers) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert len(workers) == 2
     assert all(len(held[w]) == 1 for w in workers) and held[workers[0]] != held[workers[1]], held
     # A burst of keep-alive connections, as a storefront's pool opens them: both workers get some.
