@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -48,11 +48,15 @@ def time_lengths(window: int) -> tuple[int, ...]:
     return (*lengths, window)
 
 
-def padded_length(n: int, lengths: tuple[int, ...]) -> int:
-    for t in lengths:
-        if n <= t:
-            return t
-    return lengths[-1]
+def padded_length(n: Any, lengths: tuple[int, ...]) -> Any:
+    """The shortest of ``lengths`` that holds ``n`` events (the longest for more): an int,
+    or an array of them for an array of ``n``.
+
+    >>> padded_length(9, (8, 16, 64)), padded_length(np.array([1, 8, 65]), (8, 16, 64)).tolist()
+    (16, [8, 8, 64])
+    """
+    at = np.minimum(np.searchsorted(lengths, n), len(lengths) - 1)
+    return np.asarray(lengths)[at] if np.ndim(at) else lengths[int(at)]
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,6 @@ class Scored:
 class _Job:
     windows: Sequence[Window]
     future: asyncio.Future[Scored]
-    enqueued: float = field(default_factory=time.perf_counter)
 
 
 # One ONNX Runtime call of a batch: the batch rows it scores, and their padded windows.
@@ -99,7 +102,6 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.lengths = time_lengths(model.bundle.window)
-        self._lengths = np.array(self.lengths)
         self._queue: asyncio.Queue[_Job] | None = None
         self._queue_size = queue_size
         self._pending = 0
@@ -234,7 +236,7 @@ class MicroBatcher:
         ends = np.cumsum(lens) - 1
         starts = ends - lens + 1
         seen = np.minimum(lens, self.spec.window)
-        t_of = self._lengths[np.searchsorted(self._lengths, seen)]  # padded_length of each
+        t_of = padded_length(seen, self.lengths)
         calls = []
         for t in sorted(set(t_of.tolist())):
             rows = np.flatnonzero(t_of == t)

@@ -235,14 +235,19 @@ _HASHED_MAX = 1 << 18
 
 def _hash_remembered(columns: list[list[str | None]]) -> list[np.ndarray]:
     """``hash_strings`` of each column, hashing only the strings not seen recently, all
-    columns' new strings in one call."""
+    columns' new strings in one call. Safe beside another thread emptying the memo: each
+    string is looked up once, and new ones are taken from this call's own hashes."""
     known = _HASHED
-    missing = {v for col in columns for v in col if v is not None and v not in known}
+    found = [[0 if v is None else known.get(v) for v in col] for col in columns]
+    missing = {v for col, hs in zip(columns, found, strict=True) for v, h in zip(col, hs, strict=True) if h is None}
+    new: dict[str | None, int] = {}
     if missing:
-        if len(known) + len(missing) > _HASHED_MAX:
+        new = dict(zip(missing, hash_strings(list(missing)).tolist(), strict=True))
+        if len(known) + len(new) > _HASHED_MAX:
             known.clear()
-        known.update(zip(missing, hash_strings(list(missing)).tolist(), strict=True))
-    return [np.array([0 if v is None else known[v] for v in col], dtype=np.uint64) for col in columns]
+        known.update(new)  # type: ignore[arg-type]
+    return [np.array([new[v] if h is None else h for v, h in zip(col, hs, strict=True)], dtype=np.uint64)
+            for col, hs in zip(columns, found, strict=True)]
 
 
 def _row_columns(ev: Events) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from app.events import Events
+from app.events import Events, finalise_hash
 
 PAD = 0
 #: Feature columns, in tensor order.
@@ -30,21 +30,6 @@ FEATURES = (
     "device_change",  # 1 = missing, 2 = same device as the previous event (or first), 3 = changed
     "country_change",  # as device_change, for country
 )
-
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """Vectorised splitmix64 finaliser (uint64 arithmetic wraps by design)."""
-    x = x.astype(np.uint64, copy=True)
-    x ^= x >> np.uint64(30)
-    x *= _MIX1
-    x ^= x >> np.uint64(27)
-    x *= _MIX2
-    x ^= x >> np.uint64(31)
-    return x
-
 
 @dataclass(frozen=True)
 class FeatureSpec:
@@ -148,7 +133,7 @@ class FeatureSpec:
 
         Examples
         --------
-        >>> from app.events import Events
+        >>> from app.events import Events, finalise_hash
         >>> ev = Events.from_records([
         ...     {"user_id": "u", "event_type": "view", "timestamp": 0, "item_id": "a"},
         ...     {"user_id": "u", "event_type": "view", "timestamp": 2000, "item_id": "a"},
@@ -175,7 +160,7 @@ class FeatureSpec:
             out[:, 1] = 1
             out[:, 3] = 1
         else:
-            bucket = _splitmix64(cat ^ np.uint64(self.hash_seed)) % np.uint64(self.category_buckets)
+            bucket = finalise_hash(cat ^ np.uint64(self.hash_seed)) % np.uint64(self.category_buckets)
             out[:, 1] = np.where(cat == 0, 1, 2 + bucket.astype(np.int64))
             seen = self._seen_before(cat, same)
             out[:, 3] = np.where(cat == 0, 1, np.where(seen, 2, 3))

@@ -27,10 +27,8 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter as _Tally
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
-from time import perf_counter
 from typing import Any
 
 import numpy as np
@@ -189,18 +187,6 @@ class Metrics:
 
     def track_store_error(self, n: int = 1) -> None:
         self.store_errors.inc(n)
-
-    @contextmanager
-    def time_store(self, op: str) -> Iterator[None]:
-        """Time a window store call; an exception out of it also counts as a store error."""
-        started = perf_counter()
-        try:
-            yield
-        except Exception:
-            self.track_store_error()
-            raise
-        finally:
-            self.track_store(op, perf_counter() - started)
 
     def track_duplicate(self, n: int = 1) -> None:
         if n:

@@ -104,17 +104,6 @@ def test_fixed_label_values_exist_at_zero() -> None:
         assert value(m, "seqguard_events_scored_total", path=p) == 0
 
 
-def test_time_store_counts_errors() -> None:
-    m = Metrics()
-    with m.time_store("read"):
-        pass
-    with pytest.raises(ConnectionError), m.time_store("append"):
-        raise ConnectionError("redis down")
-    assert value(m, "seqguard_window_store_duration_seconds_count", op="read") == 1
-    assert value(m, "seqguard_window_store_duration_seconds_count", op="append") == 1
-    assert value(m, "seqguard_window_store_errors_total") == 1
-
-
 def test_vectorised_probability_histogram_matches_observe() -> None:
     rng = np.random.default_rng(0)
     probs = np.concatenate([rng.random(5000) ** 4, np.asarray(PROBABILITY_BUCKETS), [0.0, 1.0, np.nan]])

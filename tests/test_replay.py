@@ -3,23 +3,16 @@ against a live service: `seqguard serve` on a free loopback port, embedded Redis
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
-import psutil
 import pytest
 from conftest import TAOBAO_100, invoke
+from e2e.e2e_support import LiveServer
 
 from app.events import hash_strings
 from app.replay import ReplayConfig, Replayer, replay, retry_after
@@ -141,51 +134,11 @@ def test_replay_config_refuses_nonsense() -> None:
 # ---- against a live service -------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def live_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`seqguard serve` (default bundle, embedded Redis in tmp) on a free loopback port."""
-    tmp = tmp_path_factory.mktemp("serve")
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SEQGUARD_", "PROMETHEUS_MULTIPROC"))}
-    env["SEQGUARD_REDIS_DATA_DIR"] = str(tmp / "redis")
-    url = f"http://127.0.0.1:{port}"
-    with open(tmp / "serve.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"seqguard serve did not get ready:\n{(tmp / 'serve.log').read_text()}")
-                time.sleep(0.2)
-            yield url
-        finally:
-            stop(proc)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """Stop `seqguard serve` gracefully (it stops its embedded Redis); failing that, kill it and its children."""
-    children = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    for child in children:  # the embedded redis-server, if the graceful path did not stop it
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
+    with LiveServer(None, tmp_path_factory.mktemp("serve")) as server:
+        yield server.url
 
 
 def test_replay_cli_single_events_against_the_service(live_url: str, tmp_path: Path) -> None:
