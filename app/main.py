@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
+from redis.asyncio import Redis
 
 from app import errors
 from app.batching import MicroBatcher
@@ -20,13 +21,25 @@ from app.deps import AppState
 from app.embedded_redis import EmbeddedRedis
 from app.metrics import Metrics, mark_process_dead
 from app.middleware import DirectRoutes, RequestMetrics
-from app.redis_client import connect
+from app.redis_client import connect, durability_warning, read_durability
 from app.routes import batch, events, meta
 from app.scorer import OnnxModel
 from app.settings import Settings
 from app.windows import WindowStore
 
 log = logging.getLogger("seqguard")
+
+
+async def log_durability(redis: Redis) -> None:
+    """Say in the log what a crash of the window store can lose of acknowledged events."""
+    config = await read_durability(redis)
+    if config is None:
+        log.info("Redis persistence unknown (CONFIG refused, or Redis not answering yet)")
+    elif (warning := durability_warning(config)) is not None:
+        log.warning("%s", warning)
+    else:
+        log.info("Redis persistence: appendonly %s, appendfsync %s",
+                 config.get("appendonly"), config.get("appendfsync"))
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -57,6 +70,7 @@ def create_app(settings: Settings) -> FastAPI:
             url = embedded.url
             log.info("embedded Redis (append-only) at %s, data in %s", url, settings.redis_data_dir)
         redis = connect(url, pool_size=settings.redis_pool_size, timeout_s=settings.redis_timeout_s)
+        await log_durability(redis)
         store = WindowStore(redis, history=bundle.spec.history, window_ttl_s=settings.window_ttl_s,
                             idempotency_ttl_s=settings.idempotency_ttl_s,
                             on_answer_error=lambda e: metrics.track_store_error())

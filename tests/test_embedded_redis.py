@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import redis
 
-from app.embedded_redis import EmbeddedRedis, EmbeddedRedisError, free_port, redis_server_executable
+from app.embedded_redis import (
+    AOF_NAME,
+    AofSyncer,
+    EmbeddedRedis,
+    EmbeddedRedisError,
+    free_port,
+    redis_server_executable,
+)
+from app.main import log_durability
+from app.redis_client import connect, durability_warning, read_durability
 
 
 def _port_is_free(port: int) -> bool:
@@ -37,7 +50,8 @@ def test_start_set_get_aof_restart_stop(tmp_path: Path) -> None:
             info = client.info("server")
             assert info["redis_version"].startswith("6.")
             assert client.config_get("appendonly") == {"appendonly": "yes"}
-            assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
+            # Written before the replies, fsynced by AofSyncer: see test_acknowledged_writes_are_in_the_aof.
+            assert client.config_get("appendfsync") == {"appendfsync": "no"}
             assert client.config_get("save") == {"save": ""}
             assert client.config_get("bind") == {"bind": "127.0.0.1"}
             assert client.config_get("protected-mode") == {"protected-mode": "yes"}
@@ -90,3 +104,76 @@ def test_one_server_per_data_dir(tmp_path: Path) -> None:
         assert a.running
     with EmbeddedRedis(tmp_path) as b:  # free again once stopped
         assert b.running
+
+
+def test_acknowledged_writes_are_in_the_aof(tmp_path: Path) -> None:
+    # appendfsync no: Redis writes its AOF buffer before it replies, every event-loop turn.
+    # (everysec holds writes back while its fsync is slow, and a crash then loses them.)
+    with EmbeddedRedis(tmp_path) as server, redis.Redis.from_url(server.url) as client:
+        aof = tmp_path / AOF_NAME
+        for i in range(200):
+            member = f"ev-{i:04d}-{time.monotonic_ns()}"
+            client.zadd("w", {member: i})
+            assert member.encode() in aof.read_bytes()
+
+
+def _wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_aof_syncer_fsyncs_every_interval_and_follows_a_rewritten_aof(tmp_path: Path) -> None:
+    with EmbeddedRedis(tmp_path, fsync_interval_s=0.02) as server, redis.Redis.from_url(server.url) as client:
+        syncer = server.syncer
+        assert syncer is not None
+        _wait_for(lambda: syncer.syncs >= 3)
+        aof = tmp_path / AOF_NAME
+        inode = aof.stat().st_ino
+        client.set("k", "v")
+        client.bgrewriteaof()  # renames a new file over the AOF
+        _wait_for(lambda: aof.stat().st_ino != inode and client.info("persistence")["aof_rewrite_in_progress"] == 0)
+        after = syncer.syncs
+        _wait_for(lambda: syncer.syncs >= after + 3)  # the new file, opened anew each time
+        assert syncer.running
+    assert not syncer.running and server.syncer is None, "stop() ends the syncer"
+
+
+def test_aof_syncer_without_an_aof_yet(tmp_path: Path) -> None:
+    syncer = AofSyncer(tmp_path)
+    syncer.sync()  # no file yet: only the directory is fsynced
+    assert syncer.syncs == 1
+    syncer.stop()  # never started: nothing to join
+
+
+def test_the_service_logs_what_a_crash_of_its_redis_can_lose(tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    async def check(url: str) -> tuple[dict[str, str] | None, list[str]]:
+        client = connect(url, pool_size=2, timeout_s=0.5)
+        try:
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="seqguard"):
+                await log_durability(client)
+            return await read_durability(client), [r.getMessage() for r in caplog.records]
+        finally:
+            await client.aclose()
+            await client.connection_pool.aclose()
+
+    with EmbeddedRedis(tmp_path) as server, redis.Redis.from_url(server.url) as admin:
+        config, logged = asyncio.run(check(server.url))
+        assert config == {"appendonly": "yes", "appendfsync": "no"} and durability_warning(config) is None
+        assert logged == ["Redis persistence: appendonly yes, appendfsync no"]
+
+        admin.config_set("appendfsync", "everysec")
+        config, logged = asyncio.run(check(server.url))
+        assert config == {"appendonly": "yes", "appendfsync": "everysec"}
+        assert len(logged) == 1 and "appendfsync everysec" in logged[0] and "can lose acknowledged" in logged[0]
+
+        admin.config_set("appendonly", "no")
+        config, logged = asyncio.run(check(server.url))
+        assert len(logged) == 1 and "no append-only file" in logged[0]
+
+    # Redis not answering (or CONFIG refused): unknown, and the service starts all the same.
+    config, logged = asyncio.run(check(f"redis://127.0.0.1:{free_port()}/0"))
+    assert config is None and logged == ["Redis persistence unknown (CONFIG refused, or Redis not answering yet)"]
