@@ -212,8 +212,8 @@ class EmbeddedRedis:
                 f'logfile "{self.log_path}"',
                 "loglevel notice",
                 "appendonly yes",
-                'appendfilename "appendonly.aof"',
-                "appendfsync no",
+                f'appendfilename "{AOF_NAME}"',
+                "appendfsync no",  # written before the replies; AofSyncer fsyncs it
                 'save ""',
                 "",
             ]),
