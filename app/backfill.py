@@ -26,8 +26,12 @@ from app.events import Events
 from app.features import group_starts, last_windows
 from app.scorer import OnnxModel
 
-#: Padded chunk lengths are rounded up to a multiple of this (few shapes, little padding).
+#: Padded chunk lengths are rounded up to a multiple of this (few shapes, little padding)...
 LENGTH_QUANTUM = 16
+#: ...but chunks this short or shorter run at this length: most users of a day's log have
+#: 1-4 events, and ONNX Runtime's cost per row falls with the length (20% faster scoring
+#: of the Taobao stream slice than padding them all to 16).
+SHORT_LENGTH = 8
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,7 @@ def score_events(
     seg_end = np.append(seg_start[1:], n)
     ctx_start = np.maximum(starts[seg_start], seg_start - (window - 1))
     length = seg_end - ctx_start
-    padded = -(-length // LENGTH_QUANTUM) * LENGTH_QUANTUM
+    padded = np.where(length <= SHORT_LENGTH, SHORT_LENGTH, -(-length // LENGTH_QUANTUM) * LENGTH_QUANTUM)
 
     p_sorted = np.empty(n, np.float32)
     s_sorted = np.empty(n, np.float32)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import TAOBAO_100
 
-from app.backfill import score_events
+from app.backfill import LENGTH_QUANTUM, SHORT_LENGTH, score_events
 from app.bundle import load_bundle
 from app.features import group_starts, last_windows
 from app.scorer import OnnxModel
@@ -35,6 +35,22 @@ def test_long_sequence_pass_equals_per_window_scoring(model, events):
     prob, surprise = model.run(windows)
     assert np.abs(prob[:, -1] - scores.probability).max() <= 1e-5
     assert np.abs(surprise[:, -1] - scores.surprise).max() <= 1e-4
+
+
+def test_short_histories_run_short_and_score_as_full_windows(model, events):
+    """Users with 1-9 events: chunks of up to SHORT_LENGTH run at that length, longer at
+    multiples of LENGTH_QUANTUM; each event gets what a full window gives it."""
+    spec = model.bundle.spec
+    ev = events.sorted()
+    starts = group_starts(ev.user)
+    keep = (np.arange(len(ev)) - starts) < (ev.user % (SHORT_LENGTH + 1)) + 1
+    short = ev.take(np.flatnonzero(keep))
+    lengths = np.bincount(short.user)[np.unique(short.user)]
+    assert lengths.min() == 1 and lengths.max() == SHORT_LENGTH + 1 and SHORT_LENGTH < LENGTH_QUANTUM
+    scores = score_events(model, short)
+    windows = last_windows(spec.transform(short), np.arange(len(short)), group_starts(short.user), spec.window)
+    prob, _ = model.run(windows)
+    assert np.abs(prob[:, -1] - scores.probability).max() <= 1e-5
 
 
 def test_chunking_does_not_change_scores(model, events):

@@ -10,6 +10,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data"
 TAOBAO = DATA / "taobao_userbehavior" / "UserBehavior_head_84k.csv.gz"
+#: Time-ordered stream slice: 66k users with 1-20 events each (short histories).
+FLINK = DATA / "taobao_userbehavior" / "UserBehavior_flink_course_slice_110k.csv.gz"
 
 
 def machine() -> str:

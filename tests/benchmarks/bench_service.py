@@ -37,12 +37,11 @@ from typing import Any
 import httpx
 import orjson
 import psutil
-from _common import DATA, REPO, TAOBAO, machine
+from _common import FLINK, REPO, TAOBAO, machine
 from prometheus_client.parser import text_string_to_metric_families
 
 from model_export.data import iter_records
 
-FLINK = DATA / "taobao_userbehavior" / "UserBehavior_flink_course_slice_110k.csv.gz"
 TARGETS = {"single": (1500.0, 20.0), "bulk": (4000.0, None)}  # events/s, p99 ms
 PY = [sys.executable, "-m", "app.cli"]
 
