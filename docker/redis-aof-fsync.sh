@@ -15,8 +15,12 @@ redis_pid=$$  # exec below keeps this pid: the loop ends with the server
 (
     while sleep "$interval" && kill -0 "$redis_pid" 2>/dev/null; do
         # Each file (the manifest and the parts, renamed anew by every rewrite), then the
-        # directory that names them. A part removed meanwhile is fine: skip it.
-        [ -d "$aof_dir" ] && sync "$aof_dir"/* "$aof_dir" 2>/dev/null || true
+        # directory that names them. A part removed meanwhile is fine; any other failure
+        # goes to the log: Redis's own writes still succeed then, only this fsync can tell.
+        [ -d "$aof_dir" ] || continue
+        if ! out=$(sync "$aof_dir"/* "$aof_dir" 2>&1); then
+            printf '%s\n' "$out" | grep -v 'No such file' | sed 's/^/redis-aof-fsync: /' >&2 || true
+        fi
     done
 ) &
 exec "$@"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
 import shlex
 import shutil
@@ -256,6 +257,26 @@ def test_redis_aof_fsync_entrypoint_execs_the_server_and_syncs_beside_it(tmp_pat
         proc.terminate()
         proc.wait(10)
     loop[0].wait(5)  # the loop ends with the server
+
+
+def test_redis_aof_fsync_reports_failures_but_not_parts_removed_by_a_rewrite(tmp_path: Path) -> None:
+    aof_dir = tmp_path / "appendonlydir"
+    aof_dir.mkdir()
+    (aof_dir / "appendonly.aof.1.base.rdb").write_bytes(b"REDIS")
+    (aof_dir / "appendonly.aof.1.incr.aof").symlink_to(tmp_path / "gone")  # removed under the glob
+    os.mkfifo(aof_dir / "not-fsyncable")  # fsync fails: EINVAL
+    log = tmp_path / "stderr"
+    with log.open("wb") as err:
+        proc = subprocess.Popen(["sh", str(DOCKER / "redis-aof-fsync.sh"), "sleep", "0.6"], stdout=subprocess.DEVNULL,
+                                stderr=err, env={"PATH": "/usr/bin:/bin", "AOF_DIR": str(aof_dir),
+                                                 "AOF_FSYNC_INTERVAL_S": "0.1"})
+        time.sleep(0.3)
+        loop = psutil.Process(proc.pid).children()
+        assert proc.wait(10) == 0
+        _, alive = psutil.wait_procs(loop, timeout=10)
+        assert not alive, "the loop ends once the server is gone (reaped)"
+    lines = log.read_text().splitlines()
+    assert lines and all(line.startswith("redis-aof-fsync: ") and "not-fsyncable" in line for line in lines), lines
 
 
 def test_seqguard_service() -> None:
