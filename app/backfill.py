@@ -29,8 +29,8 @@ from app.scorer import OnnxModel
 #: Padded chunk lengths are rounded up to a multiple of this (few shapes, little padding)...
 LENGTH_QUANTUM = 16
 #: ...but chunks this short or shorter run at this length: most users of a day's log have
-#: 1-4 events, and ONNX Runtime's cost per row falls with the length (20% faster scoring
-#: of the Taobao stream slice than padding them all to 16).
+#: 1-4 events, and ONNX Runtime's cost per row falls with the length (7-15% faster
+#: scoring of the Taobao stream slice than padding them all to 16: bench_score.py).
 SHORT_LENGTH = 8
 
 

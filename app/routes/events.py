@@ -83,8 +83,9 @@ async def post_events(request: Request) -> Response:
     fresh = []
     for i, w in enumerate(stored):
         # A replay: its first answer, nothing changed. Not saved yet: maybe still queued here.
-        answer = w.answer if w.answer is not None or not w.duplicate else state.store.unsaved_answer(
-            w.user_id, w.event_id)
+        answer = w.answer
+        if answer is None and w.duplicate:
+            answer = state.store.unsaved_answer(w.user_id, w.event_id)
         if answer is not None:
             results[i] = orjson.loads(answer) | {"duplicate": True}
         else:
