@@ -200,7 +200,7 @@ class MicroBatcher:
         try:
             # On the loop: the featurizer is numpy calls with the GIL held; a thread
             # would only contend for it.
-            calls, seen = self._featurize(windows)
+            calls, seen, unknown = self._featurize(windows)
             outputs = await loop.run_in_executor(self._executor, self._infer, calls)
         except Exception as e:  # resolve every waiter; the route turns it into a 500
             log.exception("scoring a batch of %d windows failed", len(windows))
@@ -218,6 +218,8 @@ class MicroBatcher:
                 surprise[i] = s[k, t - seen[i]:]
         decision = decide(prob, self.thresholds)
         self.metrics.track_scored("online", prob, decision)
+        if unknown:
+            self.metrics.track_unknown_types(unknown)
         scored = Scored(prob.tolist(), decision.tolist(), seen, surprise)
         i = 0
         for j in jobs:
@@ -226,13 +228,15 @@ class MicroBatcher:
                 j.future.set_result(scored[i : i + n])
             i += n
 
-    def _featurize(self, windows: list[Window]) -> tuple[list[_Call], list[int]]:
+    def _featurize(self, windows: list[Window]) -> tuple[list[_Call], list[int], dict[str, int]]:
         """One featurizer pass over every event of the batch → one padded (n, T, F) array
-        per time length in use, and the events each window's model input holds."""
+        per time length in use, the events each window's model input holds, and the event
+        types unknown to the model among the events scored (each window's last)."""
         lens = np.fromiter((len(w) for w in windows), np.int64, len(windows))
         records = [e for w in windows for e in w]
         groups = np.repeat(np.arange(len(windows)), lens)
-        feats = self.spec.transform(Events.from_records(records), groups=groups)  # (N, F)
+        events = Events.from_records(records)
+        feats = self.spec.transform(events, groups=groups)  # (N, F)
         ends = np.cumsum(lens) - 1
         starts = ends - lens + 1
         seen = np.minimum(lens, self.spec.window)
@@ -241,7 +245,21 @@ class MicroBatcher:
         for t in sorted(set(t_of.tolist())):
             rows = np.flatnonzero(t_of == t)
             calls.append((rows, last_windows(feats, ends[rows], starts[rows], t)))
-        return calls, seen.tolist()
+        return calls, seen.tolist(), self._unknown_types(events, ends)
+
+    def _unknown_types(self, events: Events, ends: np.ndarray) -> dict[str, int]:
+        """``{raw name: events}`` of the scored events (rows ``ends``) whose type the model
+        does not know. The lookup runs on the batch's few distinct names, not per event;
+        history events are not counted (they were counted when they were scored)."""
+        unknown = self.spec.type_ids(events.event_types) == 1  # (distinct names,)
+        if not unknown.any():
+            return {}
+        codes = events.event_type[ends]
+        codes = codes[unknown[codes]]
+        if not codes.size:
+            return {}
+        counts = np.bincount(codes, minlength=len(events.event_types))
+        return {events.event_types[i]: int(counts[i]) for i in np.flatnonzero(counts)}
 
     def _infer(self, calls: list[_Call]) -> list[tuple[np.ndarray, np.ndarray, float]]:
         """The batch's ONNX Runtime calls, in the executor thread: each call's

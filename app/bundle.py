@@ -3,7 +3,8 @@ and `report/`. The service never re-declares what the bundle knows."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import orjson
 
 from app.features import FeatureSpec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_BUNDLE = Path(__file__).resolve().parent / "bundles" / "default"
 
 
@@ -41,6 +42,10 @@ class Bundle:
     def thresholds(self) -> dict[str, float]:
         t = self.meta["thresholds"]
         return {"review": float(t["review"]), "block": float(t["block"])}
+
+    def with_aliases(self, extra: Mapping[str, str] | None) -> Bundle:
+        """This bundle with a deployment's event type aliases on top of its spec's table."""
+        return replace(self, spec=self.spec.with_aliases(dict(extra))) if extra else self
 
     def model_path(self, fp16: bool = False) -> Path:
         p = self.path / ("model.fp16.onnx" if fp16 else "model.onnx")

@@ -27,6 +27,11 @@ FORMAT_HELP = "auto|taobao|retailrocket|rees46|csv|jsonl|parquet"
 EventsOpt = Annotated[Path, typer.Option("--events", help="Event log (CSV, JSONL, Parquet; .gz ok).")]
 FormatOpt = Annotated[str, typer.Option("--format", help=FORMAT_HELP)]
 InjectOpt = Annotated[str, typer.Option("--inject", help="Scenarios to inject: all, none or NAME,...")]
+AliasOpt = Annotated[list[str] | None, typer.Option(
+    "--alias", metavar="NAME=TYPE",
+    help="Event type alias on top of the known sources' names (repeatable), e.g. --alias checkout=purchase.")]
+#: Share of events with types unknown to the model past which `seqguard score` warns.
+UNKNOWN_SHARE_WARN = 0.01
 
 
 def _friendly(fn: F) -> F:
@@ -53,7 +58,8 @@ def _logging(verbose: bool = False) -> None:
 @cli.command()
 @_friendly
 def train(
-    events: EventsOpt,
+    events: Annotated[list[Path], typer.Option("--events", help="Event log(s) (CSV, JSONL, Parquet; .gz ok); "
+                                                                "repeat to train on several, split by user.")],
     out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
     fmt: FormatOpt = "auto",
     inject: InjectOpt = "all",
@@ -62,19 +68,38 @@ def train(
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 12,
     seed: Annotated[int, typer.Option("--seed")] = 7,
     calibration: Annotated[str, typer.Option("--calibration", help="auto|platt|isotonic|tail")] = "auto",
+    fpr_unit: Annotated[str, typer.Option("--fpr-unit", help="What the review/block false-positive targets count: "
+                                                             "event (normal events flagged; every canonical type held "
+                                                             "to 2x the target) or user (normal users ever flagged).")
+                        ] = "event",
+    unknown_type_rate: Annotated[float, typer.Option(
+        "--unknown-type-rate", min=0.0, max=0.5,
+        help="Share of normal training events shown with an unknown event type, so that a type the model never "
+             "saw is no evidence (storefronts); 0 keeps unseen types novel (system logs, where a new log key is "
+             "the anomaly).")] = 0.01,
+    alias: AliasOpt = None,
 ) -> None:
-    """Train a detector on an event log (scenarios injected unless --inject none)."""
+    """Train a detector on event logs (scenarios injected unless --inject none)."""
+    from app.vocabulary import parse_alias_pairs
+
+    aliases = parse_alias_pairs(alias or ())
     _logging()
     from model_export.data import FORMATS
     from model_export.scenarios import parse_inject
     from model_export.train import TrainConfig, run
 
     _check_format(fmt, FORMATS)
-    cfg = TrainConfig(arch=arch, window=window, epochs=epochs, seed=seed, calibration=calibration)
+    if fpr_unit not in ("event", "user"):
+        raise ValueError(f"--fpr-unit {fpr_unit!r}: expected event or user")
+    cfg = TrainConfig(arch=arch, window=window, epochs=epochs, seed=seed, calibration=calibration, aliases=aliases,
+                      fpr_unit=fpr_unit, unknown_type_rate=unknown_type_rate)
     summary = run(events, fmt, parse_inject(inject), cfg, out)
     t = summary["thresholds"]
-    err.print(f"run written to {out}: {summary['parameters']:,} parameters, "
-              f"thresholds review {t['review']:.4f} / block {t['block']:.4f}")
+    key = "validation_user_fpr" if fpr_unit == "user" else "validation_fpr"
+    reached = {k: t["chosen"][k][key] for k in ("review", "block")}
+    err.print(f"run written to {out}: {summary['parameters']:,} parameters, thresholds review {t['review']:.4f} / "
+              f"block {t['block']:.4f} (validation {fpr_unit}s flagged: {reached['review']:.4%} / "
+              f"{reached['block']:.4%})")
 
 
 @cli.command()
@@ -103,15 +128,19 @@ def evaluate(
     out: Annotated[Path, typer.Option("--out", help="Report directory to write.")],
     fmt: FormatOpt = "auto",
     inject: InjectOpt = "all",
+    alias: AliasOpt = None,
 ) -> None:
     """Evaluate a bundle on the test users of an event log, against the baselines."""
+    from app.vocabulary import parse_alias_pairs
+
+    aliases = parse_alias_pairs(alias or ())
     _logging()
     from model_export.data import FORMATS
     from model_export.evaluate import evaluate_file
     from model_export.scenarios import parse_inject
 
     _check_format(fmt, FORMATS)
-    summary = evaluate_file(bundle, events, fmt, parse_inject(inject), out)
+    summary = evaluate_file(bundle, events, fmt, parse_inject(inject), out, aliases=aliases)
     err.print(f"report written to {out}")
     err.print_json(data=summary)
 
@@ -124,8 +153,12 @@ def score(
     out: Annotated[Path, typer.Option("--out", help="Results JSONL (one object per input event).")],
     fmt: FormatOpt = "auto",
     threads: Annotated[int, typer.Option("--threads", help="ONNX Runtime threads (0 = all cores).")] = 0,
+    alias: AliasOpt = None,
 ) -> None:
     """Score every event of a log (ONNX Runtime only) into JSONL, in input order."""
+    from app.vocabulary import parse_alias_pairs
+
+    aliases = parse_alias_pairs(alias or ())
     _logging()
     from app.backfill import score_events, write_results
     from app.bundle import load_bundle
@@ -134,8 +167,10 @@ def score(
 
     _check_format(fmt, FORMATS)
     t0 = time.perf_counter()
-    model = OnnxModel(load_bundle(bundle), threads=threads)
-    ev, report = read_events(events, fmt, dedupe=False, sort=False)
+    model = OnnxModel(load_bundle(bundle).with_aliases(aliases), threads=threads)
+    spec = model.bundle.spec
+    # The file is read through the model's own table (the bundle's, with --alias on top).
+    ev, report = read_events(events, fmt, dedupe=False, sort=False, aliases=spec.aliases)
     t1 = time.perf_counter()
     scores = score_events(model, ev)
     t2 = time.perf_counter()
@@ -145,6 +180,7 @@ def score(
         f"{n:,} events scored on {model.provider} in {t3 - t0:.2f}s ({n / (t3 - t0):,.0f} events/s): "
         f"load {t1 - t0:.2f}s, score {t2 - t1:.2f}s, write {t3 - t2:.2f}s; {report.summary()}"
     )
+    _report_unknown_types(spec.unknown_types(ev), len(ev), spec.event_types)
 
 
 @cli.command()
@@ -155,8 +191,10 @@ def serve(
     host: Annotated[str | None, typer.Option("--host")] = None,
     port: Annotated[int | None, typer.Option("--port")] = None,
     workers: Annotated[int | None, typer.Option("--workers", min=1)] = None,
+    alias: AliasOpt = None,
 ) -> None:
     """Serve the scoring API (uvicorn, uvloop, httptools). Flags override SEQGUARD_* settings."""
+    import json
     import os
     import signal
     import tempfile
@@ -166,9 +204,11 @@ def serve(
     from app import serving
     from app.embedded_redis import EmbeddedRedis
     from app.settings import Settings
+    from app.vocabulary import parse_alias_pairs
 
+    aliases = json.dumps(parse_alias_pairs(alias)) if alias else None
     for name, value in (("BUNDLE", bundle), ("REDIS_URL", redis_url), ("HOST", host), ("PORT", port),
-                        ("WORKERS", workers)):
+                        ("WORKERS", workers), ("EVENT_ALIASES", aliases)):
         if value is not None:
             os.environ[f"SEQGUARD_{name}"] = str(value)
     settings = Settings()  # validates the environment before anything starts
@@ -244,6 +284,27 @@ def replay(
         json_out.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n")
     if summary["errors"]:
         raise typer.Exit(1)
+
+
+def _report_unknown_types(unknown: dict[str, int], n_events: int, known: tuple[str, ...]) -> None:
+    """The share of events whose type the model does not know, per type; a warning past
+    ``UNKNOWN_SHARE_WARN`` (those events were scored with the out-of-vocabulary id)."""
+    from rich.markup import escape
+
+    total = sum(unknown.values())
+    share = total / n_events if n_events else 0.0
+    if not total:
+        err.print(f"unknown event types: none (0.00% of events; the model knows {escape(', '.join(known))})",
+                  highlight=False)
+        return
+    ranked = sorted(unknown.items(), key=lambda kv: (-kv[1], kv[0]))
+    per_type = ", ".join(f"{escape(name)} {n / n_events:.2%} ({n:,})" for name, n in ranked[:10])
+    more = f", and {len(ranked) - 10} more" if len(ranked) > 10 else ""
+    err.print(f"unknown event types: {share:.2%} of events ({total:,}): {per_type}{more}", highlight=False)
+    if share > UNKNOWN_SHARE_WARN:
+        err.print(f"[yellow]warning:[/yellow] {share:.2%} of the events have an event type the model does not know "
+                  f"and were scored with its out-of-vocabulary id; if they are other names for its types "
+                  f"({escape(', '.join(known))}), alias them with --alias NAME=TYPE", highlight=False)
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

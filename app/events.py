@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from app.vocabulary import DEFAULT_ALIASES, canonical_names
+
 #: Optional string fields of the contract, stored as 64-bit hashes (0 = missing).
 HASHED_FIELDS = ("item_id", "category_id", "session_id", "device_id", "country")
 
@@ -116,6 +118,27 @@ class Events:
 
     def with_columns(self, **columns: Any) -> Events:
         return replace(self, **columns)
+
+    def with_canonical_types(self, aliases: Mapping[str, str] = DEFAULT_ALIASES) -> Events:
+        """These events with every event type renamed through ``aliases`` (a table as
+        :func:`app.vocabulary.build_aliases` builds it), on the dictionary alone: raw names
+        that map to one type share its code, so ``event_types`` stays distinct.
+
+        >>> ev = Events.from_records([{"user_id": "u", "event_type": t, "timestamp": 0}
+        ...                           for t in ("pv", "view", "login", "buy")])
+        >>> canon = ev.with_canonical_types()
+        >>> canon.event_type_names().tolist(), sorted(canon.event_types)
+        (['view', 'view', 'login', 'purchase'], ['login', 'purchase', 'view'])
+        """
+        names = canonical_names(self.event_types, aliases)
+        if names == self.event_types:
+            return self
+        merged = tuple(dict.fromkeys(names))
+        if len(merged) == len(names):
+            return replace(self, event_types=merged)
+        index = {n: i for i, n in enumerate(merged)}
+        lut = np.array([index[n] for n in names], dtype=np.int32)
+        return replace(self, event_type=lut[self.event_type], event_types=merged)
 
     def event_type_names(self) -> np.ndarray:
         """(N,) object array of event type strings."""

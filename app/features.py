@@ -10,12 +10,14 @@ user, so the features of a user's last ``window`` events need only their last
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from app.events import Events, finalise_hash
+from app.vocabulary import DEFAULT_ALIASES, build_aliases, canonical_names
 
 PAD = 0
 #: Feature columns, in tensor order.
@@ -25,11 +27,20 @@ FEATURES = (
     "item_repeat",  # 1 = missing, 2 = new item, 3 = item seen in the last `lookback` events
     "category_new",  # 1 = missing, 2 = seen in the last `lookback` events, 3 = new
     "gap",  # 1 = first event of the user, 2.. = bucket of seconds since the previous event
-    "price",  # 1 = missing, 2.. = price bucket
+    "price",  # 1 = missing (or no prices in training), 2.. = price bucket
     "hour",  # 1..24 = local hour of day + 1
     "device_change",  # 1 = missing, 2 = same device as the previous event (or first), 3 = changed
     "country_change",  # as device_change, for country
+    "recent_1m",  # 1 + bucket of the user's earlier events in the last 60 s (of the last `lookback`)
+    "recent_5m",  # as recent_1m, over 300 s
+    "distinct_items",  # 1 = no item column, 2.. = bucket of distinct items in this event and its `lookback` before
+    "distinct_categories",  # as distinct_items, for categories
 )
+#: Upper edges of the count buckets of ``recent_*`` (0, 1, 2, 3-4, 5-8, 9+ events)...
+RECENT_EDGES = (1, 2, 3, 5, 9)
+#: ...and of ``distinct_*`` (0, 1, 2, 3-4, 5-8, 9-16, 17 values).
+DISTINCT_EDGES = (1, 2, 3, 5, 9, 17)
+RECENT_WINDOWS_S = (60, 300)
 
 @dataclass(frozen=True)
 class FeatureSpec:
@@ -43,7 +54,9 @@ class FeatureSpec:
     category_buckets: int = 512
     hash_seed: int = 0x5E96A2D
     utc_offset_minutes: int = 0
-    version: int = 1
+    version: int = 2
+    #: event type name (lower case) → canonical type; applied before the vocabulary lookup
+    aliases: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_ALIASES))
 
     # -- fitting and serialisation -------------------------------------------------
 
@@ -59,11 +72,19 @@ class FeatureSpec:
         n_gap_buckets: int = 16,
         n_price_buckets: int = 12,
         min_type_count: int = 1,
+        aliases: dict[str, str] | None = None,
     ) -> FeatureSpec:
-        """Fit vocabularies and bucket edges on (normal) training events."""
-        counts = np.bincount(events.event_type, minlength=len(events.event_types))
-        order = np.argsort(-counts, kind="stable")
-        vocab = tuple(events.event_types[i] for i in order if counts[i] >= min_type_count)
+        """Fit vocabularies and bucket edges on (normal) training events.
+
+        The vocabulary holds canonical names (``aliases`` applied; default: the project's
+        table, :data:`app.vocabulary.DEFAULT_ALIASES`), most frequent first.
+        """
+        table = dict(DEFAULT_ALIASES if aliases is None else aliases)
+        names = canonical_names(events.event_types, table)
+        counts: Counter[str] = Counter()
+        for name, c in zip(names, np.bincount(events.event_type, minlength=len(names)).tolist(), strict=True):
+            counts[name] += c
+        vocab = tuple(t for t, c in sorted(counts.items(), key=lambda kv: -kv[1]) if c >= min_type_count)
 
         ev = events.sorted()
         same = np.zeros(len(ev), bool)
@@ -83,7 +104,32 @@ class FeatureSpec:
             lookback=lookback,
             category_buckets=category_buckets,
             utc_offset_minutes=utc_offset_minutes,
+            aliases=table,
         )
+
+    def with_aliases(self, extra: dict[str, str] | None) -> FeatureSpec:
+        """This spec with ``extra`` aliases on top of its own (a deployment's names)."""
+        return self if not extra else replace(self, aliases=build_aliases(extra, base=self.aliases))
+
+    def type_ids(self, names: tuple[str, ...] | list[str]) -> np.ndarray:
+        """Feature id of each event type name: 2.. in the vocabulary, 1 = unknown."""
+        lut = {t: i + 2 for i, t in enumerate(self.event_types)}
+        return np.array([lut.get(t, 1) for t in canonical_names(names, self.aliases)], dtype=np.int64)
+
+    def unknown_types(self, events: Events) -> dict[str, int]:
+        """Event type names of ``events`` unknown to the model (after aliases), with
+        their number of events.
+
+        >>> ev = Events.from_records([{"user_id": "u", "event_type": t, "timestamp": 0}
+        ...                           for t in ("pv", "login", "login")])
+        >>> FeatureSpec(("view",), (), ()).unknown_types(ev)
+        {'login': 2}
+        """
+        ids = self.type_ids(events.event_types)
+        if not (ids == 1).any():
+            return {}
+        counts = np.bincount(events.event_type, minlength=len(ids))
+        return {events.event_types[i]: int(counts[i]) for i in np.flatnonzero((ids == 1) & (counts > 0))}
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -97,6 +143,7 @@ class FeatureSpec:
             raise ValueError(f"bundle features {d.get('features')} differ from this featurizer's {FEATURES}")
         keys = cls.__dataclass_fields__
         kw: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in keys}
+        kw.setdefault("aliases", {})  # a spec saved without a table was fitted on raw names
         return cls(**kw)
 
     @property
@@ -112,6 +159,8 @@ class FeatureSpec:
             25,
             4,
             4,
+            *(2 + len(RECENT_EDGES),) * len(RECENT_WINDOWS_S),
+            *(3 + len(DISTINCT_EDGES),) * 2,
         )
 
     @property
@@ -151,10 +200,12 @@ class FeatureSpec:
         same = _lagged(g, max(1, self.lookback), fill=g.min() - 1) == g[None, :]
         first = ~same[0]
 
-        lut = {t: i + 2 for i, t in enumerate(self.event_types)}
-        type_ids = np.array([lut.get(t, 1) for t in events.event_types], dtype=np.int64)
+        type_ids = self.type_ids(events.event_types)
         out[:, 0] = type_ids[events.event_type] if len(type_ids) else 1
 
+        # back[c]: (N,) rows back to the previous occurrence of the row's item / category
+        # within `lookback` rows of its group (lookback + 1 if none, or missing).
+        back: dict[int, np.ndarray] = {}
         cat = events.category_id
         if cat is None:
             out[:, 1] = 1
@@ -162,23 +213,23 @@ class FeatureSpec:
         else:
             bucket = finalise_hash(cat ^ np.uint64(self.hash_seed)) % np.uint64(self.category_buckets)
             out[:, 1] = np.where(cat == 0, 1, 2 + bucket.astype(np.int64))
-            seen = self._seen_before(cat, same)
-            out[:, 3] = np.where(cat == 0, 1, np.where(seen, 2, 3))
+            back[12] = self._rows_back(cat, same)
+            out[:, 3] = np.where(cat == 0, 1, np.where(back[12] <= self.lookback, 2, 3))
 
         item = events.item_id
         if item is None:
             out[:, 2] = 1
         else:
-            seen = self._seen_before(item, same)
-            out[:, 2] = np.where(item == 0, 1, np.where(seen, 3, 2))
+            back[11] = self._rows_back(item, same)
+            out[:, 2] = np.where(item == 0, 1, np.where(back[11] <= self.lookback, 3, 2))
 
         ts = events.timestamp_ms
         gap_s = np.zeros(n, dtype=np.float64)
         gap_s[1:] = (ts[1:] - ts[:-1]) / 1000.0
         out[:, 4] = np.where(first, 1, 2 + np.searchsorted(self.gap_edges_s, gap_s, side="right"))
 
-        if events.price is None:
-            out[:, 5] = 1
+        if events.price is None or not self.price_edges:
+            out[:, 5] = 1  # no prices now, or none in training: the model never saw a price id
         else:
             p = events.price
             out[:, 5] = np.where(
@@ -196,15 +247,70 @@ class FeatureSpec:
             prev[1:] = values[:-1]
             changed = same[0] & (prev != 0) & (values != prev)
             out[:, col] = np.where(values == 0, 1, np.where(changed, 3, 2))
+
+        # What a rule would look at: recent pace and variety, over the `lookback` events
+        # before each event (so online windows of `history` events featurize exactly).
+        for j, seconds in enumerate(RECENT_WINDOWS_S):
+            recent = _recent_counts(g, ts, seconds * 1000, self.lookback)
+            out[:, 9 + j] = 1 + np.searchsorted(RECENT_EDGES, recent, side="right")
+        for col, values in ((11, item), (12, cat)):
+            if values is None:
+                out[:, col] = 1
+            else:
+                distinct = self._distinct(values != 0, back[col], same)
+                out[:, col] = 2 + np.searchsorted(DISTINCT_EDGES, distinct, side="right")
         return out
 
-    def _seen_before(self, values: np.ndarray, same: np.ndarray) -> np.ndarray:
-        """(N,) bool: the value occurs among the previous ``lookback`` rows of the group."""
+    def _rows_back(self, values: np.ndarray, same: np.ndarray) -> np.ndarray:
+        """(N,) rows back to the previous row of the group with the same non-missing
+        value, among the previous ``lookback`` rows; ``lookback + 1`` where there is none."""
         k = self.lookback
         if k == 0:
-            return np.zeros(values.shape[0], dtype=bool)
-        hit = (_lagged(values, k, fill=0) == values[None, :]) & same[:k]
-        return hit.any(axis=0) & (values != 0)
+            return np.ones(values.shape[0], dtype=np.int64)
+        hit = (_lagged(values, k, fill=0) == values[None, :]) & same[:k]  # (k, N)
+        return np.where(hit.any(axis=0) & (values != 0), hit.argmax(axis=0) + 1, k + 1)
+
+    def _distinct(self, present: np.ndarray, back: np.ndarray, same: np.ndarray) -> np.ndarray:
+        """(N,) number of distinct non-missing values among each row and the previous
+        ``lookback`` rows of its group, from each row's ``back`` (:meth:`_rows_back`).
+
+        A value counts once, at its latest row: row i-a of row i's span (a < lookback) is
+        a repeat when its previous occurrence, ``back[i-a]`` rows before it, is still in
+        the span, i.e. ``back[i-a] <= lookback - a``. Only ``lookback`` comparisons of (N,)
+        arrays, no sort.
+        """
+        k = self.lookback
+        in_span = present.astype(np.int64)
+        if k == 0:
+            return in_span
+        in_span = in_span + (_lagged(present, k, fill=False) & same[:k]).sum(axis=0)
+        lag_back = np.concatenate([back[None, :], _lagged(back, k - 1, fill=k + 1)]) if k > 1 else back[None, :]
+        in_group = np.concatenate([np.ones((1, back.shape[0]), bool), same[: k - 1]])  # row i-a is in i's group
+        repeats = ((lag_back <= (k - np.arange(k))[:, None]) & in_group).sum(axis=0)
+        return in_span - repeats
+
+
+def _recent_counts(groups: np.ndarray, ts: np.ndarray, span_ms: int, cap: int) -> np.ndarray:
+    """(N,) earlier rows of each row's group at most ``span_ms`` before it, at most
+    ``cap`` of them (rows grouped, time-ordered within a group): one binary search of
+    the times made increasing across groups.
+
+    >>> _recent_counts(np.array([0, 0, 0, 1]), np.array([0, 30_000, 90_000, 90_000]), 60_000, 16).tolist()
+    [0, 1, 1, 0]
+    """
+    n = ts.shape[0]
+    if n == 0 or cap == 0:
+        return np.zeros(n, dtype=np.int64)
+    gid = np.concatenate([[0], np.cumsum(groups[1:] != groups[:-1])])
+    rel = ts - ts.min()
+    stride = int(rel.max()) + span_ms + 1  # each group's times in a band of their own
+    if (int(gid[-1]) + 1) * stride >= 1 << 62:  # decades of milliseconds times millions of users
+        lagged = _lagged(ts, cap, fill=0)
+        in_group = _lagged(gid, cap, fill=-1) == gid[None, :]
+        return ((ts[None, :] - lagged <= span_ms) & in_group).sum(axis=0)
+    key = gid * stride + rel
+    first = np.searchsorted(key, key - span_ms, side="left")
+    return np.minimum(np.arange(n) - first, cap)
 
 
 def _lagged(x: np.ndarray, k: int, fill: Any) -> np.ndarray:

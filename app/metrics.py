@@ -24,10 +24,12 @@ multiprocess mode, switched on by ``PROMETHEUS_MULTIPROC_DIR``:
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
 from collections import Counter as _Tally
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,12 @@ BATCH_SIZE_BUCKETS = tuple(float(2**i) for i in range(13))  # 1 .. 4096
 DECISIONS = ("allow", "review", "block")
 SCORE_PATHS = ("online", "batch")
 _SMALL = 8
+#: Unknown event types with a label of their own (the first a process sees); later ones: ``other``.
+UNKNOWN_TYPE_LABELS = 20
+#: Unknown event types warned about in the log, once each (the first a process sees).
+UNKNOWN_TYPE_WARNINGS = 1000
+
+vocab_log = logging.getLogger("seqguard.vocabulary")
 
 
 class Metrics:
@@ -112,6 +120,11 @@ class Metrics:
                                   registry=reg)
         self.model_info = Gauge("seqguard_model_info", "The model being served (value 1).",
                                 ("version", "provider", "arch"), multiprocess_mode="livemax", registry=reg)
+        self.unknown_event_types = Counter(
+            "seqguard_unknown_event_types_total",
+            "Scored events whose event type the model does not know (scored with the out-of-vocabulary id), by "
+            f"type: the first {UNKNOWN_TYPE_LABELS} types a process sees, later ones as 'other'.",
+            ("event_type",), registry=reg)
 
         # Children bound once: the hot path skips labels() (a lock and a tuple per call);
         # the fixed label values are created now so their series exist at 0.
@@ -119,6 +132,9 @@ class Metrics:
         self._decided = {d: self.decisions.labels(d) for d in DECISIONS}
         self._children: dict[tuple[Any, ...], Any] = {}
         self._model_labels: tuple[str, str, str] | None = None
+        self._unknown: dict[str, Any] = {}  # unknown event type -> its child (at most UNKNOWN_TYPE_LABELS)
+        self._warned: set[str] = set()  # unknown event types warned about (at most UNKNOWN_TYPE_WARNINGS)
+        self._warned_full = False
         self._prob_bounds = np.asarray(self.anomaly_probability._upper_bounds, dtype=np.float64)
 
     # Requests -------------------------------------------------------------------------
@@ -167,6 +183,39 @@ class Metrics:
         for i in np.flatnonzero(counts):
             hist._buckets[i].inc(int(counts[i]))
         hist._sum.inc(float(x.sum()))
+
+    def track_unknown_types(self, counts: Mapping[str, int]) -> None:
+        """Scored events of event types the model does not know: ``{raw name: events}``.
+
+        The label set is bounded: the first ``UNKNOWN_TYPE_LABELS`` names get a series of
+        their own, later ones count under ``other``. Each name is warned about once in
+        the log (the first ``UNKNOWN_TYPE_WARNINGS`` names; then once that more came).
+        """
+        for name, n in counts.items():
+            if n <= 0:
+                continue
+            child = self._unknown.get(name)
+            if child is None:
+                if len(self._unknown) < UNKNOWN_TYPE_LABELS:
+                    child = self._unknown[name] = self.unknown_event_types.labels(name)
+                else:
+                    child = self.unknown_event_types.labels("other")
+            child.inc(n)
+            if name not in self._warned and not self._warned_full:
+                self._warn_unknown(name)
+
+    def _warn_unknown(self, name: str) -> None:
+        if len(self._warned) < UNKNOWN_TYPE_WARNINGS:
+            self._warned.add(name)
+            vocab_log.warning(
+                "event type %r is unknown to the model: its events are scored with the out-of-vocabulary id. If it "
+                "is another name for one of the model's event types (GET /model lists them), alias it: "
+                "SEQGUARD_EVENT_ALIASES='%s' (seqguard score and serve: --alias NAME=TYPE)",
+                name, json.dumps({name: "TYPE"}))
+        elif not self._warned_full:
+            self._warned_full = True
+            vocab_log.warning("more than %d distinct unknown event types: no more warnings about new ones "
+                              "(seqguard_unknown_event_types_total counts them)", UNKNOWN_TYPE_WARNINGS)
 
     def track_inference(self, batch_size: int, seconds: float) -> None:
         """One ONNX Runtime call over ``batch_size`` windows."""

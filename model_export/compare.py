@@ -17,9 +17,9 @@ import orjson
 from app.backfill import score_events
 from app.bundle import load_bundle
 from app.scorer import OnnxModel
-from model_export.evaluate import markdown_table
 from model_export.export import export
 from model_export.model import ARCHS
+from model_export.report import markdown_table
 from model_export.scenarios import parse_inject
 from model_export.train import TrainConfig, prepare, run
 

@@ -1,6 +1,11 @@
 """Streaming loaders: event logs (Taobao, RetailRocket, REES46, generic CSV/JSONL/Parquet,
 each optionally gzipped) into columnar :class:`~app.events.Events`.
 
+Event types come out in their canonical names (``pv`` → ``view``, ``addtocart`` →
+``cart``, ...: :mod:`app.vocabulary`), renamed on each chunk's small dictionary, never per
+row; :func:`iter_records`, the request stream of ``seqguard replay``, keeps the file's
+own names, which the service maps itself.
+
 Files are read in chunks with pyarrow and every chunk is reduced to compact columns at
 once (codes, 64-bit hashes, int64 times), so memory follows the number of rows (about
 30 bytes each), never the size of the text. Malformed rows are skipped and counted; a
@@ -14,7 +19,7 @@ import io
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +40,7 @@ from app.events import (  # the one definition of the hash
     finalise_hash,
     parse_timestamp_ms,
 )
+from app.vocabulary import build_aliases, canonical
 
 log = logging.getLogger("seqguard.data")
 
@@ -70,6 +76,7 @@ class LoadReport:
     duplicates_dropped: int = 0
     utc_offset_minutes: int = 0  # local time of the source (taobao: 480, Asia/Shanghai)
     ignored_columns: list[str] = field(default_factory=list)  # unknown columns of generic files
+    type_aliases_applied: dict[str, str] = field(default_factory=dict)  # raw event type -> canonical, as renamed
 
     def summary(self) -> str:
         """One human line, e.g. for the CLI."""
@@ -79,6 +86,8 @@ class LoadReport:
             s += f" (first: {self.malformed_examples[0]})"
         if self.ignored_columns:
             s += f"; ignored columns: {', '.join(self.ignored_columns)}"
+        if self.type_aliases_applied:
+            s += "; event types renamed: " + ", ".join(f"{a}→{b}" for a, b in self.type_aliases_applied.items())
         return s
 
 
@@ -161,7 +170,8 @@ def detect_format(path: str | Path) -> str:
 
 def read_events(path: str | Path, format: str = "auto", *, dedupe: bool = True, sort: bool = True,
                 chunk_rows: int = 1_000_000, max_malformed_fraction: float = 0.01,
-                on_chunk: Callable[[int], None] | None = None) -> tuple[Events, LoadReport]:
+                on_chunk: Callable[[int], None] | None = None,
+                aliases: Mapping[str, str] | None = None) -> tuple[Events, LoadReport]:
     """Load an event file into :class:`Events`, streaming.
 
     Parameters
@@ -179,6 +189,10 @@ def read_events(path: str | Path, format: str = "auto", *, dedupe: bool = True, 
         than one) is an error.
     on_chunk
         Called after each chunk with the number of rows it read (for progress bars).
+    aliases
+        Event type aliases (NAME → TYPE) on top of the project's table
+        (:func:`app.vocabulary.build_aliases`); event types come out renamed through it,
+        and ``LoadReport.type_aliases_applied`` says which were.
 
     Returns
     -------
@@ -194,7 +208,7 @@ def read_events(path: str | Path, format: str = "auto", *, dedupe: bool = True, 
     >>> events, report = read_events("UserBehavior.csv.gz")  # doctest: +SKIP
     >>> print(report.summary())  # doctest: +SKIP
     """
-    loader = _Loader(path, format)
+    loader = _Loader(path, format, aliases)
     parts = []
     for ev in loader.chunks(chunk_rows):
         parts.append(ev)
@@ -219,13 +233,14 @@ def read_events(path: str | Path, format: str = "auto", *, dedupe: bool = True, 
     return events, rep
 
 
-def iter_event_chunks(path: str | Path, format: str = "auto", *,
-                      chunk_rows: int = 1_000_000) -> Iterator[Events]:
-    """Events of a file chunk by chunk, in file order, malformed rows skipped (and logged).
+def iter_event_chunks(path: str | Path, format: str = "auto", *, chunk_rows: int = 1_000_000,
+                      aliases: Mapping[str, str] | None = None) -> Iterator[Events]:
+    """Events of a file chunk by chunk, in file order, malformed rows skipped (and logged),
+    event types renamed through ``aliases`` as :func:`read_events` renames them.
 
     Each chunk has its own user and event-type dictionaries; ``Events.concat`` merges them.
     """
-    yield from _Loader(path, format).chunks(chunk_rows)
+    yield from _Loader(path, format, aliases).chunks(chunk_rows)
 
 
 def iter_records(path: str | Path, format: str = "auto", *, chunk_rows: int = 10_000,
@@ -235,8 +250,10 @@ def iter_records(path: str | Path, format: str = "auto", *, chunk_rows: int = 10
     Each event is a contract dict: ``event_id``, ``user_id``, ``event_type``, ``timestamp``
     (epoch milliseconds, an int) and, where the file has them, the optional string fields
     and ``price``; ids are the RAW strings of the file (``Events`` keeps only hashes of
-    items and categories). Malformed rows are skipped and counted as :func:`read_events`
-    counts them (``stream.report``), and the same fraction of them is refused at the end.
+    items and categories), and so are event types (no aliases applied: the service maps
+    them through its model's table). Malformed rows are skipped and counted as
+    :func:`read_events` counts them (``stream.report``), and the same fraction of them is
+    refused at the end.
     An event without an id gets the one ``Events.event_ids()`` gives it after
     ``read_events(path, dedupe=False, sort=False)``: ``f"{user_id}-{timestamp_ms}-{row}"``,
     ``row`` counting the kept rows of the file from 0.
@@ -319,7 +336,7 @@ def split_by_user(events: Events, fractions: tuple[float, float, float] = (0.7, 
 class _Loader:
     """One pass over one file: raw chunks in, Events chunks out, tallies kept."""
 
-    def __init__(self, path: str | Path, format: str) -> None:
+    def __init__(self, path: str | Path, format: str, aliases: Mapping[str, str] | None = None) -> None:
         if format not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
         self.path = _existing(path)
@@ -332,6 +349,7 @@ class _Loader:
         self._invalid_lines: list[int] = []  # CSV rows with the wrong number of fields
         self._reported = 0
         self._blank_lines = self.fmt not in ("jsonl", "parquet")  # CSV: all fields empty
+        self.aliases = build_aliases(aliases)
 
     def take_progress(self) -> int:
         n, self._reported = self.report.rows_read - self._reported, self.report.rows_read
@@ -341,7 +359,15 @@ class _Loader:
         for rows in self._clean_chunks(chunk_rows):
             ev = self._events(rows)
             if len(ev):
-                yield ev
+                yield self._canonical(ev)
+
+    def _canonical(self, ev: Events) -> Events:
+        """``ev`` with canonical event types (a few distinct names: no per-row work)."""
+        renamed = self.report.type_aliases_applied
+        for raw in ev.event_types:
+            if raw not in renamed and (name := canonical(raw, self.aliases)) != raw:
+                renamed[raw] = name
+        return ev.with_canonical_types(self.aliases)
 
     def record_chunks(self, chunk_rows: int) -> Iterator[list[dict[str, Any]]]:
         """Kept rows as contract dicts (raw strings, epoch-ms ints), chunk by chunk."""

@@ -1,25 +1,30 @@
-"""Evaluation of detectors on labelled events, and the report written beside a bundle:
-scores in, numbers and files out. Thresholds arrive chosen on validation data (the 1% FPR
-one chosen here is a diagnostic); a metric a split cannot define is ``None``."""
+"""Evaluation of detectors on labelled events: scores in, numbers out (the files they are
+written to beside a bundle: :mod:`model_export.report`). Thresholds arrive chosen on validation data (the 1% FPR
+one chosen here is a diagnostic); a metric a split cannot define is ``None``.
+
+Three views of a bundle: event-level detection of injected scenarios against the
+baselines (:func:`compare`), the same per user against simple per-user rules
+(:func:`user_level`), and false positives on held-out real traffic (:func:`real_traffic`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
-from matplotlib.figure import Figure
 from sklearn import metrics as skm
 
+from app.decisions import decide
+from app.events import Events
+from app.features import FeatureSpec, group_starts
+from app.vocabulary import CANONICAL, canonical_names
 from model_export.calibrate import threshold_at_fpr
+from model_export.report import bundle_card, write_report
+from model_export.scenarios import LOOKALIKES
 
 DIAGNOSTIC_FPR = 0.01
-REPORT_FILES = ("metrics.json", "roc.png", "pr.png", "score_hist.png", "scenarios.md",
-                "model_card.md")
-_MAX_CURVE_POINTS = 2000  # plotted points per curve: keeps the PNGs small and fast
 
 
 @dataclass
@@ -72,6 +77,8 @@ def metrics(label: np.ndarray, scenario: np.ndarray | None, scenario_names: Sequ
     if scenario is not None:
         code = np.asarray(scenario)
         for k, name in enumerate(scenario_names[1:], start=1):  # 0 = none
+            if str(name) in LOOKALIKES:  # normal look-alikes: no anomalous events to detect
+                continue
             pos = s[y & (code == k)]
             row: dict[str, Any] = {"n_events": int(pos.size), "roc_auc": _auc(s[normal], pos),
                                    "recall_at_1pct_fpr": _recall(pos, diag)}
@@ -112,207 +119,238 @@ def compare(label: np.ndarray, scenario: np.ndarray | None, scenario_names: Sequ
     return {"n_events": len(label), "n_anomalous": int(np.count_nonzero(label)), "detectors": per}
 
 
-_HEADLINE = [
-    ("detector", "detector"), ("ROC-AUC", "roc_auc"), ("PR-AUC", "pr_auc"),
-    ("recall@1%FPR", "recall_at_1pct_fpr"), ("scenario ROC-AUC", "roc_auc_mean_over_scenarios"),
-]
-_AT = [("precision", "precision"), ("recall", "recall"), ("FPR", "fpr")]
+# -- real traffic: false positives on held-out real users ----------------------------------
+
+#: History-length bins of :func:`real_traffic`: (name, first, last) 1-based positions.
+HISTORY_BINS: tuple[tuple[str, int, int | None], ...] = (
+    ("1", 1, 1), ("2-4", 2, 4), ("5-16", 5, 16), ("17+", 17, None),
+)
 
 
-def headline_rows(comparison: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
-    """One row per detector: ranking metrics, then precision/recall/FPR per threshold."""
-    rows, columns = [], {title: None for title, _ in _HEADLINE}  # ordered set
-    for name, m in comparison["detectors"].items():
-        row = {title: m.get(key) for title, key in _HEADLINE} | {"detector": name}
-        for t, at in m["at_threshold"].items():
-            row |= {f"{title}@{t}": at[key] for title, key in _AT}
-        columns |= dict.fromkeys(row)
-        rows.append(row)
-    return rows, list(columns)
-
-
-def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """A GitHub-flavoured Markdown table; missing or undefined values show as "–".
+def history_position(user: np.ndarray, timestamp_ms: np.ndarray) -> np.ndarray:
+    """(N,) 1-based position of each event in its user's sequence, in time order (equal
+    times in row order, as the batch engine scores them); rows may come in any order.
 
     Examples
     --------
-    >>> print(markdown_table([{"a": 1, "b": 0.5}, {"a": None}], ["a", "b"]))
-    | a | b |
-    |---|---|
-    | 1 | 0.5 |
-    | – | – |
+    >>> history_position(np.array([1, 0, 1, 1]), np.array([50, 9, 10, 30])).tolist()
+    [3, 1, 1, 2]
     """
-
-    def cell(v: Any) -> str:
-        if v is None or (isinstance(v, float) and not np.isfinite(v)):
-            return "–"
-        if isinstance(v, float | np.floating):
-            return f"{v:.4g}"
-        return str(v).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+    order = np.lexsort((timestamp_ms, user))
+    pos = np.empty(user.shape[0], dtype=np.int64)
+    pos[order] = np.arange(user.shape[0]) - group_starts(user[order]) + 1
+    return pos
 
 
-def write_report(
-    out_dir: Path, comparison: dict[str, Any], *, label: np.ndarray, scenario: np.ndarray | None,
-    scenario_names: Sequence[str], detectors: Sequence[Scored], model_card: dict[str, Any],
-) -> list[Path]:
-    """Write :data:`REPORT_FILES` into ``out_dir`` (created if needed); returns their paths.
-    Numbers come from ``comparison``; the curves from the scores (``scenario`` and
-    ``scenario_names`` are accepted for symmetry with :func:`compare`)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    y = np.asarray(label).astype(bool)
-    paths = {n: out_dir / n for n in REPORT_FILES}
-    opts = orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
-    paths["metrics.json"].write_bytes(orjson.dumps(comparison, option=opts) + b"\n")
-    _plot_curves(paths["roc.png"], y, detectors, roc=True)
-    _plot_curves(paths["pr.png"], y, detectors, roc=False)
-    _plot_hist(paths["score_hist.png"], y, detectors[0] if detectors else None)
-    paths["scenarios.md"].write_text(_scenarios_md(comparison), encoding="utf-8")
-    paths["model_card.md"].write_text(_model_card_md(comparison, model_card), encoding="utf-8")
-    return list(paths.values())
+def history_bin(position: np.ndarray) -> np.ndarray:
+    """(N,) name of the :data:`HISTORY_BINS` bin of each 1-based position.
+
+    >>> history_bin(np.array([1, 2, 4, 5, 16, 17, 300])).tolist()
+    ['1', '2-4', '2-4', '5-16', '5-16', '17+', '17+']
+    """
+    out = np.empty(position.shape[0], dtype=object)
+    for name, lo, hi in HISTORY_BINS:
+        out[(position >= lo) & (position <= (hi if hi is not None else np.inf))] = name
+    return out
 
 
-def _thin(*xs: np.ndarray) -> tuple[np.ndarray, ...]:
-    if xs[0].size <= _MAX_CURVE_POINTS:
-        return xs
-    keep = np.unique(np.linspace(0, xs[0].size - 1, _MAX_CURVE_POINTS).astype(np.int64))
-    return tuple(x[keep] for x in xs)
+def flag_shares(flagged: np.ndarray, blocked: np.ndarray) -> dict[str, Any]:
+    """Counts and shares of flagged (review or block) and blocked rows of (N,) bool masks;
+    shares are ``None`` for no rows.
+
+    >>> flag_shares(np.array([True, True, False, False]), np.array([True, False, False, False]))
+    {'events': 4, 'flagged': 2, 'flagged_share': 0.5, 'blocked': 1, 'blocked_share': 0.25}
+    """
+    n, f, b = int(flagged.size), int(flagged.sum()), int(blocked.sum())
+    return {"events": n, "flagged": f, "flagged_share": _ratio(f, n), "blocked": b, "blocked_share": _ratio(b, n)}
 
 
-def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Figure, Any]:
-    # A bare Figure draws with Agg and touches no global pyplot state: nothing to close,
-    # no backend switched for the whole process.
-    fig = Figure(figsize=(6, 4.5))
-    ax = fig.subplots()
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    ax.grid(alpha=0.3)
-    return fig, ax
+def shares_by(key: np.ndarray, flagged: np.ndarray, blocked: np.ndarray,
+              keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """:func:`flag_shares` of the rows of each value of ``key`` (N,), in the order of ``keys``."""
+    return {k: flag_shares(flagged[key == k], blocked[key == k]) for k in keys}
 
 
-def _save(fig: Figure, ax: Any, path: Path, loc: str = "upper right") -> None:
-    if ax.get_legend_handles_labels()[0]:  # an explicit loc: "best" warns on big data
-        ax.legend(loc=loc, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+def real_traffic(events: Events, prob: np.ndarray, thresholds: dict[str, float],
+                 spec: FeatureSpec) -> dict[str, Any]:
+    """False positives of the detector on real normal traffic.
+
+    Parameters
+    ----------
+    events : (N rows) real users' events, any order. Rows labelled 1 (a log with real
+        labels) are scored as part of their users' sequences but not counted.
+    prob : (N,) the bundle's anomaly probability of each row.
+    thresholds : ``{"review": t1, "block": t2}``; decisions as :func:`app.decisions.decide`.
+    spec : the bundle's feature spec: its aliases name the canonical types, its vocabulary
+        says which types the model knows.
+
+    Returns
+    -------
+    ``overall`` and ``users`` (a user is flagged/blocked when any of its events is), and
+    ``per_type`` (canonical types first, then any other type present; with
+    ``known_to_model``), ``per_history_length`` (:data:`HISTORY_BINS`) and
+    ``unknown_types`` (events of types unknown to the model, per type as named in the
+    log); every share beside its count of events.
+    """
+    prob = np.asarray(prob)
+    if prob.shape != (len(events),):
+        raise ValueError(f"{prob.shape[0]} probabilities for {len(events)} events")
+    position = history_position(events.user, events.timestamp_ms)
+    normal = np.ones(len(events), bool) if events.label is None else events.label != 1
+    ev, prob, position = events.take(normal), prob[normal], position[normal]
+    decision = decide(prob, thresholds)
+    flagged, blocked = decision != "allow", decision == "block"
+
+    present = np.bincount(ev.user, minlength=ev.n_users) > 0
+    users_flagged = np.bincount(ev.user[flagged], minlength=ev.n_users) > 0
+    users_blocked = np.bincount(ev.user[blocked], minlength=ev.n_users) > 0
+    users = flag_shares(users_flagged[present], users_blocked[present])
+    users = {"users": users.pop("events"), **users}
+
+    canon_of_code = np.asarray(canonical_names(ev.event_types, spec.aliases) or ("",), dtype=object)
+    canon = canon_of_code[ev.event_type]
+    types = [*CANONICAL, *sorted(set(canon.tolist()) - set(CANONICAL))]
+    per_type = {t: {"known_to_model": t in spec.event_types} | row
+                for t, row in shares_by(canon, flagged, blocked, types).items()}
+
+    raw = np.asarray(ev.event_types or ("",), dtype=object)[ev.event_type]
+    unknown = spec.unknown_types(ev)
+    n_unknown = sum(unknown.values())
+    return {
+        "thresholds": {k: float(thresholds[k]) for k in ("review", "block")},
+        "n_excluded_labelled": int((~normal).sum()),
+        "overall": flag_shares(flagged, blocked),
+        "users": users,
+        "per_type": per_type,
+        "per_history_length": shares_by(history_bin(position), flagged, blocked,
+                                        [name for name, _, _ in HISTORY_BINS]),
+        "unknown_types": {
+            "events": n_unknown, "share": _ratio(n_unknown, len(ev)),
+            "per_type": {t: {"share": _ratio(c, len(ev))} | flag_shares(flagged[raw == t], blocked[raw == t])
+                         for t, c in sorted(unknown.items(), key=lambda kv: -kv[1])},
+        },
+    }
 
 
-def _plot_curves(path: Path, y: np.ndarray, detectors: Sequence[Scored], roc: bool) -> None:
-    """ROC (with each detector's operating points) or precision–recall curves."""
-    xlabel, ylabel = ("false-positive rate", "recall") if roc else ("recall", "precision")
-    fig, ax = _figure("ROC" if roc else "Precision–recall", xlabel, ylabel)
-    ax.set(xlim=(0, 1), ylim=(0, 1.02))
-    if not (y.any() and (~y).any()):
-        ax.text(0.5, 0.5, "undefined: the split lacks positives or negatives", ha="center")
-        return _save(fig, ax, path)
-    ax.plot([0, 1], [0, 1] if roc else [y.mean()] * 2, color="grey", lw=0.8, ls=":")
-    for d in detectors:
-        if roc:
-            x, v, _ = skm.roc_curve(y, d.score)
-            tag = f"AUC {skm.roc_auc_score(y, d.score):.3f}"
-        else:
-            v, x, _ = skm.precision_recall_curve(y, d.score)
-            tag = f"AP {skm.average_precision_score(y, d.score):.3f}"
-        (line,) = ax.plot(*_thin(x, v), lw=1.4, label=f"{d.name} ({tag})")
-        for t in d.thresholds.values() if roc else ():  # operating points chosen on validation
-            flag = np.asarray(d.score) >= t
-            ax.plot(flag[~y].mean(), flag[y].mean(), "o", ms=4, color=line.get_color())
-    return _save(fig, ax, path, "lower right" if roc else "upper right")
+def real_traffic_summary(rt: dict[str, Any]) -> dict[str, Any]:
+    """The compact block of :func:`real_traffic` stored in ``bundle.json``: overall and
+    per-user shares, the canonical type with the highest flagged share (then blocked
+    share; with its events, as a type with few events is a noisy worst), and the share of
+    events of types unknown to the model."""
+    seen = {t: r for t, r in rt["per_type"].items() if t in CANONICAL and r["events"]}
+    worst = max(seen, key=lambda t: (seen[t]["flagged_share"], seen[t]["blocked_share"]), default=None)
+    return {
+        "events": rt["overall"]["events"],
+        "flagged_share": rt["overall"]["flagged_share"],
+        "blocked_share": rt["overall"]["blocked_share"],
+        "users": rt["users"]["users"],
+        "users_flagged_share": rt["users"]["flagged_share"],
+        "users_blocked_share": rt["users"]["blocked_share"],
+        "worst_type": worst,
+        "worst_type_events": seen[worst]["events"] if worst else None,
+        "worst_type_flagged_share": seen[worst]["flagged_share"] if worst else None,
+        "worst_type_blocked_share": seen[worst]["blocked_share"] if worst else None,
+        "unknown_type_share": rt["unknown_types"]["share"],
+    }
 
 
-def _plot_hist(path: Path, y: np.ndarray, d: Scored | None) -> None:
-    fig, ax = _figure(f"Scores of {d.name if d else '–'}", "score", "events (log)")
-    if d is not None and np.asarray(d.score).size:
-        s = np.asarray(d.score, dtype=np.float64)
-        bins = np.histogram_bin_edges(s, bins=60)
-        for mask, name, color in ((~y, "normal", "tab:blue"), (y, "anomalous", "tab:red")):
-            if mask.any():  # log=True on an empty histogram would warn
-                ax.hist(s[mask], bins=bins, log=True, alpha=0.55, color=color, label=name)
-        for (name, t), ls in zip(d.thresholds.items(), ("--", "-", "-.", ":"), strict=False):
-            if np.isfinite(t):
-                ax.axvline(t, color="black", lw=1, ls=ls, label=f"{name} ≥ {t:.3g}")
-    _save(fig, ax, path)
+def real_test_events(prep: Any) -> tuple[Events, str]:
+    """The test split's real users before injection, and where they came from:
+    ``prep.real["test"]`` when ``prep`` has it, else the test split's rows that are real
+    and normal (scenario 0, label 0, not an injected new account)."""
+    real = getattr(prep, "real", None) or {}
+    if "test" in real:
+        return real["test"], "The test users' real events, before any injection"
+    from model_export.scenarios import NEW_ACCOUNT_PREFIX
+
+    test: Events = prep.splits["test"]
+    keep = ~np.char.startswith(test.user_ids.astype(str), NEW_ACCOUNT_PREFIX)[test.user]
+    if test.label is not None:
+        keep &= test.label == 0
+    if test.scenario is not None:
+        keep &= test.scenario == 0
+    return test.take(keep), ("The test split's rows with scenario 0 and label 0 of users not injected as new "
+                             "accounts (they may hold injected decoy rows and device/country columns)")
 
 
-def _scenarios_md(comparison: dict[str, Any]) -> str:
-    dets = comparison["detectors"]
-    first: dict[str, Any] = next(iter(dets.values()), {"per_scenario": {}})["per_scenario"]
-    metric_cols = (f"{d} {w}" for d in dets for w in ("ROC-AUC", "recall@1%FPR"))
-    columns = ["scenario", "events", *metric_cols]
-    rows: list[dict[str, Any]] = []
-    for sc, per in first.items():  # every detector has the same scenarios
-        row = {"scenario": sc, "events": per["n_events"]}
-        for d, m in dets.items():
-            p = m["per_scenario"][sc]
-            row |= {f"{d} ROC-AUC": p["roc_auc"], f"{d} recall@1%FPR": p["recall_at_1pct_fpr"]}
-        rows.append(row)
-    mean = {f"{d} ROC-AUC": m["roc_auc_mean_over_scenarios"] for d, m in dets.items()}
-    return (
-        "# Per-scenario detection\n\n"
-        "Each scenario's anomalous events against every normal event of the split. "
-        "recall@1%FPR uses the threshold at which 1% of this split's normal events are "
-        "flagged (a diagnostic, not an operating threshold).\n\n"
-        + markdown_table([*rows, {"scenario": "**mean**", **mean}], columns) + "\n"
-    )
+# -- per user: the detector against simple rules -----------------------------------------
 
 
-_CARD_FIELDS = {  # shown first, in this order, with these titles; other keys follow
-    "name": "Model", "version": "Version", "arch": "Architecture", "params": "Parameters",
-    "window": "Window (events)", "training_data": "Training data",
-    "fingerprint": "Training-data fingerprint", "thresholds": "Thresholds",
-    "threshold_method": "How thresholds were chosen", "calibration": "Calibration",
-}
-_CARD_SECTIONS = {"intended_use": "Intended use", "limitations": "Limitations"}
+def user_max(user: np.ndarray, score: np.ndarray, n_users: int) -> np.ndarray:
+    """(U,) highest ``score`` (N,) of each user's events; -inf for a user without events.
+
+    >>> user_max(np.array([0, 0, 2]), np.array([0.1, 0.7, 0.3]), 3).tolist()
+    [0.7, -inf, 0.3]
+    """
+    out = np.full(n_users, -np.inf)
+    np.maximum.at(out, user, np.asarray(score, dtype=np.float64))
+    return out
 
 
-def _md_value(v: Any, indent: int = 0) -> str:
-    """A value as Markdown after "**Field**: ": nested bullets for mappings and lists."""
-    if isinstance(v, dict | list | tuple):
-        items = v.items() if isinstance(v, dict) else ((None, x) for x in v)
-        pad = "  " * (indent + 1)
-        return "".join(f"\n{pad}- " + (f"{k}: " if k is not None else "") + _md_value(x, indent + 1)
-                       for k, x in items)
-    return f"{v:.6g}" if isinstance(v, float) else str(v)
+_AUC_TIE = 1e-9  # AUCs this close are a tie (the same fraction summed in another order)
 
 
-def _model_card_md(comparison: dict[str, Any], card: dict[str, Any]) -> str:
-    lines = [f"# Model card: {card.get('name', 'seqguard detector')}", "", "## Model details", ""]
-    keys = [k for k in _CARD_FIELDS if k in card] + [k for k in card if k not in _CARD_FIELDS]
-    for k in (k for k in keys if k not in _CARD_SECTIONS):
-        value = _md_value(card[k])
-        title = _CARD_FIELDS.get(k, k.replace("_", " ").capitalize())
-        lines.append(f"- **{title}**:{'' if value.startswith(chr(10)) else ' '}{value}")
-    for key in (k for k in _CARD_SECTIONS if k in card):  # top-level bullets or a paragraph
-        lines += ["", f"## {_CARD_SECTIONS[key]}", "", _md_value(card[key], -1).lstrip("\n")]
-    rows, columns = headline_rows(comparison)
-    return "\n".join([
-        *lines, "", "## Evaluation", "",
-        f"{comparison['n_events']} events, {comparison['n_anomalous']} anomalous. Operating "
-        "thresholds were chosen on validation data; recall@1%FPR is a diagnostic on this split.",
-        "", markdown_table(rows, columns), "",
-        "Per scenario: [scenarios.md](scenarios.md). All numbers: [metrics.json](metrics.json).",
-        "", "![ROC curves](roc.png)", "", "![Precision–recall curves](pr.png)", "",
-        "![Score histogram](score_hist.png)", "",
-    ])
+def user_level(events: Events, user_scores: dict[str, np.ndarray], *, detector: str,
+               rules: dict[str, str], min_events: int = 1) -> dict[str, Any]:
+    """User-level ROC-AUC per scenario of per-user scores.
+
+    Parameters
+    ----------
+    events : the split's labelled events (``label``, ``scenario``), ``U = events.n_users``.
+    user_scores : name → (U,) score of each user (higher = more suspicious), e.g. the
+        detector's :func:`user_max` and :func:`model_export.baselines.user_rule_scores`.
+    detector : the name in ``user_scores`` that every rule is held against.
+    rules : name → description of the scores in ``user_scores`` that are rules.
+    min_events : negatives are the users with no anomalous event and at least this many
+        events: injected accounts are never shorter than 3 events, and a counter must not
+        win by the one-event users of a day's stream.
+
+    Returns
+    -------
+    Per scenario (and ``any``: any anomalous event): ``users`` (positives: users with an
+    anomalous event of it) and ``roc_auc`` per score against the negatives (users with no
+    anomalous event; ``None`` without positives or negatives); ``rules_not_beaten``:
+    scenario → the rules whose AUC is at least the detector's.
+    """
+    n = events.n_users
+    label = np.zeros(len(events), bool) if events.label is None else events.label == 1
+    code = np.zeros(len(events), np.int64) if events.scenario is None else events.scenario.astype(np.int64)
+    counts = np.bincount(events.user, minlength=n)
+    present = counts > 0
+    negative = (counts >= max(1, min_events)) & ~(np.bincount(events.user[label], minlength=n) > 0)
+    groups = {str(name): label & (code == k) for k, name in enumerate(events.scenarios)
+              if k and str(name) not in LOOKALIKES}
+    groups["any"] = label
+    per: dict[str, dict[str, Any]] = {}
+    not_beaten: dict[str, list[str]] = {}
+    for name, rows in groups.items():
+        positive = np.bincount(events.user[rows], minlength=n) > 0
+        auc = {s: _auc(score[negative], score[positive]) for s, score in user_scores.items()}
+        per[name] = {"users": int(positive.sum()), "roc_auc": auc}
+        best = auc[detector]
+        if best is not None:
+            worse = [r for r in rules if (a := auc[r]) is not None and a >= best - _AUC_TIE]
+            if worse:
+                not_beaten[name] = worse
+    return {"n_users": int(present.sum()), "n_negative_users": int(negative.sum()), "min_events": min_events,
+            "detector": detector,
+            "rules": dict(rules), "per_scenario": per, "rules_not_beaten": not_beaten}
 
 
-# -- a bundle on real data ------------------------------------------------------------
-
-
-def evaluate_bundle(bundle_dir: Path, prep: Any, out_dir: Path) -> dict[str, Any]:
+def evaluate_bundle(bundle_dir: Path, prep: Any, out_dir: Path, *,
+                    aliases: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Score the test users of ``prep`` with the exported bundle (ONNX Runtime, the batch
-    engine) and the baselines (fitted on training users, thresholds on validation users);
-    write the report; return the summary stored in ``bundle.json``."""
+    engine) and the baselines (fitted on training users, thresholds on validation users),
+    and the test users' real traffic with the bundle; write the report; return the
+    summary stored in ``bundle.json``. ``aliases`` (NAME → TYPE) widen the bundle's table
+    of event type names (:meth:`app.bundle.Bundle.with_aliases`)."""
     from app.backfill import score_events
     from app.bundle import load_bundle
     from app.scorer import OnnxModel
-    from model_export.baselines import default_baselines
+    from model_export.baselines import USER_RULES, default_baselines, user_rule_scores
     from model_export.calibrate import choose_thresholds
 
-    bundle = load_bundle(bundle_dir)
+    bundle = load_bundle(bundle_dir).with_aliases(aliases)
     model = OnnxModel(bundle)
     train, val, test = (prep.splits[k] for k in ("train", "val", "test"))
     fpr = bundle.meta["training"]["train_config"]["fpr_targets"]
@@ -326,29 +364,17 @@ def evaluate_bundle(bundle_dir: Path, prep: Any, out_dir: Path) -> dict[str, Any
         detectors.append(Scored(base.name, base.score(test), {k: t[k] for k in fpr}))
     label = test.label if test.label is not None else np.zeros(len(test), np.int8)
     comparison = compare(label, test.scenario, test.scenarios, detectors)
-    meta = bundle.meta
-    card = {
-        "model": meta["model_version"],
-        "architecture": {k: meta["architecture"][k] for k in ("arch", "d_model", "n_layers", "parameters")},
-        "window": meta["window"],
-        "execution_provider_at_evaluation": model.provider,
-        "training_data": meta["training_data"],
-        "calibration": meta["calibration"]["kind"],
-        "thresholds": meta["thresholds"],
-        "parity": {k: v["max_abs_diff"] for k, v in meta["parity"].items()},
-        "intended_use": (
-            "Real-time scoring of storefront user events: anomaly probability and an "
-            "allow/review/block decision per event, from the user's last events."
-        ),
-        "limitations": (
-            "Trained on the data named above with injected attack scenarios; real abuse "
-            "differs from any simulation. Recall on the test users is measured on injected "
-            "scenarios. Thresholds hold their false-positive rates only on traffic like the "
-            "validation users'. Re-train and re-evaluate on your own logs before blocking."
-        ),
-    }
+
+    rules = user_rule_scores(test)
+    per_user = {d.name: user_max(test.user, d.score, test.n_users) for d in detectors} | rules
+    comparison["user_level"] = user_level(test, per_user, detector=detectors[0].name,
+                                          rules={r: USER_RULES[r] for r in rules}, min_events=3)
+    real, source = real_test_events(prep)
+    rt = real_traffic(real, score_events(model, real).probability, bundle.thresholds, bundle.spec)
+    comparison["real_traffic"] = {"source": source, **rt}
+
     write_report(out_dir, comparison, label=label, scenario=test.scenario,
-                 scenario_names=test.scenarios, detectors=detectors, model_card=card)
+                 scenario_names=test.scenarios, detectors=detectors, model_card=bundle_card(bundle, model.provider))
     keys = ("roc_auc", "pr_auc", "recall_at_1pct_fpr", "roc_auc_mean_over_scenarios")
     return {
         "split": "test users",
@@ -360,15 +386,20 @@ def evaluate_bundle(bundle_dir: Path, prep: Any, out_dir: Path) -> dict[str, Any
                for q in ("precision", "recall", "fpr")}
             for name, m in comparison["detectors"].items()
         },
+        "real_traffic": real_traffic_summary(rt),
     }
 
 
 def evaluate_file(bundle_dir: Path, events_path: Path, fmt: str, inject_names: list[str],
-                  out_dir: Path) -> dict[str, Any]:
-    """`seqguard evaluate`: split a log by user the way training did, inject, evaluate."""
+                  out_dir: Path, *, aliases: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """`seqguard evaluate`: split a log by user the way training did, inject, evaluate.
+    ``aliases`` (NAME → TYPE, e.g. ``--alias``) go on top of the training run's own, both
+    to read the log and to score it."""
     from app.bundle import load_bundle
     from model_export.train import TrainConfig, prepare
 
     tc = load_bundle(bundle_dir).meta["training"]["train_config"]
     cfg = TrainConfig.from_dict(tc)
-    return evaluate_bundle(bundle_dir, prepare(events_path, fmt, inject_names, cfg), out_dir)
+    cfg.aliases = {**cfg.aliases, **(aliases or {})}
+    prep = prepare(events_path, fmt, inject_names, cfg)
+    return evaluate_bundle(bundle_dir, prep, out_dir, aliases=aliases)

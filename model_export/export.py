@@ -84,9 +84,11 @@ def export(run_dir: Path, out: Path, *, fp16: bool = False, evaluate: bool = Tru
     model, run = load_run(run_dir)
     cfg = TrainConfig.from_dict(run["train_config"])
     src = run["training_data"]
-    prep = prepare(Path(src["path"]), src["format"], list(src["inject"]), cfg)
-    if prep.source["sha256"] != src["sha256"]:
-        raise RuntimeError(f"{src['path']} changed since training (sha256 differs)")
+    files = src.get("files") or [src]
+    prep = prepare([Path(f["path"]) for f in files], src["format"], list(src["inject"]), cfg)
+    for was, now in zip(files, prep.source["files"], strict=True):
+        if was["sha256"] != now["sha256"]:
+            raise RuntimeError(f"{was['path']} changed since training (sha256 differs)")
 
     out.mkdir(parents=True, exist_ok=True)
     onnx_path = out / "model.onnx"
@@ -141,8 +143,14 @@ def _version(onnx_path: Path, meta: dict[str, Any]) -> str:
 
 
 def _fingerprint(src: dict[str, Any]) -> dict[str, Any]:
-    keep = ("name", "format", "sha256", "inject", "splits", "load_report")
-    return {k: src[k] for k in keep if k in src}
+    """What the bundle says of its training data: names and hashes, no local paths."""
+    keep = ("name", "format", "sha256", "files", "inject", "splits", "load_report")
+    out = {k: src[k] for k in keep if k in src}
+    if "files" in out:
+        out["files"] = [{k: v for k, v in f.items() if k != "path"}
+                        | {"load_report": {k: v for k, v in f.get("load_report", {}).items() if k != "path"}}
+                        for f in out["files"]]
+    return out
 
 
 def _write(path: Path, meta: dict[str, Any]) -> None:

@@ -12,9 +12,19 @@ what lets batch scoring run long sequences while online scoring runs single wind
 - GRU / LSTM: run over the W-1 events ending at each position (the sequence unfolded
   into windows), which costs W-1 steps per event.
 
-Outputs per position: the next-event negative log-likelihood of the event given its
-history (``surprise``, self-supervised), the anomaly logit (supervised head, fed the
-hidden state and the per-feature surprises) and the calibrated ``anomaly_probability``.
+Outputs per position: the event's ``surprise`` given its history (self-supervised), the
+anomaly logit (supervised head, fed the hidden state and the per-feature next-event
+negative log-likelihoods) and the calibrated ``anomaly_probability``.
+
+The surprise (``ModelConfig.surprise``): ``"midp"`` (default) sums, over the predicted
+features, −log of twice the mid-p-value of the observed value under the predicted
+distribution (Lancaster, 1961: the probability of the less likely values plus half the
+observed one's), clipped at 0. It is 0 whenever the observed value is no less likely than
+a typical draw, however many values were likely: where the next event is legitimately one
+of several, being one of them is no surprise. DeepLog (Du et al., CCS 2017) draws the same
+line with a hard rule (the observed log key is among the top g predictions); the mid-p
+form is its smooth, ranking version, and summing −log p over features is Fisher's method
+of combining p-values. ``"nll"`` is the plain next-event negative log-likelihood.
 """
 
 from __future__ import annotations
@@ -33,6 +43,10 @@ ARCHS = ("transformer", "gru", "lstm")
 #: Feature columns the next-event heads predict (category hash buckets and hour are
 #: inputs only: too noisy to predict, and not behaviour).
 TARGETS = ("event_type", "item_repeat", "category_new", "gap", "price", "device_change", "country_change")
+SURPRISES = ("midp", "nll")
+#: Temperature (nats) of the smooth "less likely than the observed value" comparison: the
+#: mid-p-value is continuous in the logits, so float error cannot flip it.
+MIDP_TEMPERATURE = 0.05
 
 
 @dataclass
@@ -46,11 +60,14 @@ class ModelConfig:
     d_ff: int = 128
     dropout: float = 0.1
     targets: tuple[str, ...] = TARGETS
+    surprise: str = "midp"  # midp | nll (see the module docstring)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, not {self.arch!r}")
+        if self.surprise not in SURPRISES:
+            raise ValueError(f"surprise must be one of {SURPRISES}, not {self.surprise!r}")
         if len(self.cardinalities) != len(FEATURES):
             raise ValueError("cardinalities must have one entry per feature column")
         self.cardinalities = tuple(int(c) for c in self.cardinalities)
@@ -61,6 +78,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        d = {"surprise": "nll"} | d  # saved before the mid-p surprise existed
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
@@ -214,16 +232,26 @@ class Detector(nn.Module):
         # Next-event prediction of event t from the state after event t-1 (BOS if none).
         prev_valid = F.pad(valid[:, :-1], (1, 0), value=False)  # (B, T)
         h_prev = torch.where(prev_valid[..., None], F.pad(h[:, :-1], (0, 0, 1, 0)), self.bos)
-        nll = torch.stack(
-            [-F.log_softmax(head(h_prev), dim=-1).gather(-1, ids[..., c : c + 1]).squeeze(-1)
-             for head, c in zip(self.next_heads, self.target_cols, strict=True)],
-            dim=-1,
-        )  # (B, T, n_targets)
-        nll = nll * valid[..., None]
-        surprise = nll.sum(dim=-1)  # (B, T)
-        logit = self.anomaly_head(torch.cat([h, nll, surprise[..., None]], dim=-1)).squeeze(-1)
+        logps = [F.log_softmax(head(h_prev), dim=-1) for head in self.next_heads]  # each (B, T, C)
+        observed = [lp.gather(-1, ids[..., c : c + 1]) for lp, c in zip(logps, self.target_cols, strict=True)]
+        nll = -torch.cat(observed, dim=-1) * valid[..., None]  # (B, T, n_targets)
+        total_nll = nll.sum(dim=-1)  # (B, T)
+        if self.cfg.surprise == "midp":
+            surprise = sum(_midp_surprise(lp, o) for lp, o in zip(logps, observed, strict=True)) * valid
+        else:
+            surprise = total_nll
+        logit = self.anomaly_head(torch.cat([h, nll, total_nll[..., None]], dim=-1)).squeeze(-1)
         prob = self.calibration(logit, surprise) * valid
-        return {"anomaly_probability": prob, "surprise": surprise, "logit": logit, "nll": nll}
+        return {"anomaly_probability": prob, "surprise": surprise, "logit": logit, "nll": nll,
+                "total_nll": total_nll}
+
+
+def _midp_surprise(logp: Tensor, observed: Tensor) -> Tensor:
+    """−log min(1, 2·mid-p) of the observed value: ``logp`` (B, T, C) the predicted log
+    distribution, ``observed`` (B, T, 1) the observed value's log probability → (B, T)."""
+    less_likely = torch.sigmoid((observed - logp) / MIDP_TEMPERATURE)  # 1/2 at the observed value itself
+    midp = (logp.exp() * less_likely).sum(dim=-1)
+    return -torch.log((2.0 * midp).clamp(1e-30, 1.0))
 
 
 class Calibration(nn.Module):

@@ -31,9 +31,24 @@ cart_stuffing
     items, never a purchase; half as new accounts, half as a burst inside a real user
     (on the device and session of the real event it follows).
 
-Injected rows get label 1 and their scenario's code, except the first event of a new
-account, which is labelled 0 (nothing about it differs from a new shopper's first
-event); real rows keep their label (0 if none) and scenario 0. New accounts are named
+Each chosen scenario also gets look-alike decoys, labelled normal (label 0, scenario
+``<name>_lookalike``):
+what real shoppers do that resembles it (browsing sprees at human pace, repeat views of
+one item and favourite sprees, quick view → cart → purchase funnels, checkout bursts of
+several purchases and purchases followed by browsing, new interests after a break,
+carting sprees), half as new accounts and half inside real
+users, so that no event type, short history or single trait is evidence by itself.
+
+For evaluation, ``InjectConfig.match_lengths`` cuts every new account to a history
+length drawn from the real users with at least 3 events, so that an account's number of
+events, which a counter could read, says nothing about it.
+
+Injected rows get label 1 and their scenario's code, except the first two events of a
+new account, which are labelled 0 (nothing about a new shopper's first view and a
+favourite 20 s later, or two quick views, tells them from an attack's), and a brushing
+account's events up to its first purchase (a quick view and buy is what new shoppers do;
+the ring shows itself from the second purchase); real rows keep their label (0 if none)
+and scenario 0. New accounts are named
 ``sg-inj-<scenario>-<n>``, have no event id, and get a device/country/session only where
 the log has those columns. Injected times are floored to the log's resolution (whole
 seconds for Taobao and REES46), as its logger would have recorded them.
@@ -57,7 +72,9 @@ NEW_ACCOUNT_PREFIX = "sg-inj-"
 SCENARIOS: tuple[str, ...] = (
     "scraping_bot", "click_farming", "order_brushing", "account_takeover", "cart_stuffing",
 )
-ALL_SCENARIOS: tuple[str, ...] = ("none", *SCENARIOS)  # Events.scenarios of every result
+#: Scenario codes of look-alike decoys (label 0): ``<scenario>_lookalike``.
+LOOKALIKES: tuple[str, ...] = tuple(f"{s}_lookalike" for s in SCENARIOS)
+ALL_SCENARIOS: tuple[str, ...] = ("none", *SCENARIOS, *LOOKALIKES)  # Events.scenarios of every result
 ROLES = ("view", "cart", "fav", "purchase")
 VIEW, CART, FAV, BUY = range(4)
 _COUNTRIES = ("CN", "US", "GB", "DE", "FR", "IN", "BR", "JP", "RU", "NG", "VN", "ID")
@@ -101,6 +118,9 @@ class InjectConfig:
     cart_gap_s: tuple[float, float] = (0.5, 10.0)
     cart_pool: tuple[int, int] = (5, 40)  # popular items the carts cycle over
     cart_real_user_share: float = 0.5  # bursts inside real users rather than new accounts
+    decoy_ratio: float = 1.0  # normal look-alikes per scenario, relative to its actors (0 = none)
+    match_lengths: bool = False  # cut new accounts to history lengths of real users (evaluation)
+    match_min_events: int = 3  # ...drawn from the real users with at least this many events
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.user_fraction <= 1.0 or self.seed < 0:
@@ -438,8 +458,140 @@ def _cart_stuffing(ctx: _Ctx, rng: np.random.Generator) -> list[_Piece]:
     return pieces
 
 
-def _assemble(ctx: _Ctx, name: str, pieces: list[_Piece]) -> Events:
-    """Events of one scenario's pieces, labelled, columns taken from their source rows."""
+def _matched_lengths(ctx: _Ctx, rng: np.random.Generator, pieces: list[_Piece]) -> list[_Piece]:
+    """New accounts cut to history lengths drawn from the real users with at least
+    ``match_min_events`` events (every real user if none has), never under 3 events:
+    then "how many events" cannot tell an injected account from a real user of the
+    same population (the report's user-level negatives), and an evaluation measures
+    behaviour, not length."""
+    lengths = np.diff(ctx.bounds)
+    pool = lengths[lengths >= ctx.cfg.match_min_events]
+    pool = pool if pool.size else lengths[lengths > 0]
+    out = []
+    for p in pieces:
+        if not p.user.startswith(NEW_ACCOUNT_PREFIX) or not pool.size:
+            out.append(p)
+            continue
+        n = min(len(p.ts), max(3, int(rng.choice(pool))))
+        keep = np.argsort(p.ts, kind="stable")[:n]  # the account's first n events
+        cut = [np.asarray(v)[keep] if np.ndim(v) else v for v in (p.ts, p.role, p.src, p.device, p.country, p.session)]
+        out.append(_Piece(p.user, *cut))
+    return out
+
+
+def _lookalikes(ctx: _Ctx, rng: np.random.Generator, name: str) -> list[_Piece]:
+    """Normal look-alikes of scenario ``name`` (labelled 0 by the caller): half inside
+    real users, after one of their events and on its device, half as new accounts."""
+    ev, n = ctx.ev, round(ctx.k * ctx.cfg.decoy_ratio)
+    hosts = ctx.pick_users(rng, 8 if name == "account_takeover" else 1)[:n if name == "account_takeover" else n // 2]
+    ctx.taken[hosts] = True  # a victim of another scenario would get rows with no device of its own
+    ids = ctx.actor_ids(f"decoy-{name}", n - len(hosts))
+    pieces = []
+    for i in range(len(hosts) + len(ids)):
+        role, src, gaps_s = _LOOKALIKES[name](ctx, rng, ctx.rows(hosts[i]) if i < len(hosts) else None)
+        offsets = _cum_ms(gaps_s)
+        if i < len(hosts):
+            rows = ctx.rows(hosts[i])
+            a = rows[rng.integers(len(rows))] if name != "account_takeover" else rows[-1]
+            gap = _BREAK_MS if name == "account_takeover" else 2e3
+            ts = ev.timestamp_ms[a] + rng.uniform(gap, gap + 60e3) + offsets
+            uid = str(ev.user_ids[hosts[i]])
+            cols = tuple(0 if getattr(ev, col) is None else getattr(ev, col)[a]
+                         for col in ("device_id", "country", "session_id"))
+        else:
+            uid = ids[i - len(hosts)]
+            ts, cols = ctx.real_time(rng) + offsets, ctx.actor_columns(rng, ids[i - len(hosts)], [len(role)])
+        pieces.append(_Piece(uid, ctx.fit(ts), np.asarray(role), np.asarray(src), *cols))
+    return pieces
+
+
+def _browse_spree(ctx: _Ctx, rng: np.random.Generator, rows: np.ndarray | None) -> tuple:
+    """(Scraping look-alike) 8–60 views of popular items at human pace, some repeated."""
+    m = _log_int(rng, (8, 60))
+    return np.full(m, VIEW), rng.choice(ctx.popular, m), rng.uniform(2.0, 30.0, m - 1)
+
+
+def _repeat_views(ctx: _Ctx, rng: np.random.Generator, rows: np.ndarray | None) -> tuple:
+    """(Click-farming look-alike) half the time 2–10 views of 1–3 items, 1 s–5 min apart,
+    maybe a favourite, maybe a cart at the end; half the time a favourite spree: 3–12
+    favourites of distinct items of one or two categories, 3–30 s apart, among views."""
+    if rng.random() < 0.5:
+        m = _int(rng, (2, 10))
+        items = rng.choice(ctx.popular, _int(rng, (1, 3)))
+        role = np.where(rng.random(m) < 0.15, FAV, VIEW)
+        if rng.random() < 0.3:
+            role[-1] = CART
+        # 1 s (a reload) to 5 min apart, log-uniform
+        return role, rng.choice(items, m), np.exp(rng.uniform(0.0, np.log(300.0), m - 1))
+    m = _int(rng, (3, 12))
+    src = ctx.shop_items(rng, m) if ctx.cheap.size > m else rng.choice(ctx.popular, m)
+    role = np.where(rng.random(len(src)) < 0.75, FAV, VIEW)
+    return role, src, rng.uniform(3.0, 30.0, len(src) - 1)
+
+
+def _quick_funnel(ctx: _Ctx, rng: np.random.Generator, rows: np.ndarray | None) -> tuple:
+    """(Brushing look-alike) view → (cart) → purchase of 1–3 items within minutes, a
+    checkout burst (several carted items bought in the same second), or a purchase first
+    and then browsing, as a user we first see at checkout."""
+    items = rng.choice(ctx.popular, _int(rng, (1, 3)))
+    kind = rng.random()
+    if kind < 0.25 and len(items) > 1:  # cart them all, then one checkout (or one each)
+        role = [CART] * len(items) + [BUY] * len(items)
+        apart = rng.uniform(20.0, 180.0, len(items) - 1) if rng.random() < 0.5 else np.zeros(len(items) - 1)
+        gaps = [*rng.uniform(10.0, 120.0, len(items)), *apart]
+        return np.array(role), np.concatenate([items, items]), np.array(gaps)
+    if kind < 0.5:  # bought, then browsing on, mostly in the same category
+        m = _int(rng, (2, 8))
+        cat = ctx.ev.category_id
+        near = ctx.popular if cat is None else ctx.popular[cat[ctx.popular] == cat[items[0]]]
+        browse = np.r_[items[:1], rng.choice(near if near.size else ctx.popular, m)]
+        return np.r_[BUY, np.full(m, VIEW)], browse, rng.uniform(10.0, 300.0, m)
+    role, src = [], []
+    for it in items:
+        steps = [VIEW, CART, BUY] if rng.random() < 0.5 else [VIEW, BUY]
+        role += steps
+        src += [it] * len(steps)
+    return np.array(role), np.array(src), rng.uniform(3.0, 120.0, len(role) - 1)
+
+
+def _new_interest(ctx: _Ctx, rng: np.random.Generator, rows: np.ndarray | None) -> tuple:
+    """(Takeover look-alike) after a break, on the user's own device, views, carts and
+    buys 1–4 items of categories the user never touched."""
+    n = _int(rng, (1, 4))
+    items = ctx.foreign_items(rng, rows if rows is not None else np.zeros(0, np.int64), n)
+    role, src = [], []
+    for it in items:
+        steps = [VIEW, CART, BUY] if rng.random() < 0.6 else [VIEW, VIEW, CART]
+        role += steps
+        src += [it] * len(steps)
+    return np.array(role), np.array(src), rng.uniform(5.0, 90.0, len(role) - 1)
+
+
+def _cart_spree(ctx: _Ctx, rng: np.random.Generator, rows: np.ndarray | None) -> tuple:
+    """(Cart-stuffing look-alike) 3–15 add-to-carts of distinct items 3 s–1 min apart,
+    some bought at the end; in 40% of sprees an item is carted again at once, 2–4 times
+    (a quantity raised one click at a time)."""
+    m = _int(rng, (3, 15))
+    items = rng.choice(ctx.popular, m)
+    if rng.random() < 0.4:
+        items = np.repeat(items, np.where(rng.random(m) < 0.3, rng.integers(2, 5, m), 1))[:15]
+        m = len(items)
+    bought = items[rng.random(m) < 0.3]
+    role = np.r_[np.full(m, CART), np.full(len(bought), BUY)]
+    cart_gaps = rng.uniform(3.0, 60.0, m - 1)
+    again = items[1:] == items[:-1]
+    cart_gaps[again] = rng.uniform(1.0, 10.0, int(again.sum()))
+    gaps = np.r_[cart_gaps, rng.uniform(30.0, 300.0, min(1, len(bought))), np.zeros(max(0, len(bought) - 1))]
+    return role, np.r_[items, bought], gaps
+
+
+_LOOKALIKES = {"scraping_bot": _browse_spree, "click_farming": _repeat_views, "order_brushing": _quick_funnel,
+               "account_takeover": _new_interest, "cart_stuffing": _cart_spree}
+
+
+def _assemble(ctx: _Ctx, name: str, pieces: list[_Piece], anomalous: bool = True) -> Events:
+    """Events of one scenario's pieces (or of its look-alikes: ``anomalous=False``,
+    label 0, scenario ``<name>_lookalike``), columns taken from their source rows."""
     ev, sizes = ctx.ev, [len(p.ts) for p in pieces]
     users = np.repeat(np.array([p.user for p in pieces], dtype=object), sizes)
     ids, user = np.unique(users, return_inverse=True)
@@ -450,8 +602,8 @@ def _assemble(ctx: _Ctx, name: str, pieces: list[_Piece]) -> Events:
         "timestamp_ms": ts.astype(np.int64),
         "event_type": ctx.role_type[np.concatenate([p.role for p in pieces])],
         "event_types": ev.event_types,
-        "label": np.ones(len(ts), np.int8),
-        "scenario": np.full(len(ts), ALL_SCENARIOS.index(name), np.int8),
+        "label": np.full(len(ts), int(anomalous), np.int8),
+        "scenario": np.full(len(ts), ALL_SCENARIOS.index(name if anomalous else f"{name}_lookalike"), np.int8),
         "scenarios": ALL_SCENARIOS,
     }
     for col in ("item_id", "category_id", "price"):
@@ -501,8 +653,12 @@ def inject(events: Events, names: Sequence[str], config: InjectConfig = InjectCo
             total = np.cumsum([len(p.ts) for p in pieces])
             pieces = pieces[:max(1, int(np.searchsorted(total, config.max_event_share * len(events),
                                                         side="right")))]
+            if config.match_lengths:
+                pieces = _matched_lengths(ctx, rng, pieces)
         if pieces:
             parts.append(_assemble(ctx, name, pieces))
+        if config.decoy_ratio > 0 and (decoys := _lookalikes(ctx, np.random.default_rng([config.seed, i, 1]), name)):
+            parts.append(_assemble(ctx, name, decoys, anomalous=False))
     for col, (rows, values) in edits.items():
         column = np.zeros(len(base), np.uint64)
         column[rows] = values
@@ -515,5 +671,18 @@ def inject(events: Events, names: Sequence[str], config: InjectConfig = InjectCo
     first[1:] = out.user[1:] != out.user[:-1]
     new_account = np.char.startswith(out.user_ids.astype(str), NEW_ACCOUNT_PREFIX)[out.user]
     label = out.label.copy()
-    label[first & new_account & (out.scenario != 0)] = 0
+    # Nor do a new account's first two events: two events are evidence of nothing (a view
+    # and a favourite 20 s later, two views within a second, are what new shoppers do).
+    second = np.zeros(len(out), bool)
+    second[1:] = first[:-1] & ~first[1:]
+    label[(first | second) & new_account & (out.scenario != 0)] = 0
+    # Nor does a brushing account's first purchase: a new shopper who views an item and
+    # buys it a minute later is ordinary. The ring shows itself from the second purchase.
+    brush = out.scenario == ALL_SCENARIOS.index("order_brushing")
+    if brush.any():
+        buy = brush & (out.event_type == out.event_types.index(ctx.ev.event_types[ctx.role_type[BUY]]))
+        upto = np.cumsum(buy)  # brushing purchases so far, counted from the start of the log...
+        start = np.flatnonzero(first)
+        before = (upto - buy)[start][np.cumsum(first) - 1]  # ...minus those before the user's first row
+        label[brush & (upto - before <= 1)] = 0
     return out.with_columns(label=label)

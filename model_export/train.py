@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from torch.nn import functional as F
 
 from app.events import Events
 from app.features import FeatureSpec, group_starts
+from app.vocabulary import CANONICAL, build_aliases, canonical_names
 from model_export.calibrate import choose_thresholds, fit_calibration
 from model_export.data import read_events, split_by_user
 from model_export.model import Detector, ModelConfig, count_parameters
@@ -52,6 +54,11 @@ class TrainConfig:
     fpr_targets: dict[str, float] = field(default_factory=lambda: {"review": 0.01, "block": 0.001})
     calibration: str = "auto"  # auto | platt | isotonic | tail
     threads: int = 0  # 0 = torch default
+    fpr_unit: str = "event"  # event | user: what the fpr_targets count (see calibrate.choose_thresholds)
+    crops_per_user: int = 2  # mid-history crops of each long training/validation user
+    unknown_type_rate: float = 0.01  # share of normal training events shown with an unknown event type
+    max_batch_rows: int | None = None  # cap on chunks per batch (batches hold batch_size × chunk_len tokens)
+    aliases: dict[str, str] = field(default_factory=dict)  # event type aliases on top of the project's table
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -71,38 +78,110 @@ class Prepared:
     source: dict[str, Any]
     train_real: Events | None = None  # training users before injection
     inject_names: list[str] = field(default_factory=list)
+    real: dict[str, Events] = field(default_factory=dict)  # split → its real users and rows, before injection
 
 
-def prepare(events_path: Path, fmt: str, inject_names: list[str], cfg: TrainConfig) -> Prepared:
-    """Load, split by user, inject scenarios into each split separately, fit the spec."""
-    events, report = read_events(events_path, fmt, dedupe=True, sort=True)  # logs its summary
-    parts = dict(zip(("train", "val", "test"), split_by_user(events, cfg.split, seed=cfg.seed), strict=True))
+def prepare(events_paths: Path | str | Sequence[Path | str], fmt: str, inject_names: list[str],
+            cfg: TrainConfig) -> Prepared:
+    """Load one or more logs, split by user, add mid-history crops to the training and
+    validation users, inject scenarios (and their look-alikes) into each split
+    separately, fit the spec on the training split's normal events.
+
+    Several files are concatenated (rows repeated across files counted once) before the
+    split, so each user lands in one split. ``Prepared.real`` keeps each split's real
+    users as loaded: the held-out real traffic of the report.
+    """
+    paths = [Path(events_paths)] if isinstance(events_paths, str | Path) else [Path(p) for p in events_paths]
+    if not paths:
+        raise ValueError("no event files to train on")
+    loaded = [read_events(p, fmt, dedupe=True, sort=True, aliases=cfg.aliases) for p in paths]  # logs summaries
+    events = _drop_repeats(Events.concat([ev for ev, _ in loaded])) if len(loaded) > 1 else loaded[0][0]
+    events = events.sorted()
+    real = dict(zip(("train", "val", "test"), split_by_user(events, cfg.split, seed=cfg.seed), strict=True))
+    rng = np.random.default_rng(cfg.seed)
+    parts = {name: add_crops(ev, rng, cfg.crops_per_user) if name != "test" else ev for name, ev in real.items()}
     train_real = parts["train"]
     if inject_names:
+        # Validation and test accounts are as long as real users with complete histories:
+        # early stopping and the report measure behaviour, not length.
         parts = {
-            name: inject(ev, inject_names, InjectConfig(seed=cfg.seed * 10 + i))
+            name: inject(ev, inject_names, InjectConfig(seed=cfg.seed * 10 + i, match_lengths=name != "train"))
             for i, (name, ev) in enumerate(parts.items())
         }
     supervised = parts["train"].label is not None and bool(parts["train"].label.any())
     train = parts["train"]
     normal = train.take(train.label == 0) if train.label is not None else train
-    spec = FeatureSpec.fit(normal, window=cfg.window, lookback=cfg.lookback,
-                           utc_offset_minutes=report.utc_offset_minutes)
+    offsets = {r.utc_offset_minutes for _, r in loaded}
+    if len(offsets) > 1:
+        raise ValueError(f"files of different local times ({sorted(offsets)} minutes from UTC) cannot share a model")
+    spec = FeatureSpec.fit(normal, window=cfg.window, lookback=cfg.lookback, utc_offset_minutes=offsets.pop(),
+                           aliases=build_aliases(cfg.aliases))
     feats = {name: spec.transform(ev) for name, ev in parts.items()}
+    files = [{"path": str(p), "name": p.name, "format": r.format, "sha256": file_sha256(p),
+              "load_report": {k: v for k, v in asdict(r).items() if k != "malformed_examples"}}
+             for p, (_, r) in zip(paths, loaded, strict=True)]
     source = {
-        "path": str(events_path),
-        "name": Path(events_path).name,
-        "format": report.format,
+        "path": files[0]["path"], "name": " + ".join(f["name"] for f in files),
+        "format": files[0]["format"], "sha256": files[0]["sha256"],
+        "files": files,
         "inject": inject_names,
-        "sha256": file_sha256(Path(events_path)),
-        "load_report": {k: v for k, v in asdict(report).items() if k != "malformed_examples"},
+        "load_report": files[0]["load_report"],
         "splits": {
             name: {"events": len(ev), "users": int(np.unique(ev.user).size),
-                   "anomalous_events": int(ev.label.sum()) if ev.label is not None else 0}
+                   "anomalous_events": int(ev.label.sum()) if ev.label is not None else 0,
+                   "real_events": len(real[name]), "real_users": int(np.unique(real[name].user).size)}
             for name, ev in parts.items()
         },
     }
-    return Prepared(spec, parts, feats, supervised, source, train_real, list(inject_names))
+    return Prepared(spec, parts, feats, supervised, source, train_real, list(inject_names), real)
+
+
+def add_crops(events: Events, rng: np.random.Generator, per_user: int, min_events: int = 8) -> Events:
+    """``events`` plus, for each user with at least ``min_events`` events, ``per_user``
+    copies of a stretch of its history that starts at a random point (user id
+    ``<id>@crop<k>``), with lengths drawn from the users' own history lengths.
+
+    Real logs often show a user mid-history (a day's stream, a sampled log): the first
+    events we have of a user are rarely its first events. Crops teach the detector that a
+    short history starting with a cart or a purchase is ordinary.
+    """
+    if per_user <= 0 or not len(events):
+        return events
+    ev = events.sorted()
+    starts = np.flatnonzero(np.r_[True, ev.user[1:] != ev.user[:-1]])
+    sizes = np.diff(np.r_[starts, len(ev)])
+    long_users = np.flatnonzero(sizes >= min_events)
+    if not long_users.size:
+        return events
+    rows, users, names = [], [], []
+    for g in np.repeat(long_users, per_user):
+        n = int(sizes[g])
+        a = int(rng.integers(1, n))  # never from the first event: that is the user's real start
+        length = int(min(n - a, sizes[rng.integers(sizes.size)]))
+        rows.append(starts[g] + a + np.arange(length))
+        users.append(np.full(length, len(names), np.int32))
+        names.append(f"{ev.user_ids[ev.user[starts[g]]]}@crop{len(names)}")
+    crops = ev.take(np.concatenate(rows)).with_columns(user=np.concatenate(users),
+                                                       user_ids=np.asarray(names, dtype=object))
+    if crops.event_id is not None:  # ids are unique per event: the copies get their own
+        crops = crops.with_columns(event_id=np.full(len(crops), None, dtype=object))
+    return Events.concat([ev, crops]).sorted()
+
+
+def _drop_repeats(events: Events) -> Events:
+    """Rows equal in user, time, type, item and category to an earlier row dropped (the
+    same event in two sample files of one log)."""
+    cols = [c for c in (events.user, events.timestamp_ms, events.event_type, events.item_id, events.category_id)
+            if c is not None]
+    order = np.lexsort(cols[::-1])
+    same = np.ones(len(events) - 1, bool)
+    for c in cols:
+        same &= c[order][1:] == c[order][:-1]
+    dup = np.zeros(len(events), bool)
+    dup[order[1:][same]] = True
+    if dup.any():
+        log.info("%d rows found in more than one file counted once", int(dup.sum()))
+    return events.take(~dup)
 
 
 def make_chunks(
@@ -152,40 +231,42 @@ def train_model(prep: Prepared, cfg: TrainConfig, progress: bool = True) -> tupl
                        d_ff=cfg.d_ff, dropout=cfg.dropout)
     model = Detector(mcfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    train = prep.splits["train"]
     data = {
-        name: make_chunks(prep.features[name], prep.splits[name].user, prep.splits[name].label,
-                          cfg.chunk_len, cfg.window)
-        for name in ("train", "val")
+        "train": make_chunks(with_unknown_types(prep.features["train"], train.label, cfg.unknown_type_rate, rng),
+                             train.user, train.label, cfg.chunk_len, cfg.window),
+        "val": make_chunks(prep.features["val"], prep.splits["val"].user, prep.splits["val"].label,
+                           cfg.chunk_len, cfg.window),
     }
     pos_weight = _pos_weight(prep.splits["train"].label) if prep.supervised else 1.0
     history: list[dict[str, float]] = []
     best, best_state, bad = float("inf"), None, 0
-    n_batches = -(-data["train"][0].shape[0] // cfg.batch_size)
+    tokens = cfg.batch_size * cfg.chunk_len
+    max_rows = cfg.max_batch_rows
+    n_batches = len(length_batches(data["train"][0], tokens, max_rows=max_rows))
     started = time.perf_counter()
     with _progress(progress) as bar:
         task = bar.add_task(f"train {cfg.arch}", total=cfg.epochs * n_batches)
         for epoch in range(cfg.epochs):
             model.train()
             if epoch and cfg.reinject and prep.inject_names and prep.train_real is not None:
-                data["train"] = _reinjected(prep, cfg, epoch)
+                data["train"] = _reinjected(prep, cfg, epoch, rng)
             x, y, m = data["train"]
-            order = rng.permutation(x.shape[0])
-            total = 0.0
-            for i in range(0, len(order), cfg.batch_size):
-                b = order[i : i + cfg.batch_size]
-                loss, _ = _loss(model, x[b], y[b], m[b], prep.supervised, cfg.aux_weight, pos_weight)
+            total, n_chunks = 0.0, x.shape[0]
+            for b, t in length_batches(x, tokens, rng, max_rows=max_rows):
+                loss, _ = _loss(model, x[b, -t:], y[b, -t:], m[b, -t:], prep.supervised, cfg.aux_weight, pos_weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 total += float(loss.detach()) * len(b)
                 bar.advance(task)
-            val = evaluate_loss(model, data["val"], prep.supervised, cfg.aux_weight, pos_weight)
-            history.append({"epoch": epoch + 1, "train_loss": total / len(order), **val})
+            val = evaluate_loss(model, data["val"], prep.supervised, cfg.aux_weight, pos_weight, tokens)
+            history.append({"epoch": epoch + 1, "train_loss": total / n_chunks, **val})
             # Labels: stop on validation average precision (what the thresholds live on);
             # none: on the next-event loss.
             crit = -val["val_average_precision"] if prep.supervised else val["val_loss"]
-            bar.console.log(f"epoch {epoch + 1}: train {total / len(order):.4f}  "
+            bar.console.log(f"epoch {epoch + 1}: train {total / n_chunks:.4f}  "
                             + "  ".join(f"{k} {v:.4f}" for k, v in val.items()))
             if crit < best - 1e-4:
                 best, bad = crit, 0
@@ -204,14 +285,14 @@ def train_model(prep: Prepared, cfg: TrainConfig, progress: bool = True) -> tupl
 
 @torch.no_grad()
 def evaluate_loss(model: Detector, chunks: tuple[np.ndarray, np.ndarray, np.ndarray], supervised: bool,
-                  aux_weight: float, pos_weight: float, batch: int = 256) -> dict[str, float]:
+                  aux_weight: float, pos_weight: float, tokens: int = 32768) -> dict[str, float]:
     model.eval()
     x, y, m = chunks
     tot, n = 0.0, 0
     parts: dict[str, float] = {}
     logits, labels = [], []
-    for i in range(0, x.shape[0], batch):
-        xb, yb, mb = x[i : i + batch], y[i : i + batch], m[i : i + batch]
+    for b, t in length_batches(x, tokens):
+        xb, yb, mb = x[b, -t:], y[b, -t:], m[b, -t:]
         loss, comp = _loss(model, xb, yb, mb, supervised, aux_weight, pos_weight)
         k = xb.shape[0]
         tot, n = tot + float(loss) * k, n + k
@@ -234,30 +315,66 @@ def score_splits(
 ) -> dict[str, dict[str, np.ndarray]]:
     """Per-event logit, surprise and probability of each named split (PyTorch, exact windows)."""
     out = {}
+    keys = ("logit", "surprise", "anomaly_probability")
     for name in names:
         x, _, m = make_chunks(prep.features[name], prep.splits[name].user, None, 256, model.cfg.window)
-        res: dict[str, list[np.ndarray]] = {"logit": [], "surprise": [], "anomaly_probability": []}
-        for i in range(0, x.shape[0], 128):
-            o = model(torch.from_numpy(x[i : i + 128]))
-            keep = m[i : i + 128] & (x[i : i + 128, :, 0] != 0)
-            for k in res:
-                res[k].append(o[k].numpy()[keep])
-        out[name] = {k: np.concatenate(v) for k, v in res.items()}
+        res: dict[str, list[np.ndarray]] = {k: [np.empty(0, np.float32)] * x.shape[0] for k in keys}
+        for b, t in length_batches(x, 32768):
+            o = model(torch.from_numpy(x[b, -t:]))
+            keep = m[b, -t:] & (x[b, -t:, 0] != 0)
+            for k in keys:
+                values = o[k].numpy()
+                for j, chunk in enumerate(b.tolist()):
+                    res[k][chunk] = values[j][keep[j]]
+        out[name] = {k: np.concatenate(v) if v else np.empty(0, np.float32) for k, v in res.items()}
     return out
 
 
-def run(events_path: Path, fmt: str, inject_names: list[str], cfg: TrainConfig, out: Path,
+def length_batches(x: np.ndarray, tokens: int, rng: np.random.Generator | None = None,
+                   quantum: int = 8, max_rows: int | None = None) -> list[tuple[np.ndarray, int]]:
+    """Batches of chunks of similar length: ``(chunk indices, T)`` with T the batch's
+    longest chunk rounded up to ``quantum``, at most ``tokens`` chunk rows × T each (and
+    at most ``max_rows`` rows: short sequences still take many optimizer steps).
+
+    Chunks are right-aligned (``make_chunks`` pads on the left), so ``x[b, -T:]`` drops
+    only padding. A log of mostly short users (a day's stream: 1–4 events each) then
+    costs its events, not 128 padded positions a user. With ``rng``: shuffled within
+    equal lengths and in batch order (training); without: in length order (evaluation).
+    """
+    n = x.shape[0]
+    if n == 0:
+        return []
+    length = (x[..., 0] != 0).sum(axis=1)
+    padded = np.maximum(quantum, -(-length // quantum) * quantum)
+    tie = rng.permutation(n) if rng is not None else np.arange(n)
+    order = tie[np.argsort(padded[tie], kind="stable")]
+    batches, i = [], 0
+    while i < n:
+        t = int(padded[order[i]])
+        j = i
+        while j < n and (j - i + 1) * max(t, int(padded[order[j]])) <= tokens and (
+                max_rows is None or j - i < max_rows):
+            t = max(t, int(padded[order[j]]))
+            j += 1
+        j = max(j, i + 1)
+        batches.append((order[i:j], t))
+        i = j
+    if rng is not None:
+        batches = [batches[k] for k in rng.permutation(len(batches))]
+    return batches
+
+
+def run(events_paths: Path | Sequence[Path], fmt: str, inject_names: list[str], cfg: TrainConfig, out: Path,
         progress: bool = True) -> dict[str, Any]:
     """The whole of `seqguard train`. Returns the run summary written to run.json."""
-    prep = prepare(events_path, fmt, inject_names, cfg)
+    prep = prepare(events_paths, fmt, inject_names, cfg)
     model, info = train_model(prep, cfg, progress)
     val = score_splits(model, prep)["val"]
     y_val = prep.splits["val"].label if prep.supervised else None
     kind = cfg.calibration if cfg.calibration != "auto" else ("platt" if prep.supervised else "tail")
     fit_calibration(model.calibration, kind, logit=val["logit"], surprise=val["surprise"], label=y_val)
     prob = score_splits(model, prep)["val"]["anomaly_probability"]
-    normal = prob if y_val is None else prob[y_val == 0]
-    thresholds = choose_thresholds(normal, cfg.fpr_targets)
+    thresholds = _thresholds(prep, cfg, prob)
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"config": model.cfg.to_dict(), "state_dict": model.state_dict(),
                 "calibration": model.calibration.describe()}, out / "model.pt")
@@ -274,6 +391,22 @@ def run(events_path: Path, fmt: str, inject_names: list[str], cfg: TrainConfig, 
     return summary
 
 
+def _thresholds(prep: Prepared, cfg: TrainConfig, prob: np.ndarray) -> dict[str, Any]:
+    """Review and block on the validation users' normal events (``prob`` in row order of
+    the validation split): per ``cfg.fpr_unit``, every canonical type held to twice the
+    target (event unit); the user unit counts users with no anomalous event."""
+    val = prep.splits["val"]
+    label = val.label if val.label is not None else np.zeros(len(val), np.int8)
+    types = np.asarray(canonical_names(val.event_types, prep.spec.aliases), dtype=object)[val.event_type]
+    normal = label == 0
+    if cfg.fpr_unit == "user":
+        tainted = np.zeros(val.n_users, bool)
+        tainted[val.user[label != 0]] = True
+        normal &= ~tainted[val.user]
+    return choose_thresholds(prob[normal], cfg.fpr_targets, event_types=types[normal], users=val.user[normal],
+                             unit=cfg.fpr_unit, constrained_types=CANONICAL)
+
+
 def load_run(run_dir: Path) -> tuple[Detector, dict[str, Any]]:
     """The trained detector (eval mode, calibrated) and the run summary of a run directory."""
     summary = orjson.loads((run_dir / "run.json").read_bytes())
@@ -286,11 +419,32 @@ def load_run(run_dir: Path) -> tuple[Detector, dict[str, Any]]:
     return model.eval(), summary
 
 
-def _reinjected(prep: Prepared, cfg: TrainConfig, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Training chunks with a fresh draw of every scenario (seeds disjoint from val/test)."""
+def _reinjected(prep: Prepared, cfg: TrainConfig, epoch: int,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Training chunks with a fresh draw of every scenario and its look-alikes (seeds
+    disjoint from val/test)."""
     assert prep.train_real is not None
-    ev = inject(prep.train_real, prep.inject_names, InjectConfig(seed=cfg.seed * 10 + 1000 + epoch))
-    return make_chunks(prep.spec.transform(ev), ev.user, ev.label, cfg.chunk_len, cfg.window)
+    # Every other epoch the new accounts are cut to real users' lengths, as in evaluation.
+    ev = inject(prep.train_real, prep.inject_names,
+                InjectConfig(seed=cfg.seed * 10 + 1000 + epoch, match_lengths=epoch % 2 == 1))
+    feats = with_unknown_types(prep.spec.transform(ev), ev.label, cfg.unknown_type_rate, rng)
+    return make_chunks(feats, ev.user, ev.label, cfg.chunk_len, cfg.window)
+
+
+def with_unknown_types(features: np.ndarray, label: np.ndarray | None, rate: float,
+                       rng: np.random.Generator) -> np.ndarray:
+    """``features`` (N, F) with the event type of a ``rate`` share of the normal events
+    replaced by the out-of-vocabulary id (1): what an event type the model never saw
+    means is then learnt from normal behaviour, so being unknown is no evidence by itself
+    (as word dropout teaches a language model its unknown token)."""
+    if rate <= 0:
+        return features
+    hit = rng.random(features.shape[0]) < rate
+    if label is not None:
+        hit &= label == 0
+    out = features.copy()
+    out[hit, 0] = 1
+    return out
 
 
 def file_sha256(path: Path) -> str:
@@ -308,7 +462,7 @@ def _loss(model: Detector, x: np.ndarray, y: np.ndarray, m: np.ndarray, supervis
     mask = torch.from_numpy(m) & (xt[..., 0] != 0)  # (B, T) trained, real events
     yt = torch.from_numpy(y)
     normal = mask & (yt == 0)
-    nll = (out["surprise"] * normal).sum() / normal.sum().clamp_min(1)
+    nll = (out["total_nll"] * normal).sum() / normal.sum().clamp_min(1)
     if not supervised:
         return nll, {"nll": float(nll.detach())}
     bce = F.binary_cross_entropy_with_logits(

@@ -16,7 +16,10 @@ from model_export.baselines import (
     IsolationForestBaseline,
     RateRule,
     default_baselines,
+    distinct_per_user,
+    max_events_within,
     top_type_names,
+    user_rule_scores,
     window_aggregates,
 )
 
@@ -217,3 +220,49 @@ def test_rate_rule_ranks_a_burst_above_a_slow_user() -> None:
     assert np.all((s > 0) & (s < 1))
     with pytest.raises(ValueError, match="sorted"):
         RateRule().score(ev.take(np.arange(len(ev))[::-1]))
+
+
+# -- per-user rules ------------------------------------------------------------------------
+
+
+def _rule_events(**extra: list) -> Events:
+    rows = [  # user, seconds after T0, category, item
+        ("a", 0, "c1", "i1"), ("a", 100, "c2", "i1"), ("a", 300, "c1", "i2"),  # 0..300 s: 3 (ends included)
+        ("a", 301, None, "i3"), ("a", 1000, "c3", "i3"),
+        ("b", 50, "c1", "i9"),
+        ("c", 0, "c1", "i1"), ("c", 301, "c1", "i1"), ("c", 602, "c2", None),  # always > 300 s apart
+        ("d", 7, None, None), ("d", 7, None, None),  # same second
+    ]
+    records = [{"user_id": u, "event_type": "view", "timestamp": T0 + 1000 * t, "category_id": c,
+                "item_id": i} for u, t, c, i in rows]
+    for name, values in extra.items():
+        for r, v in zip(records, values, strict=True):
+            r[name] = v
+    ev = Events.from_records(records[::-1])  # any row order
+    return ev.take(np.argsort(ev.user_id_strings(), kind="stable"))
+
+
+def test_max_events_within_5_minutes_by_hand() -> None:
+    ev = _rule_events()
+    assert ev.user_ids.tolist() == ["a", "b", "c", "d"]
+    # a: 0,100,300 (3) and 100,300,301 (3); c: never two within 300 s; d: two at once.
+    assert max_events_within(ev).tolist() == [3, 1, 1, 2]
+    assert max_events_within(ev, 301).tolist() == [4, 1, 2, 2]  # a: 0..301
+    assert max_events_within(ev, 0).tolist() == [1, 1, 1, 2]
+    none = ev.take(np.zeros(len(ev), bool))
+    assert max_events_within(none).tolist() == [0, 0, 0, 0]  # dictionary kept, no events
+
+
+def test_distinct_categories_and_items_by_hand() -> None:
+    ev = _rule_events()
+    scores = user_rule_scores(ev)
+    assert list(scores) == ["user_events", "max_events_5min", "distinct_categories"]
+    assert scores["user_events"].tolist() == [5, 1, 3, 2]
+    assert scores["max_events_5min"].tolist() == [3, 1, 1, 2]
+    assert scores["distinct_categories"].tolist() == [3, 1, 2, 0]  # a missing category is no category
+    no_category = ev.with_columns(category_id=None)
+    assert "distinct_categories" not in user_rule_scores(no_category)
+    assert user_rule_scores(no_category)["distinct_items"].tolist() == [3, 1, 1, 0]
+    assert list(user_rule_scores(no_category.with_columns(item_id=None))) == ["user_events", "max_events_5min"]
+    users = np.array([1, 1, 1, 0])
+    assert distinct_per_user(np.array([4, 4, 0, 0], np.uint64), users, 3).tolist() == [0, 1, 0]

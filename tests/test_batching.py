@@ -151,3 +151,21 @@ def test_a_full_queue_is_refused_at_once(model, users):
             await b.stop()
 
     asyncio.run(main())
+
+
+def test_unknown_types_of_the_scored_events_only_are_counted(model, users):
+    """A window's history was counted when it was scored: only each window's last event
+    counts, under its raw name; aliased names are known."""
+    metrics = Metrics()
+    base = users[0][:5]
+
+    def ending(*types: str) -> list[dict[str, Any]]:
+        return [dict(e, event_type=t) for e, t in zip(base[-len(types):], types, strict=True)]
+
+    jobs = [[ending("login", "login", "pv")], [ending("pv", "login")], [ending("login", "Login"), ending("signup")],
+            [ending("addtocart", "transaction", "clicks")]]
+    run_batcher(model, metrics, jobs, max_batch=2)
+    body = metrics.render()[0].decode()
+    counted = {line.split('"')[1]: float(line.split()[-1]) for line in body.splitlines()
+               if line.startswith("seqguard_unknown_event_types_total{")}
+    assert counted == {"login": 1.0, "Login": 1.0, "signup": 1.0}

@@ -68,3 +68,43 @@ def test_cut_off_last_line_is_skipped_and_counted(tmp_path):
     assert res.exit_code == 0, res.output
     assert len((tmp_path / "r.jsonl").read_bytes().splitlines()) == 500
     assert "1 malformed" in " ".join(res.output.split())
+
+
+def score_log(tmp_path: Path, types: list[str], *extra: str) -> str:
+    f = tmp_path / "events.csv"
+    f.write_text("user_id,event_type,timestamp\n" + "".join(
+        f"u{i % 7},{t},{1_700_000_000_000 + 1000 * i}\n" for i, t in enumerate(types)))
+    res = runner.invoke(cli, ["score", "app/bundles/default", "--events", str(f), "--out", str(tmp_path / "r.jsonl"),
+                              *extra])
+    assert res.exit_code == 0, res.output
+    assert len((tmp_path / "r.jsonl").read_bytes().splitlines()) == len(types)
+    return " ".join(res.output.split())
+
+
+def test_score_reports_unknown_event_types_and_warns_past_one_percent(tmp_path):
+    types = ["pv", "addtocart", "view", "buy"] * 24 + ["login", "login", "signup", "pv"]  # 3 of 100 unknown
+    out = score_log(tmp_path, types)
+    assert "unknown event types: 3.00% of events (3): login 2.00% (2), signup 1.00% (1)" in out
+    assert "warning: 3.00% of the events have an event type the model does not know" in out
+    assert "--alias NAME=TYPE" in out and "pv→view" in out  # the loader's renames, in the load summary
+    # Aliased, they are known; at 1% or less, reported without a warning.
+    out = score_log(tmp_path, types, "--alias", "login=view", "--alias", "SignUp=view")
+    assert "unknown event types: none" in out and "warning" not in out
+    out = score_log(tmp_path, types, "--alias", "login=view")
+    assert "unknown event types: 1.00% of events (1): signup 1.00% (1)" in out and "warning" not in out
+
+
+@pytest.mark.parametrize("command", [
+    ["train", "--events", str(TAOBAO_100), "--out", "unused-run"],
+    ["score", "app/bundles/default", "--events", str(TAOBAO_100), "--out", "unused.jsonl"],
+    ["evaluate", "app/bundles/default", "--events", str(TAOBAO_100), "--out", "unused-report"],
+    ["serve", "--port", "1"],
+])
+@pytest.mark.parametrize("alias", ["checkout", "=purchase", "checkout="])
+def test_bad_alias_is_one_clear_line(command, alias, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(cli, [*command, "--alias", "buy=purchase", "--alias", alias])
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert lines == [f"error: alias {alias!r}: expected NAME=TYPE, e.g. addtocart=cart"]
+    assert not list(tmp_path.iterdir())  # nothing started, nothing written

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from app.events import HASHED_FIELDS, Events, hash_strings, parse_timestamp_ms
+from app.vocabulary import canonical
 from model_export.data import (
     FORMATS,
     DataError,
@@ -72,7 +73,7 @@ def test_taobao_slice_matches_the_standard_library_reading(
     warned = [r for r in caplog.records if r.name == "seqguard.data" and r.levelname == "WARNING"]
     assert len(warned) == 1 and "skipped 1 malformed of 300 rows" in warned[0].getMessage()
     assert list(events.user_id_strings()) == [r[0] for r in good]
-    assert list(events.event_type_names()) == [r[3] for r in good]
+    assert list(events.event_type_names()) == [canonical(r[3]) for r in good]  # pv → view, ...
     np.testing.assert_array_equal(events.timestamp_ms, [int(r[4]) * 1000 for r in good])
     np.testing.assert_array_equal(events.item_id, hash_strings(r[1] for r in good))
     np.testing.assert_array_equal(events.category_id, hash_strings(r[2] for r in good))
@@ -121,7 +122,7 @@ def test_retailrocket_layout(tmp_path: Path) -> None:
                 "1433224214999,992329,transaction,248676,4000\n")
     events, report = read_events(path, sort=False)
     assert report.format == detect_format(path) == "retailrocket"
-    assert list(events.event_type_names()) == ["view", "addtocart", "transaction"]
+    assert list(events.event_type_names()) == ["view", "cart", "purchase"]  # canonical names
     assert list(events.user_id_strings()) == ["257597", "992329", "992329"]
     assert list(events.timestamp_ms) == [1433221332117, 1433224214164, 1433224214999]
     np.testing.assert_array_equal(events.item_id, hash_strings(["355908", "248676", "248676"]))
@@ -134,7 +135,7 @@ def test_full_taobao_head_sample() -> None:
     assert report.rows_read == 84_476 and report.duplicates_dropped == 0
     names, counts = np.unique(events.event_type_names(), return_counts=True)
     assert dict(zip(names.tolist(), counts.tolist(), strict=True)) == {
-        "pv": 75_872, "cart": 4_497, "fav": 2_356, "buy": 1_750}
+        "view": 75_872, "cart": 4_497, "favorite": 2_356, "purchase": 1_750}  # pv, cart, fav, buy
     assert "1 malformed" in report.summary()
 
 
@@ -214,7 +215,7 @@ def test_generic_round_trip(tmp_path: Path, name: str, fmt: str) -> None:
     assert detect_format(path) == fmt
     events, report = read_events(path, sort=False)
     assert (report.format, report.rows_read, report.malformed) == (fmt, 5, 0)
-    assert_same_events(events, Events.from_records(RECORDS))
+    assert_same_events(events, Events.from_records(RECORDS).with_canonical_types())  # addtocart → cart
     assert events.timestamp_ms[2] == int(datetime(2024, 3, 1, 9, 0, 0, 250000,
                                                   tzinfo=UTC).timestamp() * 1000)
     assert events.price.dtype == np.float32 and np.isnan(events.price[1])

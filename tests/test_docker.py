@@ -49,6 +49,7 @@ CONTRACT_METRICS = {
     "seqguard_window_store_duration_seconds",
     "seqguard_window_store_errors_total",
     "seqguard_duplicate_events_total",
+    "seqguard_unknown_event_types_total",
     "seqguard_model_info",
 }
 HISTOGRAMS = {
@@ -58,7 +59,7 @@ HISTOGRAMS = {
     "seqguard_inference_duration_seconds",
     "seqguard_window_store_duration_seconds",
 }
-CONTRACT_LABELS = {"route", "status", "path", "decision", "op", "version", "provider", "arch", "le"}
+CONTRACT_LABELS = {"route", "status", "path", "decision", "op", "version", "provider", "arch", "event_type", "le"}
 SERVICES = {"redis", "seqguard", "prometheus", "grafana"}
 
 

@@ -9,7 +9,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.events import Events, hash_strings
-from app.features import FEATURES, PAD, FeatureSpec, group_starts, last_windows
+from app.features import (
+    DISTINCT_EDGES,
+    FEATURES,
+    PAD,
+    RECENT_EDGES,
+    RECENT_WINDOWS_S,
+    FeatureSpec,
+    group_starts,
+    last_windows,
+)
 
 TYPES = ["view", "cart", "buy", "fav"]
 
@@ -85,6 +94,70 @@ def test_last_window_needs_only_window_plus_lookback_events(recs, keep):
         part = spec.transform(ev.take(np.arange(lo, end)))
         w = min(spec.window, end - lo)
         assert np.array_equal(part[-w:], full[end - w : end])
+
+
+@settings(max_examples=60, deadline=None)
+@given(records, st.integers(0, 6))
+def test_pace_and_variety_columns_equal_a_plain_loop(recs, lookback):
+    """recent_1m / recent_5m count the user's earlier events within 60 / 300 s among the
+    last `lookback`; distinct_* count distinct items / categories in the event and its
+    `lookback` before: checked against the obvious loop."""
+    ev = Events.from_records(recs).sorted()
+    spec = fitted(ev, lookback=lookback)
+    f = spec.transform(ev)
+    col = {n: f[:, i] for i, n in enumerate(FEATURES)}
+    ts, user = ev.timestamp_ms.tolist(), ev.user.tolist()
+    for i in range(len(ev)):
+        span = [j for j in range(max(0, i - lookback), i + 1) if user[j] == user[i]]
+        for name, seconds in zip(("recent_1m", "recent_5m"), RECENT_WINDOWS_S, strict=True):
+            n = sum(1 for j in span if j < i and ts[i] - ts[j] <= seconds * 1000)
+            assert col[name][i] == 1 + np.searchsorted(RECENT_EDGES, n, side="right"), (name, i)
+        for name, values in (("distinct_items", ev.item_id), ("distinct_categories", ev.category_id)):
+            if values is None:  # the source has no such column
+                assert col[name][i] == 1
+                continue
+            n = len({int(values[j]) for j in span if values[j] != 0})
+            assert col[name][i] == 2 + np.searchsorted(DISTINCT_EDGES, n, side="right"), (name, i)
+
+
+def test_pace_columns_by_hand():
+    ev = Events.from_records([{"user_id": "u", "event_type": "view", "timestamp": t * 1000, "item_id": i}
+                              for t, i in ((0, "a"), (10, "b"), (20, "a"), (100, "c"), (1000, "d"))])
+    f = FeatureSpec.fit(ev, lookback=16).transform(ev)
+    col = {n: f[:, i].tolist() for i, n in enumerate(FEATURES)}
+    assert col["recent_1m"] == [1, 2, 3, 1, 1]  # 0, 1, 2, 0, 0 earlier events within 60 s
+    assert col["recent_5m"] == [1, 2, 3, 4, 1]  # 0, 1, 2, 3 (3-4 bucket), 0
+    assert col["distinct_items"] == [3, 4, 4, 5, 5]  # 1, 2, 2, 3, 4 distinct items so far
+    assert col["distinct_categories"] == [1] * 5  # no category column
+
+
+def test_aliases_map_every_store_onto_one_vocabulary():
+    """A model fitted on Taobao names scores RetailRocket's, OTTO's and canonical names
+    alike; a name it never saw is unknown, and a deployment alias fixes that."""
+    taobao = Events.from_records([{"user_id": "u", "event_type": t, "timestamp": i}
+                                  for i, t in enumerate(["pv", "pv", "cart", "fav", "buy"])])
+    spec = FeatureSpec.fit(taobao)
+    assert set(spec.event_types) == {"view", "cart", "favorite", "purchase"}
+    ids = {tuple(spec.type_ids(names).tolist()) for names in (
+        ["pv", "cart", "buy"], ["view", "addtocart", "transaction"], ["clicks", "carts", "orders"],
+        ["VIEW", "Cart", "purchase"], ["click", "cart", "alipay"])}
+    assert len(ids) == 1 and 1 not in next(iter(ids))
+    assert spec.type_ids(["checkout"]).tolist() == [1]
+    buy = spec.type_ids(["buy"]).tolist()
+    assert spec.with_aliases({"checkout": "purchase"}).type_ids(["checkout"]).tolist() == buy
+    restored = FeatureSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
+    assert restored.aliases == spec.aliases
+    assert restored.type_ids(["addtocart"]).tolist() == spec.type_ids(["cart"]).tolist()
+
+
+def test_prices_are_missing_to_a_model_that_never_saw_one():
+    """A model fitted on a log without prices (Taobao) scoring a store with prices
+    (REES46) must not meet price ids it never learnt."""
+    no_price = Events.from_records([{"user_id": "u", "event_type": "pv", "timestamp": i} for i in range(3)])
+    priced = Events.from_records([{"user_id": "u", "event_type": "pv", "timestamp": 0, "price": 9.5}])
+    col = FEATURES.index("price")
+    assert FeatureSpec.fit(no_price).transform(priced)[0, col] == 1
+    assert FeatureSpec.fit(priced).transform(priced)[0, col] >= 2
 
 
 def test_repeat_flags_and_changes_by_hand():

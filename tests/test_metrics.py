@@ -13,9 +13,11 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from app import metrics as metrics_module
 from app.metrics import (
     MULTIPROC_ENV,
     PROBABILITY_BUCKETS,
+    UNKNOWN_TYPE_LABELS,
     Metrics,
     mark_process_dead,
     reset_multiproc_dir,
@@ -34,6 +36,7 @@ CONTRACT = {
     "seqguard_window_store_errors_total": "counter",
     "seqguard_duplicate_events_total": "counter",
     "seqguard_model_info": "gauge",
+    "seqguard_unknown_event_types_total": "counter",
 }
 
 
@@ -94,6 +97,43 @@ def test_helpers_update_values() -> None:
     assert value(m, "seqguard_window_store_duration_seconds_count", op="append") == 1
     assert value(m, "seqguard_window_store_errors_total") == 1
     assert value(m, "seqguard_duplicate_events_total") == 3
+
+
+def test_unknown_event_types_bounded_labels_and_one_warning_each(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    m = Metrics()
+    m.track_unknown_types({"login": 3, "logout": 0})
+    m.track_unknown_types({"login": 2})
+    assert value(m, "seqguard_unknown_event_types_total", event_type="login") == 5
+    assert value(m, "seqguard_unknown_event_types_total", event_type="logout") is None  # no events, no series
+    names = [f"t{i:02d}" for i in range(UNKNOWN_TYPE_LABELS + 5)]  # login + these: 26 distinct names
+    for name in names:
+        m.track_unknown_types({name: 1})
+    m.track_unknown_types({names[-1]: 4, names[0]: 1})
+    labelled = UNKNOWN_TYPE_LABELS - 1  # the first names after login
+    for name in names[:labelled]:
+        assert value(m, "seqguard_unknown_event_types_total", event_type=name) == 1 + (name == names[0])
+    for name in names[labelled:]:
+        assert value(m, "seqguard_unknown_event_types_total", event_type=name) is None
+    assert value(m, "seqguard_unknown_event_types_total", event_type="other") == len(names) - labelled + 4
+    series = [line for line in m.render()[0].decode().splitlines()
+              if line.startswith("seqguard_unknown_event_types_total{")]
+    assert len(series) == UNKNOWN_TYPE_LABELS + 1  # the bounded label set, plus "other"
+    warned = [r.getMessage() for r in caplog.records if r.name == "seqguard.vocabulary"]
+    assert len(warned) == 1 + len(names)  # once per name, however often it comes
+    assert "'login' is unknown to the model" in warned[0] and "out-of-vocabulary id" in warned[0]
+    assert """SEQGUARD_EVENT_ALIASES='{"login": "TYPE"}'""" in warned[0] and "--alias NAME=TYPE" in warned[0]
+
+    # The warnings' memory is bounded too: past it, one last line, then silence.
+    caplog.clear()
+    monkeypatch.setattr(metrics_module, "UNKNOWN_TYPE_WARNINGS", 3)
+    small = Metrics()
+    for i in range(6):
+        small.track_unknown_types({f"x{i}\nforged log line": 1})
+    warned = [r.getMessage() for r in caplog.records if r.name == "seqguard.vocabulary"]
+    assert len(warned) == 4 and "no more warnings" in warned[-1]
+    assert all("\n" not in w for w in warned)  # a name cannot forge log lines
+    assert value(small, "seqguard_unknown_event_types_total", event_type="x5\nforged log line") == 1
 
 
 def test_fixed_label_values_exist_at_zero() -> None:

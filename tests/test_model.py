@@ -13,12 +13,13 @@ from model_export.model import (
     Calibration,
     Detector,
     ModelConfig,
+    _midp_surprise,
     layer_bands,
     piecewise_linear,
 )
 from model_export.train import make_chunks
 
-CARD = (7, 20, 4, 4, 12, 6, 25, 4, 4)
+CARD = (7, 20, 4, 4, 12, 6, 25, 4, 4, 7, 7, 9, 9)
 
 
 def random_ids(b: int, t: int, seed: int = 0) -> torch.Tensor:
@@ -151,3 +152,47 @@ def test_thresholds_reach_their_false_positive_rates_on_validation():
     assert np.mean(normal >= t["block"]) <= 0.001
     assert t["chosen"]["review"]["validation_fpr"] == pytest.approx(0.01, abs=0.001)
     assert threshold_at_fpr(np.array([0.5] * 10), 0.05) > 0.5  # ties: never flag every normal event
+
+
+def _midp(probs: list[float], observed: int) -> float:
+    logp = torch.log(torch.tensor(probs, dtype=torch.float32))[None, None]  # (1, 1, C)
+    return float(_midp_surprise(logp, logp[..., observed : observed + 1])[0, 0])
+
+
+def test_midp_surprise_is_zero_for_any_of_several_likely_values():
+    """Where the next event is legitimately one of several, being one of them is no
+    surprise (DeepLog's top-g rule, smoothed); the plain NLL would say 1.1 nats."""
+    assert _midp([1 / 3, 1 / 3, 1 / 3], 0) == pytest.approx(0.0, abs=1e-6)
+    assert _midp([0.45, 0.45, 0.05, 0.05], 1) == pytest.approx(0.0, abs=1e-6)
+    assert _midp([0.97, 0.01, 0.01, 0.01], 0) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_midp_surprise_grows_as_the_observed_value_gets_rarer():
+    s = [_midp([0.9, 0.09, 0.009, 0.001], k) for k in range(4)]
+    assert s[0] == pytest.approx(0.0, abs=1e-6)
+    assert s[1] < s[2] < s[3]
+    assert s[3] == pytest.approx(-np.log(0.001), rel=0.05)  # the least likely: about -log(p)
+
+
+def test_midp_surprise_is_continuous_in_the_logits():
+    """Ties between near-equal probabilities cannot flip it: float error stays small."""
+    base = torch.tensor([[[-1.0, -1.0 + 1e-6, -3.0, -6.0]]])
+    for obs in range(4):
+        a = _midp_surprise(base, base[..., obs : obs + 1])
+        pert = base + torch.tensor([[[1e-5, -1e-5, 1e-5, -1e-5]]])
+        b = _midp_surprise(pert, pert[..., obs : obs + 1])
+        assert float((a - b).abs().max()) < 1e-3
+
+
+def test_detector_surprise_kinds():
+    ids = random_ids(2, 12)
+    out = {}
+    for kind in ("midp", "nll"):
+        torch.manual_seed(0)
+        out[kind] = Detector(ModelConfig(CARD, window=16, surprise=kind)).eval()(ids)
+    assert torch.allclose(out["nll"]["surprise"], out["nll"]["total_nll"])
+    assert bool((out["midp"]["surprise"] <= out["midp"]["total_nll"] + 1e-5).all())  # −log(2 midp) ≤ −log p
+    assert torch.allclose(out["midp"]["total_nll"], out["nll"]["total_nll"])
+    assert ModelConfig.from_dict({"cardinalities": list(CARD)}).surprise == "nll"  # saved before midp existed
+    with pytest.raises(ValueError, match="surprise"):
+        ModelConfig(CARD, surprise="rank")

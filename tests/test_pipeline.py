@@ -12,7 +12,7 @@ from conftest import TAOBAO_100, WINDOW, invoke
 
 from app.bundle import load_bundle
 from app.decisions import decide
-from model_export.evaluate import REPORT_FILES
+from model_export.report import REPORT_FILES
 
 
 def test_bundle_has_everything_the_contract_lists(trained):

@@ -12,6 +12,8 @@ import pytest
 
 from app.events import Events, hash_strings
 from model_export.scenarios import (
+    LOOKALIKES,
+    NEW_ACCOUNT_PREFIX,
     SCENARIOS,
     InjectConfig,
     inject,
@@ -86,14 +88,28 @@ def gaps_s(ev: Events, rows: np.ndarray) -> np.ndarray:
 
 
 def test_labels_mark_exactly_the_injected_events(taobao: Events, injected: Events) -> None:
-    assert injected.scenarios == ("none", *SCENARIOS)
+    assert injected.scenarios == ("none", *SCENARIOS, *LOOKALIKES)
     assert injected.label.dtype == np.int8 and injected.scenario.dtype == np.int8
     new = np.char.startswith(injected.user_id_strings().astype(str), "sg-inj-")
     first = np.append(True, injected.user[1:] != injected.user[:-1])
-    # Injected rows carry their scenario; all are labelled but a new account's first event.
-    assert np.array_equal(injected.label == 1, (injected.scenario != 0) & ~(first & new))
+    attack = np.isin(injected.scenario, [CODE[n] for n in SCENARIOS])
+    # Injected rows carry their scenario; all are labelled but a new account's first event
+    # and a brushing account's events up to its first purchase.
+    brush = injected.scenario == CODE["order_brushing"]
+    before_second_buy = np.zeros(len(injected), bool)
+    for rows in rows_of(injected, "order_brushing").values():
+        buys = np.cumsum(injected.event_type_names()[rows] == "buy")
+        before_second_buy[rows[buys <= 1]] = True
+    second = np.append(False, first[:-1] & ~first[1:])
+    assert np.array_equal(injected.label == 1, attack & ~((first | second) & new) & ~(brush & before_second_buy))
+    # every ring account with a second purchase past its first two events shows it
+    for r in rows_of(injected, "order_brushing").values():
+        buys = np.cumsum(injected.event_type_names()[r] == "buy")
+        assert injected.label[r].any() == bool(((buys >= 2) & (np.arange(len(r)) >= 2)).any())
+    assert not injected.label[~attack].any(), "look-alikes are normal"
     assert (injected.scenario == 0).sum() == len(taobao)
-    assert injected.label[new & ~first].all() and not injected.label[new & first].any()
+    assert injected.label[new & attack & ~first & ~second & ~brush].all()
+    assert not injected.label[new & (first | second)].any()
     assert not set(taobao.user_ids) & {u for u in injected.user_ids if u.startswith("sg-inj-")}
 
 
@@ -118,7 +134,9 @@ def test_default_amounts(taobao: Events, injected: Events) -> None:
     for name in SCENARIOS:
         assert len(rows_of(injected, name)) == k, name
     assert 0.02 < injected.label.mean() < 0.12
-    assert user_labels(injected).sum() == len(SCENARIOS) * k
+    # accounts whose evidence starts after their last event (a 2-event brushing account)
+    # carry no label; all others do
+    assert len(SCENARIOS) * k - 3 <= user_labels(injected).sum() <= len(SCENARIOS) * k
 
 
 def test_fast_enough(taobao: Events) -> None:
@@ -224,13 +242,14 @@ def test_deterministic_for_a_seed(taobao: Events, injected: Events) -> None:
 
 def test_one_scenario_alone(taobao: Events, injected: Events) -> None:
     alone = inject(taobao, ["scraping_bot"])
-    assert set(np.unique(alone.scenario)) == {0, CODE["scraping_bot"]}
+    assert set(np.unique(alone.scenario)) == {0, CODE["scraping_bot"], alone.scenarios.index("scraping_bot_lookalike")}
     assert alone.device_id is None and alone.country is None
-    assert real_multiset(alone, alone.scenario != 0) == real_multiset(
-        injected, injected.scenario == CODE["scraping_bot"])  # its own random stream
+    for code in (CODE["scraping_bot"], injected.scenarios.index("scraping_bot_lookalike")):
+        assert real_multiset(alone, alone.scenario == code) == real_multiset(
+            injected, injected.scenario == code)  # its own random stream
     nothing = inject(taobao, [])
     assert len(nothing) == len(taobao) and not nothing.label.any()
-    assert nothing.scenarios == ("none", *SCENARIOS)
+    assert nothing.scenarios == ("none", *SCENARIOS, *LOOKALIKES)
 
 
 def test_parse_inject() -> None:
@@ -271,7 +290,7 @@ def test_rees46_like_log_with_prices_and_sessions() -> None:
     assert ev.label is None and ev.device_id is None
     assert real_multiset(out, out.scenario == 0) == real_multiset(ev)
     inj = out.scenario != 0
-    assert set(np.unique(out.scenario[inj])) == set(CODE.values())
+    assert set(np.unique(out.scenario[inj])) == set(range(1, len(out.scenarios)))  # every attack and look-alike
     assert np.isfinite(out.price[inj]).all() and np.all(out.session_id[inj] != 0)
     assert all(e is None for e in out.event_id[inj]) and all(e for e in out.event_id[~inj])
     buys = out.scenario == CODE["order_brushing"]
@@ -291,7 +310,7 @@ def test_arbitrary_vocabulary_without_items() -> None:
     ev = Events.from_records(records)
     out = inject(ev, SCENARIOS)
     assert out.item_id is None and out.category_id is None and out.price is None
-    assert set(np.unique(out.scenario)) == {0, *CODE.values()}
+    assert set(np.unique(out.scenario)) == set(range(len(out.scenarios)))
     assert real_multiset(out, out.scenario == 0) == real_multiset(ev)
     alpha = out.event_types.index("alpha")
     assert np.all(out.event_type[out.scenario != 0] == alpha)
@@ -335,3 +354,45 @@ def test_config_is_validated() -> None:
         InjectConfig(bot_events=(400, 80))
     with pytest.raises(ValueError, match="ato_buy_p"):
         InjectConfig(ato_buy_p=2.0)
+
+
+# -- look-alikes and length-matched evaluation ----------------------------------------
+
+
+def test_every_scenario_has_normal_lookalikes(taobao: Events, injected: Events) -> None:
+    """Each scenario's decoys are labelled normal and share the trait a shortcut would
+    read: new accounts buying within minutes, repeat views, carting sprees."""
+    names = injected.event_type_names()
+    ids = injected.user_id_strings().astype(str)
+    for name in SCENARIOS:
+        rows = injected.scenario == injected.scenarios.index(f"{name}_lookalike")
+        assert rows.sum() >= 10, name
+        assert not injected.label[rows].any(), name
+    brush = injected.scenario == injected.scenarios.index("order_brushing_lookalike")
+    new_buyers = {u for u, t in zip(ids[brush], names[brush], strict=True) if t == "buy" and u.startswith("sg-inj-")}
+    assert new_buyers, "new accounts that buy within minutes of arriving are ordinary shoppers too"
+    carts = injected.scenario == injected.scenarios.index("cart_stuffing_lookalike")
+    assert (names[carts] == "cart").mean() > 0.5
+    # real rows are untouched by the decoys
+    assert real_multiset(injected, injected.scenario == 0) == real_multiset(taobao)
+
+
+def test_no_lookalikes_when_asked(taobao: Events) -> None:
+    out = inject(taobao, ["scraping_bot"], InjectConfig(decoy_ratio=0.0))
+    assert not np.isin(out.scenario, [out.scenarios.index(n) for n in LOOKALIKES]).any()
+
+
+def test_matched_lengths_take_account_lengths_from_real_users(taobao: Events) -> None:
+    """With match_lengths, an injected account is as long as a real user with a complete
+    history: its number of events tells nothing."""
+    out = inject(taobao, ["scraping_bot", "cart_stuffing"], InjectConfig(match_lengths=True, seed=5))
+    plain = inject(taobao, ["scraping_bot", "cart_stuffing"], InjectConfig(seed=5))
+    ids = out.user_id_strings().astype(str)
+    attack = np.isin(out.scenario, [CODE["scraping_bot"], CODE["cart_stuffing"]])
+    new = np.char.startswith(ids, NEW_ACCOUNT_PREFIX) & attack
+    lengths = np.bincount(out.user[new])[np.unique(out.user[new])]
+    real = np.bincount(taobao.user)
+    assert lengths.min() >= 3
+    assert np.median(lengths) < np.median(real[real >= 3]) * 1.5
+    plain_new = np.char.startswith(plain.user_id_strings().astype(str), NEW_ACCOUNT_PREFIX) & (plain.scenario == 1)
+    assert np.median(np.bincount(plain.user[plain_new])[np.unique(plain.user[plain_new])]) > np.median(lengths)

@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import numpy as np
 import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
@@ -55,11 +56,17 @@ async def batch_score(request: Request, state: StateDep, update_windows: bool = 
     return json_response({"results": _results(records, scores, state.thresholds)})
 
 
-async def _score(state: AppState, records: list[dict[str, Any]]) -> Scores:
+async def _score(state: AppState, records: list[dict[str, Any]], answered_from: int = 0) -> Scores:
+    """Scores of ``records``; the scoring metrics count those from ``answered_from`` on
+    (before it: context carried over from an earlier chunk of a stream, counted there)."""
     events = Events.from_records(records)
     loop = asyncio.get_running_loop()
     scores: Scores = await loop.run_in_executor(state.batch_executor, score_events, state.model, events)
-    state.metrics.track_scored("batch", scores.probability, decide(scores.probability, state.thresholds))
+    answered_p = scores.probability[answered_from:]
+    state.metrics.track_scored("batch", answered_p, decide(answered_p, state.thresholds))
+    answered = events.take(np.arange(answered_from, len(events))) if answered_from else events
+    if unknown := state.bundle.spec.unknown_types(answered):
+        state.metrics.track_unknown_types(unknown)
     return scores
 
 
@@ -96,7 +103,7 @@ async def _ndjson(request: Request, state: StateDep, update_windows: bool) -> St
             context = list({id(e): e for e in context}.values())  # once per user, not per event
             if update_windows:
                 await _append(state, chunk)
-            scores = await _score(state, context + chunk)
+            scores = await _score(state, context + chunk, answered_from=len(context))
             tail = Scores(scores.probability[len(context):], scores.surprise[len(context):])
             yield b"".join(orjson.dumps(r) + b"\n" for r in _results(chunk, tail, state.thresholds))
             _carry(tails, context + chunk, history)

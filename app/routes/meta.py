@@ -34,8 +34,9 @@ async def readyz(state: StateDep) -> Response:
 
 @router.get("/model", response_model=ModelInfo, dependencies=[Depends(require("events"))])
 async def model_info(state: StateDep) -> dict[str, Any]:
-    """The loaded bundle: version, architecture, window, thresholds, execution provider."""
+    """The loaded bundle: version, architecture, window, thresholds, provider, vocabulary."""
     meta = state.bundle.meta
+    spec = state.bundle.spec
     arch = meta["architecture"]
     return {
         "version": state.bundle.version,
@@ -47,6 +48,8 @@ async def model_info(state: StateDep) -> dict[str, Any]:
         "created_at": meta.get("created_at"),
         "parameters": {k: arch[k] for k in ("d_model", "n_layers", "n_heads", "parameters") if k in arch},
         "evaluation": meta.get("evaluation") or {},
+        "vocabulary": {"event_types": list(spec.event_types), "aliases": spec.aliases,
+                       "deployment_aliases": state.settings.event_aliases},
     }
 
 

@@ -30,6 +30,17 @@ def test_model_describes_the_served_bundle(client: TestClient, bundle_meta: dict
     assert res["model_version"] == m["version"] and res["thresholds"] == m["thresholds"]
 
 
+def test_model_shows_the_vocabulary_and_the_deployments_aliases(make_client: Any) -> None:
+    shipped = json.loads((DEFAULT_BUNDLE / "bundle.json").read_text())["feature_spec"]
+    vocab = make_client().get("/model").json()["vocabulary"]
+    assert vocab == {"event_types": shipped["event_types"], "aliases": shipped["aliases"], "deployment_aliases": {}}
+    assert vocab["aliases"]["addtocart"] == "cart" and "checkout" not in vocab["aliases"]
+    vocab = make_client(event_aliases={"Checkout": "buy"}).get("/model").json()["vocabulary"]
+    assert vocab["deployment_aliases"] == {"Checkout": "buy"}
+    assert vocab["aliases"]["checkout"] == "purchase"  # as the service applies it
+    assert vocab["event_types"] == shipped["event_types"]
+
+
 def test_health_and_readiness(client: TestClient, bundle_meta: dict[str, Any]) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     r = client.get("/readyz")

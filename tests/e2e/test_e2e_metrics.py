@@ -8,6 +8,12 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import orjson
+import pytest
+
+from app.metrics import UNKNOWN_TYPE_LABELS
+from app.routes import batch as batch_route
+
 from .e2e_support import T0, TOL, TestClient, event, metric, metric_names, parse_metrics
 
 CONTRACT_METRICS = {
@@ -120,3 +126,43 @@ def test_a_bulk_as_large_as_the_scoring_queue_is_served_when_idle(make_client: A
     s = parse_metrics(client.get("/metrics").text)
     assert metric(s, "seqguard_inference_batch_size_sum") == 1000
     assert metric(s, "seqguard_scoring_queue_depth") == 0
+
+
+def test_unknown_event_types_counted_bounded_and_warned_once(
+        client: TestClient, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Events scored with a type the model does not know are counted under their name, on
+    every path; a window's history is not counted again, nor a replay, nor the context a
+    stream carries between chunks. The label set is bounded, and each name is warned
+    about once, without the user."""
+    user = "secret-user-7"
+    for i, t in enumerate(["login", "login", "pv"]):  # the third window holds two logins: not counted
+        assert client.post("/events", json=event(f"s{i}", user, T0 + 1000 * i, t)).status_code == 200
+    bulk = [event(f"b{i}", "u2", T0 + i, "login") for i in range(2)]
+    assert client.post("/events", json={"events": bulk}).status_code == 200
+    assert client.post("/events", json=event("s0", user, T0, "login")).json()["duplicate"] is True
+    batch = [event(f"h{i}", "u3", T0 + i, t) for i, t in enumerate(["login", "pv", "login"])]
+    assert client.post("/batch-score", json={"events": batch}).status_code == 200
+    monkeypatch.setattr(batch_route, "CHUNK_EVENTS", 2)  # the stream's chunks carry context over
+    stream = [event(f"n{i}", "u4", T0 + i, t) for i, t in enumerate(["login", "pv", "pv", "login", "pv"])]
+    r = client.post("/batch-score", content=b"".join(orjson.dumps(e) + b"\n" for e in stream),
+                    headers={"content-type": "application/x-ndjson"})
+    assert r.status_code == 200 and len(r.text.splitlines()) == 5
+    names = [f"new{i:02d}" for i in range(1, UNKNOWN_TYPE_LABELS + 1)]  # with login: 21 distinct names
+    fresh = [event(f"x{i}", f"u-{name}", T0, name) for i, name in enumerate(names)]
+    assert client.post("/events", json={"events": fresh}).status_code == 200
+
+    s = parse_metrics(client.get("/metrics").text)
+    assert metric(s, "seqguard_unknown_event_types_total", event_type="login") == 2 + 2 + 2 + 2
+    assert metric(s, "seqguard_events_scored_total", path="batch") == 3 + 5  # the stream's context once
+    for name in names[:-1]:
+        assert metric(s, "seqguard_unknown_event_types_total", event_type=name) == 1, name
+    assert metric(s, "seqguard_unknown_event_types_total", event_type="other") == 1  # the 21st name
+    labels = {lab["event_type"] for n, lab, _ in s if n == "seqguard_unknown_event_types_total"}
+    assert labels == {"login", *names[:-1], "other"}
+    assert "pv" not in labels  # an aliased name is known
+
+    warned = [r.getMessage() for r in caplog.records if r.name == "seqguard.vocabulary"]
+    assert sorted(warned) == sorted(set(warned)) and len(warned) == 1 + len(names)  # once per name
+    assert sum("'login' is unknown" in w for w in warned) == 1
+    assert all("out-of-vocabulary id" in w and "SEQGUARD_EVENT_ALIASES" in w for w in warned)
+    assert not [r for r in caplog.records if user in r.getMessage()]  # never a user id

@@ -16,7 +16,7 @@ from app.bundle import DEFAULT_BUNDLE
 from app.cli import cli
 from app.routes import batch as batch_route
 
-from .e2e_support import TOL, TestClient, expected_decision, taobao_events, window_len
+from .e2e_support import T0, TOL, TestClient, expected_decision, taobao_events, window_len
 
 # 98 events (more than window + lookback: the store trims), 164 events with equal
 # timestamps inside the user, and 21 events.
@@ -126,3 +126,38 @@ def test_ndjson_stream_longer_than_one_chunk(client: TestClient, monkeypatch: py
     results = [x for x in rows if "error" not in x]
     assert [x["event_id"] for x in results] == [e["event_id"] for e in events]
     assert max(abs(x["anomaly_probability"] - whole[x["event_id"]]) for x in results) < TOL
+
+
+SPELLINGS = {  # one browse → cart → buy session, in the names of three sources and a deployment's own
+    "retailrocket": ["view", "addtocart", "transaction"],
+    "taobao": ["pv", "cart", "buy"],
+    "canonical": ["view", "cart", "purchase"],
+    "deployment": ["View", "cart", "checkout"],
+}
+
+
+def spelled(user: str, types: list[str]) -> list[dict[str, Any]]:
+    return [{"event_id": f"{user}-{k}", "user_id": user, "event_type": t, "timestamp": T0 + 45_000 * k,
+             "item_id": "i1", "category_id": "c7", "price": 19.9} for k, t in enumerate(types)]
+
+
+def test_one_session_in_every_spelling_scores_alike(make_client: Any) -> None:
+    """POST /events and /batch-score map every source's names (and, with
+    SEQGUARD_EVENT_ALIASES, a deployment's own) to the model's types: the same session
+    spelled four ways gets the same probabilities from both."""
+    client = make_client(event_aliases={"checkout": "purchase"})
+    online: dict[str, list[float]] = {}
+    for name, types in SPELLINGS.items():
+        online[name] = [client.post("/events", json=e).json()["anomaly_probability"] for e in spelled(name, types)]
+    batch_events = [e for name, types in SPELLINGS.items() for e in spelled(f"b-{name}", types)]
+    rows = client.post("/batch-score", json={"events": batch_events}).json()["results"]
+    batch = {name: [r["anomaly_probability"] for r in rows if r["user_id"] == f"b-{name}"] for name in SPELLINGS}
+    want = online["canonical"]
+    for name in SPELLINGS:
+        assert online[name] == pytest.approx(want, abs=1e-6), name
+        assert batch[name] == pytest.approx(want, abs=TOL), name
+    # Without the deployment's alias, `checkout` is a type the model does not know.
+    plain = make_client()
+    other = [plain.post("/events", json=e).json()["anomaly_probability"]
+             for e in spelled("plain", SPELLINGS["deployment"])]
+    assert other[:2] == pytest.approx(want[:2], abs=1e-6) and other[2] != pytest.approx(want[2], abs=1e-6)

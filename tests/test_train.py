@@ -1,0 +1,125 @@
+"""Training data preparation and the self-supervised path, end to end on real logs."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from conftest import DATA, TAOBAO_100, invoke
+
+from app.bundle import load_bundle
+from app.events import Events
+from model_export.data import read_events
+from model_export.train import TrainConfig, _drop_repeats, add_crops, prepare, with_unknown_types
+
+HDFS_400 = DATA / "hdfs_normal_400.gz"  # the first 400 normal sessions of DeepLog's HDFS data
+
+
+def test_crops_start_mid_history_with_real_lengths():
+    ev, _ = read_events(TAOBAO_100, "taobao")
+    out = add_crops(ev, np.random.default_rng(0), per_user=2)
+    ids = out.user_id_strings().astype(str)
+    crop = np.char.find(ids, "@crop") >= 0
+    assert np.array_equal(np.sort(out.timestamp_ms[~crop]), np.sort(ev.timestamp_ms))  # real rows all kept
+    n_long = int((np.bincount(ev.user) >= 8).sum())
+    assert len(set(ids[crop])) == 2 * n_long
+    by_user = {u: ev.timestamp_ms[ev.user_id_strings() == u] for u in ev.user_ids}
+    lengths = []
+    for cid in set(ids[crop]):
+        host = by_user[cid.split("@crop")[0]]
+        t = out.timestamp_ms[ids == cid]
+        lengths.append(t.size)
+        assert t[0] > host.min() or (host == host.min()).sum() > 1, "a crop never starts at the real start"
+        assert np.isin(t, host).all()
+    assert np.median(lengths) < np.median(np.bincount(ev.user))  # drawn from the users' lengths, capped
+    assert add_crops(ev, np.random.default_rng(0), per_user=0) is ev
+
+
+def test_unknown_types_only_on_normal_events():
+    rng = np.random.default_rng(0)
+    feats = np.full((100_000, 3), 5)
+    label = (rng.random(100_000) < 0.2).astype(np.int8)
+    out = with_unknown_types(feats, label, 0.01, rng)
+    hit = out[:, 0] == 1
+    assert 0.007 < hit.mean() < 0.009  # 1% of the 80% normal events
+    assert not hit[label == 1].any()
+    assert (feats[:, 0] == 5).all(), "the input is not modified"
+
+
+def test_rows_in_both_files_count_once():
+    ev = Events.from_records([{"user_id": "u", "event_type": "pv", "timestamp": t, "item_id": "i"}
+                              for t in (1, 2, 2, 3)])
+    assert len(_drop_repeats(ev)) == 3
+
+
+def test_two_files_split_by_user_with_real_splits_kept(tmp_path: Path):
+    # The same users in two files: each user lands in one split; repeated rows count once.
+    with gzip.open(TAOBAO_100, "rt") as f:
+        lines = f.read().splitlines()
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    a.write_text("\n".join(lines[: len(lines) // 2 + 50]) + "\n")
+    b.write_text("\n".join(lines[len(lines) // 2 :]) + "\n")
+    cfg = TrainConfig(window=16, seed=3)
+    prep = prepare([a, b], "taobao", ["order_brushing"], cfg)
+    whole = prepare(TAOBAO_100, "taobao", ["order_brushing"], cfg)
+    for name in ("train", "val", "test"):
+        assert len(prep.real[name]) == len(whole.real[name]), name
+        assert set(prep.real[name].user_ids[np.unique(prep.real[name].user)]) == set(
+            whole.real[name].user_ids[np.unique(whole.real[name].user)])
+    assert [f["name"] for f in prep.source["files"]] == ["a.csv", "b.csv"]
+    assert set(prep.spec.event_types) == {"view", "cart", "favorite", "purchase"}
+    test_ids = prep.splits["test"].user_id_strings().astype(str)
+    assert not (np.char.find(test_ids, "@crop") >= 0).any(), "held-out users are never cropped"
+
+
+@pytest.fixture(scope="module")
+def hdfs_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("hdfs") / "hdfs.jsonl"
+    with gzip.open(HDFS_400, "rt") as f, path.open("wb") as out:
+        for i, line in enumerate(x for x in f if x.strip()):
+            for j, k in enumerate(line.split()):
+                out.write(orjson.dumps({"user_id": f"s{i}", "event_type": f"k{k}",
+                                        "timestamp": 1_500_000_000_000 + 1000 * j}) + b"\n")
+    return path
+
+
+def test_self_supervised_run_exports_with_user_thresholds(hdfs_jsonl: Path, tmp_path: Path):
+    """--inject none trains on next-event prediction only; its tail calibration exports
+    (parity within the tolerance the calibration map allows) and its user-unit thresholds
+    meet their targets on the validation sessions."""
+    run_dir, bundle = tmp_path / "run", tmp_path / "bundle"
+    out = invoke("train", "--events", hdfs_jsonl, "--format", "jsonl", "--inject", "none", "--window", "16",
+                 "--epochs", "2", "--seed", "3", "--fpr-unit", "user", "--out", run_dir)
+    assert "validation users flagged" in out
+    invoke("export", run_dir, "--out", bundle, "--no-report")
+    meta = load_bundle(bundle).meta
+    assert meta["calibration"]["kind"] == "tail"
+    assert meta["supervised"] is False
+    parity = meta["parity"]["fp32"]
+    assert max(parity["max_diff_over_allowed"].values()) <= 1.0
+    assert parity["per_output"]["surprise"] <= 1e-4
+    chosen = meta["thresholds"]["chosen"]
+    assert meta["thresholds"]["unit"] == chosen["unit"] == "user"
+    for name in ("review", "block"):
+        assert chosen[name]["validation_user_fpr"] <= chosen[name]["target_fpr"]
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["train_config"]["fpr_unit"] == "user"
+
+
+def test_event_unit_thresholds_hold_every_type_on_validation(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    invoke("train", "--events", TAOBAO_100, "--format", "taobao", "--inject", "all", "--window", "16",
+           "--epochs", "1", "--seed", "3", "--out", run_dir)
+    chosen = json.loads((run_dir / "run.json").read_text())["thresholds"]["chosen"]
+    assert chosen["unit"] == "event" and chosen["per_type_factor"] == 2.0
+    for name in ("review", "block"):
+        row = chosen[name]
+        assert row["validation_fpr"] <= row["target_fpr"]
+        too_few = set(row.get("types_too_few_to_constrain", ()))
+        for t, r in row["per_type"].items():
+            if t not in too_few:
+                assert r["fpr"] <= 2 * row["target_fpr"], (name, t)
