@@ -80,17 +80,21 @@ def train(
     alias: AliasOpt = None,
 ) -> None:
     """Train a detector on event logs (scenarios injected unless --inject none)."""
-    from app.vocabulary import parse_alias_pairs
+    from app.vocabulary import alias_warnings, parse_alias_pairs
 
     aliases = parse_alias_pairs(alias or ())
+    if fpr_unit not in ("event", "user"):
+        raise ValueError(f"--fpr-unit {fpr_unit!r}: expected event or user")
+    for path in events:  # every file, before the first is loaded (a long load, then a typo)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+    _warn(alias_warnings(aliases))  # new types are fine here: the model learns them
     _logging()
     from model_export.data import FORMATS
     from model_export.scenarios import parse_inject
     from model_export.train import TrainConfig, run
 
     _check_format(fmt, FORMATS)
-    if fpr_unit not in ("event", "user"):
-        raise ValueError(f"--fpr-unit {fpr_unit!r}: expected event or user")
     cfg = TrainConfig(arch=arch, window=window, epochs=epochs, seed=seed, calibration=calibration, aliases=aliases,
                       fpr_unit=fpr_unit, unknown_type_rate=unknown_type_rate)
     summary = run(events, fmt, parse_inject(inject), cfg, out)
@@ -131,9 +135,11 @@ def evaluate(
     alias: AliasOpt = None,
 ) -> None:
     """Evaluate a bundle on the test users of an event log, against the baselines."""
+    from app.bundle import load_bundle
     from app.vocabulary import parse_alias_pairs
 
     aliases = parse_alias_pairs(alias or ())
+    _check_aliases(load_bundle(bundle).spec, aliases)
     _logging()
     from model_export.data import FORMATS
     from model_export.evaluate import evaluate_file
@@ -167,7 +173,9 @@ def score(
 
     _check_format(fmt, FORMATS)
     t0 = time.perf_counter()
-    model = OnnxModel(load_bundle(bundle).with_aliases(aliases), threads=threads)
+    loaded = load_bundle(bundle)
+    _check_aliases(loaded.spec, aliases)
+    model = OnnxModel(loaded.with_aliases(aliases), threads=threads)
     spec = model.bundle.spec
     # The file is read through the model's own table (the bundle's, with --alias on top).
     ev, report = read_events(events, fmt, dedupe=False, sort=False, aliases=spec.aliases)
@@ -211,7 +219,13 @@ def serve(
                         ("WORKERS", workers), ("EVENT_ALIASES", aliases)):
         if value is not None:
             os.environ[f"SEQGUARD_{name}"] = str(value)
-    settings = Settings()  # validates the environment before anything starts
+    settings = _settings(Settings)  # validates the environment before anything starts
+    from app.bundle import load_bundle
+    from app.vocabulary import alias_warnings
+
+    # The bundle's table, to say what the deployment's aliases change (the service warns
+    # about aliases to types the model does not know); a bad --bundle stops here.
+    _warn(alias_warnings(settings.event_aliases, load_bundle(settings.bundle).spec.aliases))
     _logging()
     embedded = None
     if settings.redis_url is None:
@@ -291,6 +305,10 @@ def _report_unknown_types(unknown: dict[str, int], n_events: int, known: tuple[s
     ``UNKNOWN_SHARE_WARN`` (those events were scored with the out-of-vocabulary id)."""
     from rich.markup import escape
 
+    from app.vocabulary import printable
+
+    # Names come from the file: escape sequences and newlines must not reach the terminal.
+    unknown = {printable(name): n for name, n in unknown.items()}
     total = sum(unknown.values())
     share = total / n_events if n_events else 0.0
     if not total:
@@ -305,6 +323,44 @@ def _report_unknown_types(unknown: dict[str, int], n_events: int, known: tuple[s
         err.print(f"[yellow]warning:[/yellow] {share:.2%} of the events have an event type the model does not know "
                   f"and were scored with its out-of-vocabulary id; if they are other names for its types "
                   f"({escape(', '.join(known))}), alias them with --alias NAME=TYPE", highlight=False)
+
+
+def _warn(warnings: list[str]) -> None:
+    from rich.markup import escape
+
+    for w in warnings:
+        err.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)
+
+
+def _check_aliases(spec: Any, aliases: dict[str, str]) -> None:
+    """Warn about ``--alias`` entries that change a name the bundle knows, or lead to a
+    type the model does not know (its events would be scored with the out-of-vocabulary id)."""
+    from app.vocabulary import alias_warnings
+
+    _warn(alias_warnings(aliases, spec.aliases, spec.event_types))
+
+
+def _settings(factory: Callable[[], Any]) -> Any:
+    """``factory()`` (the service's ``Settings``), its errors as one line naming each
+    environment variable at fault."""
+    import re
+
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    try:
+        return factory()
+    except ValidationError as e:
+        problems = []
+        for x in e.errors():
+            loc = [str(p) for p in x["loc"]]
+            where = f"SEQGUARD_{loc[0].upper()}" + "".join(f"[{p!r}]" for p in loc[1:]) if loc else "settings"
+            problems.append(f"{where}: {x['msg'].removeprefix('Value error, ')}")
+        raise ValueError("; ".join(problems)) from None
+    except SettingsError as e:
+        m = re.search(r'field "([^"]+)"', str(e))
+        where = f"SEQGUARD_{m.group(1).upper()}" if m else "a SEQGUARD_ setting"
+        raise ValueError(f"{where}: not valid JSON ({e.__cause__ or e})") from None
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

@@ -33,7 +33,7 @@ FEATURES = (
     "country_change",  # as device_change, for country
     "recent_1m",  # 1 + bucket of the user's earlier events in the last 60 s (of the last `lookback`)
     "recent_5m",  # as recent_1m, over 300 s
-    "distinct_items",  # 1 = no item column, 2.. = bucket of distinct items in this event and its `lookback` before
+    "distinct_items",  # 2.. = bucket of distinct items in this event and its `lookback` before (1 unused)
     "distinct_categories",  # as distinct_items, for categories
 )
 #: Upper edges of the count buckets of ``recent_*`` (0, 1, 2, 3-4, 5-8, 9+ events)...
@@ -254,11 +254,11 @@ class FeatureSpec:
             recent = _recent_counts(g, ts, seconds * 1000, self.lookback)
             out[:, 9 + j] = 1 + np.searchsorted(RECENT_EDGES, recent, side="right")
         for col, values in ((11, item), (12, cat)):
-            if values is None:
-                out[:, col] = 1
-            else:
-                distinct = self._distinct(values != 0, back[col], same)
-                out[:, col] = 2 + np.searchsorted(DISTINCT_EDGES, distinct, side="right")
+            # A batch without the column is a batch of events without values: 0 distinct
+            # (id 2), as each such event gets beside events that have one. An event's ids
+            # never depend on the other users in its batch.
+            distinct = np.zeros(n, np.int64) if values is None else self._distinct(values != 0, back[col], same)
+            out[:, col] = 2 + np.searchsorted(DISTINCT_EDGES, distinct, side="right")
         return out
 
     def _rows_back(self, values: np.ndarray, same: np.ndarray) -> np.ndarray:

@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import shlex
 from collections import Counter as _Tally
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -48,6 +49,8 @@ from prometheus_client import (
 )
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+
+from app.vocabulary import printable
 
 #: The classic text format, which every Prometheus version reads.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -188,16 +191,20 @@ class Metrics:
         """Scored events of event types the model does not know: ``{raw name: events}``.
 
         The label set is bounded: the first ``UNKNOWN_TYPE_LABELS`` names get a series of
-        their own, later ones count under ``other``. Each name is warned about once in
-        the log (the first ``UNKNOWN_TYPE_WARNINGS`` names; then once that more came).
+        their own, later ones count under ``other``. A label is the name with control and
+        other invisible characters escaped (:func:`unknown_type_label`), so a client's
+        carriage return, NUL or escape sequence never reaches the exposition. Each name is
+        warned about once in the log (the first ``UNKNOWN_TYPE_WARNINGS`` names; then once
+        that more came).
         """
         for name, n in counts.items():
             if n <= 0:
                 continue
-            child = self._unknown.get(name)
+            label = unknown_type_label(name)
+            child = self._unknown.get(label)
             if child is None:
                 if len(self._unknown) < UNKNOWN_TYPE_LABELS:
-                    child = self._unknown[name] = self.unknown_event_types.labels(name)
+                    child = self._unknown[label] = self.unknown_event_types.labels(label)
                 else:
                     child = self.unknown_event_types.labels("other")
             child.inc(n)
@@ -207,11 +214,13 @@ class Metrics:
     def _warn_unknown(self, name: str) -> None:
         if len(self._warned) < UNKNOWN_TYPE_WARNINGS:
             self._warned.add(name)
+            # The suggested setting is shell-quoted: a client's name (say '$(...)') must not
+            # turn into a command when an operator pastes the line into a shell.
             vocab_log.warning(
                 "event type %r is unknown to the model: its events are scored with the out-of-vocabulary id. If it "
                 "is another name for one of the model's event types (GET /model lists them), alias it: "
-                "SEQGUARD_EVENT_ALIASES='%s' (seqguard score and serve: --alias NAME=TYPE)",
-                name, json.dumps({name: "TYPE"}))
+                "SEQGUARD_EVENT_ALIASES=%s (seqguard score and serve: --alias NAME=TYPE)",
+                name, shlex.quote(json.dumps({name: "TYPE"})))
         elif not self._warned_full:
             self._warned_full = True
             vocab_log.warning("more than %d distinct unknown event types: no more warnings about new ones "
@@ -272,6 +281,20 @@ class _WithoutCreated(Collector):
         for family in self.inner.collect():
             family.samples = [s for s in family.samples if not s.name.endswith("_created")]
             yield family
+
+
+def unknown_type_label(name: str) -> str:
+    r"""The ``event_type`` label of an unknown type: the name, with the characters the
+    text format has no escape for (control, format and separator characters but the
+    newline, which prometheus_client writes as ``\n``) as Python escapes.
+
+    >>> print(unknown_type_label("login"), unknown_type_label("a\r\nb\x1b[2J\u200b"))
+    login a\r
+    b\x1b[2J\u200b
+    """
+    if name.isprintable():
+        return name
+    return "".join(c if c == "\n" else printable(c) for c in name)
 
 
 def mark_process_dead(pid: int, path: str | os.PathLike[str] | None = None) -> None:

@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.vocabulary import build_aliases
+
 Scope = Literal["events", "batch", "admin"]
 SCOPES: tuple[Scope, ...] = ("events", "batch", "admin")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -81,6 +83,7 @@ class Settings(BaseSettings):
         for name, type_ in v.items():
             if not name.strip() or not type_.strip():
                 raise ValueError(f"event_aliases: {name!r} → {type_!r}: names and types must be non-empty")
+        build_aliases(v)  # refuses one name given twice (in any letter case) with different types
         return v
 
     @model_validator(mode="after")

@@ -42,6 +42,19 @@ def _key(name: str) -> str:
     return name.strip().lower()
 
 
+def printable(name: str) -> str:
+    r"""``name`` as it may be shown in a log line, a terminal or a metric label: control,
+    format and separator characters (newlines, escape sequences, zero-width and
+    non-breaking spaces) written as Python escapes, everything else as it is.
+
+    >>> print(printable("checkout"), printable("a\nb"), printable("\x1b[31mred"), printable("视图\u200b"))
+    checkout a\nb \x1b[31mred 视图\u200b
+    """
+    if name.isprintable():
+        return name
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in name)
+
+
 def _merged() -> dict[str, str]:
     out = {t: t for t in CANONICAL}
     for table in SOURCE_ALIASES.values():
@@ -59,40 +72,85 @@ def build_aliases(extra: Mapping[str, str] | None = None, base: Mapping[str, str
     """The alias table ``base`` (default :data:`DEFAULT_ALIASES`) with ``extra`` on top.
 
     Keys are matched case-insensitively; an ``extra`` entry overrides the base. The type an
-    ``extra`` entry names may itself be a name the table knows: it is resolved one step, so
-    a Taobao-minded ``checkout=buy`` means ``purchase``.
+    ``extra`` entry names may itself be a name the base table knows: it is resolved one
+    step, through the base table (never through the other ``extra`` entries), so a
+    Taobao-minded ``checkout=buy`` means ``purchase``, and the result does not depend on
+    the order of the entries. Two entries for one name (in any letter case) with different
+    types are refused.
 
     >>> build_aliases({"Checkout": "purchase"})["checkout"]
     'purchase'
     >>> table = build_aliases({"checkout": "buy", "signin": "login"})
     >>> table["checkout"], table["signin"]
     ('purchase', 'login')
+    >>> table = build_aliases({"view": "purchase", "purchase": "view"})  # a swap stays a swap
+    >>> table["view"], table["purchase"]
+    ('purchase', 'view')
     """
-    out = dict(DEFAULT_ALIASES if base is None else base)
-    added: dict[str, str] = {}
+    before = DEFAULT_ALIASES if base is None else base
+    out = dict(before)
+    added: dict[str, tuple[str, str]] = {}  # key -> (name as given, resolved type)
     for name, canon in (extra or {}).items():
-        if not str(name).strip() or not str(canon).strip():
+        name, canon = str(name), str(canon)
+        if not name.strip() or not canon.strip():
             raise ValueError(f"empty event type in alias {name!r} -> {canon!r}")
-        added[_key(str(name))] = str(canon).strip()
-    out.update(added)
-    # One step, from the table before it (no chains to follow, no cycles to fear).
-    snapshot = dict(out)
-    out.update({k: snapshot.get(_key(v), v) for k, v in added.items()})
+        key = _key(name)
+        # One step, from the table before it (no chains to follow, no cycles to fear).
+        resolved = before.get(_key(canon), canon.strip())
+        if key in added and added[key][1] != resolved:
+            raise ValueError(f"alias {name!r} -> {canon!r} contradicts alias {added[key][0]!r} -> {added[key][1]!r} "
+                             "(names match in any letter case)")
+        added[key] = (name, resolved)
+    out.update({k: t for k, (_, t) in added.items()})
+    return out
+
+
+def alias_warnings(extra: Mapping[str, str] | None, base: Mapping[str, str] | None = None,
+                   known_types: Iterable[str] | None = None) -> list[str]:
+    """What an operator should hear about ``extra`` aliases put on ``base`` (default
+    :data:`DEFAULT_ALIASES`): entries that change what a name the table already knows
+    means (``view=purchase`` makes every ``view`` a purchase), and, given the model's
+    ``known_types``, entries that lead to a type the model does not know.
+
+    >>> for w in alias_warnings({"view": "purchase", "checkout": "buy", "signin": "login"}, known_types=CANONICAL):
+    ...     print(w)
+    alias view → purchase replaces view → view
+    alias signin → login: not among the model's event types
+    """
+    before = DEFAULT_ALIASES if base is None else base
+    table = build_aliases(extra, before)
+    known = None if known_types is None else set(known_types)
+    out = []
+    for name in extra or {}:
+        key = _key(str(name))
+        new = table[key]
+        if key in before and before[key] != new:
+            out.append(f"alias {printable(str(name))} → {printable(new)} replaces {printable(key)} → "
+                       f"{printable(before[key])}")
+        if known is not None and new not in known:
+            out.append(f"alias {printable(str(name))} → {printable(new)}: not among the model's event types")
     return out
 
 
 def parse_alias_pairs(pairs: Iterable[str]) -> dict[str, str]:
     """``["addtocart=cart", ...]`` (CLI ``--alias``) → ``{"addtocart": "cart", ...}``.
 
+    One name given twice (in any letter case) with different types is refused.
+
     >>> parse_alias_pairs(["checkout=purchase"])
     {'checkout': 'purchase'}
     """
     out: dict[str, str] = {}
+    seen: dict[str, str] = {}  # key -> the name as first given
     for p in pairs:
         name, sep, canon = p.partition("=")
         if not sep or not name.strip() or not canon.strip():
             raise ValueError(f"alias {p!r}: expected NAME=TYPE, e.g. addtocart=cart")
-        out[name.strip()] = canon.strip()
+        name, canon = name.strip(), canon.strip()
+        first = seen.setdefault(_key(name), name)
+        if first in out and _key(out[first]) != _key(canon):
+            raise ValueError(f"alias {p!r}: {first!r} is already aliased to {out[first]!r}")
+        out[first] = canon
     return out
 
 

@@ -108,3 +108,40 @@ def test_bad_alias_is_one_clear_line(command, alias, tmp_path, monkeypatch):
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert lines == [f"error: alias {alias!r}: expected NAME=TYPE, e.g. addtocart=cart"]
     assert not list(tmp_path.iterdir())  # nothing started, nothing written
+
+
+@pytest.mark.parametrize(("value", "said"), [
+    ("checkout=purchase", "SEQGUARD_EVENT_ALIASES: not valid JSON"),
+    ('["checkout"]', "SEQGUARD_EVENT_ALIASES: Input should be a valid dictionary"),
+    ('{"checkout": 3}', "SEQGUARD_EVENT_ALIASES['checkout']: Input should be a valid string"),
+    ('{" ": "view"}', "names and types must be non-empty"),
+    ('{"Checkout": "purchase", "checkout": "view"}', "contradicts"),
+])
+def test_bad_alias_setting_is_one_clear_line(value, said, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SEQGUARD_EVENT_ALIASES", value)
+    res = runner.invoke(cli, ["serve", "--port", "1"])
+    assert res.exit_code == 2, res.output
+    out = " ".join(res.output.split())
+    assert out.startswith("error: ") and said in out and "Traceback" not in out and "errors.pydantic.dev" not in out
+    assert not list(tmp_path.iterdir())  # nothing started, nothing written
+
+
+def test_score_warns_about_aliases_that_change_or_lose_types(tmp_path):
+    out = score_log(tmp_path, ["pv", "buy", "view"] * 10, "--alias", "view=purchase", "--alias", "a=b=c",
+                    "--alias", "checkout=buy")
+    assert "warning: alias view → purchase replaces view → view" in out
+    assert "warning: alias a → b=c: not among the model's event types" in out
+    assert "checkout" not in out
+
+
+def test_unknown_types_from_a_file_cannot_write_escape_sequences_to_the_terminal(tmp_path):
+    out = score_log(tmp_path, ["pv"] * 8 + ["\x1b]0;pwned\x07\x1b[2Jx"])
+    assert "\x1b" not in out and "\\x1b]0;pwned\\x07\\x1b[2Jx" in out
+
+
+def test_train_checks_every_file_and_option_before_loading_any(tmp_path):
+    out = fails("train", "--events", TAOBAO_100, "--events", tmp_path / "nope.jsonl", "--out", tmp_path / "run")
+    assert "nope.jsonl: no such file" in out and "kept" not in out  # the first file was not loaded
+    out = fails("train", "--events", TAOBAO_100, "--fpr-unit", "bogus", "--out", tmp_path / "run")
+    assert "--fpr-unit 'bogus': expected event or user" in out and "kept" not in out

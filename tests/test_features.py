@@ -113,8 +113,8 @@ def test_pace_and_variety_columns_equal_a_plain_loop(recs, lookback):
             n = sum(1 for j in span if j < i and ts[i] - ts[j] <= seconds * 1000)
             assert col[name][i] == 1 + np.searchsorted(RECENT_EDGES, n, side="right"), (name, i)
         for name, values in (("distinct_items", ev.item_id), ("distinct_categories", ev.category_id)):
-            if values is None:  # the source has no such column
-                assert col[name][i] == 1
+            if values is None:  # no event of the batch has one: 0 distinct, as beside events that do
+                assert col[name][i] == 2
                 continue
             n = len({int(values[j]) for j in span if values[j] != 0})
             assert col[name][i] == 2 + np.searchsorted(DISTINCT_EDGES, n, side="right"), (name, i)
@@ -128,7 +128,7 @@ def test_pace_columns_by_hand():
     assert col["recent_1m"] == [1, 2, 3, 1, 1]  # 0, 1, 2, 0, 0 earlier events within 60 s
     assert col["recent_5m"] == [1, 2, 3, 4, 1]  # 0, 1, 2, 3 (3-4 bucket), 0
     assert col["distinct_items"] == [3, 4, 4, 5, 5]  # 1, 2, 2, 3, 4 distinct items so far
-    assert col["distinct_categories"] == [1] * 5  # no category column
+    assert col["distinct_categories"] == [2] * 5  # no category column: 0 distinct
 
 
 def test_aliases_map_every_store_onto_one_vocabulary():
@@ -148,6 +148,17 @@ def test_aliases_map_every_store_onto_one_vocabulary():
     restored = FeatureSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
     assert restored.aliases == spec.aliases
     assert restored.type_ids(["addtocart"]).tolist() == spec.type_ids(["cart"]).tolist()
+
+
+def test_an_events_ids_do_not_depend_on_the_rest_of_its_batch():
+    """Events without an item, featurized alone (the batch has no item column at all) or
+    beside another user's event that has one, get the same ids (found by review: the
+    distinct_* ids differed, so one user's score depended on another's request)."""
+    alone = [{"user_id": "a", "event_type": "pv", "timestamp": t * 20_000} for t in range(3)]
+    other = [{"user_id": "b", "event_type": "pv", "timestamp": 0, "item_id": "x", "category_id": "c"}]
+    spec = FeatureSpec.fit(Events.from_records(alone + other))
+    together = spec.transform(Events.from_records(alone + other), groups=np.array([0, 0, 0, 1]))
+    assert np.array_equal(spec.transform(Events.from_records(alone)), together[:3])
 
 
 def test_prices_are_missing_to_a_model_that_never_saw_one():

@@ -229,3 +229,67 @@ def test_bundle_takes_a_deployments_aliases() -> None:
     purchase = spec.type_ids(["purchase"])[0]
     assert ids.tolist() == [purchase] * 5 + [1]
     assert spec.type_ids(["checkout"]).tolist() == [1]  # the loaded bundle itself is unchanged
+
+
+# ---- hostile and careless input (review of the alias table and the unknown-type metric) ------
+
+
+def test_an_alias_type_is_read_in_the_table_before_the_deployments_aliases() -> None:
+    swap = build_aliases({"view": "purchase", "purchase": "view"})
+    assert (swap["view"], swap["purchase"]) == ("purchase", "view")  # a swap is a swap, not a no-op
+    chain = build_aliases({"a": "b", "b": "buy"})
+    assert (chain["a"], chain["b"]) == ("b", "purchase")  # b is read as the table knew it: no chains
+    assert build_aliases({"b": "buy", "a": "b"}) == chain  # whatever the order of the entries
+    # The table a bundle carries, put on top of the project's again (as `seqguard score` reads
+    # a file through it), is the same table.
+    table = build_aliases({"view": "purchase", "checkout": "view", "signin": "login"})
+    assert build_aliases(table) == table
+
+
+def test_one_name_twice_with_different_types_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert build_aliases({"Checkout": "buy", "checkout": "purchase"})["checkout"] == "purchase"  # same type: fine
+    with pytest.raises(ValueError, match="contradicts"):
+        build_aliases({"Checkout": "purchase", "checkout": "view"})
+    assert parse_alias_pairs(["checkout=buy", "CHECKOUT=Buy"]) == {"checkout": "Buy"}
+    with pytest.raises(ValueError, match="'checkout' is already aliased to 'purchase'"):
+        parse_alias_pairs(["checkout=purchase", " Checkout =view"])
+    monkeypatch.setenv("SEQGUARD_EVENT_ALIASES", '{"Checkout": "purchase", "checkout": "view"}')
+    with pytest.raises(ValidationError, match="contradicts"):
+        Settings()
+
+
+def test_alias_warnings_name_what_changes() -> None:
+    from app.vocabulary import alias_warnings
+
+    assert alias_warnings({"checkout": "buy", "Clicks": "view"}, known_types=CANONICAL) == []
+    assert alias_warnings({"view": "purchase", "pv": "cart", "signin": "login"}, known_types=CANONICAL) == [
+        "alias view → purchase replaces view → view",
+        "alias pv → cart replaces pv → view",
+        "alias signin → login: not among the model's event types",
+    ]
+    assert alias_warnings({"signin": "login"}) == []  # training: a new type is what it is for
+    assert alias_warnings({"x\x1b[2J": "y\n"}) == []  # nothing to say; and when there is, printable:
+    assert alias_warnings({"x\x1b[2J": "y\nz"}, known_types=CANONICAL) == [
+        "alias x\\x1b[2J → y\\nz: not among the model's event types"]
+
+
+def test_unknown_type_labels_and_warnings_are_safe(caplog: pytest.LogCaptureFixture) -> None:
+    from app.metrics import Metrics
+
+    m = Metrics()
+    hostile = ["a\r\nseqguard_fake_total 1", "\x1b[31mred", "nul\x00", "视图", "'$(touch /tmp/pwned)'"]
+    m.track_unknown_types({name: 1 for name in hostile})
+    body = m.render()[0].decode()
+    series = [line for line in body.split("\n") if line.startswith("seqguard_unknown_event_types_total{")]
+    assert len(series) == len(hostile)
+    assert not any(c in body for c in "\r\x1b\x00")  # no raw control character in the exposition
+    assert "seqguard_fake_total" not in [line.split(" ")[0] for line in body.split("\n")]
+    assert 'event_type="视图"' in body and 'event_type="\\\\x1b[31mred"' in body
+    warned = [r.getMessage() for r in caplog.records if r.name == "seqguard.vocabulary"]
+    assert len(warned) == len(hostile)
+    # The suggested setting, pasted into a shell, is the setting: never a command.
+    import shlex
+
+    line = warned[-1]
+    suggestion = line[line.index("SEQGUARD_EVENT_ALIASES=") + len("SEQGUARD_EVENT_ALIASES="):line.index(" (seqguard")]
+    assert shlex.split(suggestion) == ['{"\'$(touch /tmp/pwned)\'": "TYPE"}']
