@@ -58,6 +58,7 @@ class TrainConfig:
     crops_per_user: int = 2  # mid-history crops of each long training/validation user
     unknown_type_rate: float = 0.01  # share of normal training events shown with an unknown event type
     max_batch_rows: int | None = None  # cap on chunks per batch (batches hold batch_size × chunk_len tokens)
+    without_items_share: float = 0.05  # training/validation users also shown without item and category ids
     aliases: dict[str, str] = field(default_factory=dict)  # event type aliases on top of the project's table
 
     @classmethod
@@ -99,7 +100,8 @@ def prepare(events_paths: Path | str | Sequence[Path | str], fmt: str, inject_na
     events = events.sorted()
     real = dict(zip(("train", "val", "test"), split_by_user(events, cfg.split, seed=cfg.seed), strict=True))
     rng = np.random.default_rng(cfg.seed)
-    parts = {name: add_crops(ev, rng, cfg.crops_per_user) if name != "test" else ev for name, ev in real.items()}
+    parts = {name: add_without_items(add_crops(ev, rng, cfg.crops_per_user), rng, cfg.without_items_share)
+             if name != "test" else ev for name, ev in real.items()}
     train_real = parts["train"]
     if inject_names:
         # Validation and test accounts are as long as real users with complete histories:
@@ -166,6 +168,24 @@ def add_crops(events: Events, rng: np.random.Generator, per_user: int, min_event
     if crops.event_id is not None:  # ids are unique per event: the copies get their own
         crops = crops.with_columns(event_id=np.full(len(crops), None, dtype=object))
     return Events.concat([ev, crops]).sorted()
+
+
+def add_without_items(events: Events, rng: np.random.Generator, share: float) -> Events:
+    """``events`` plus a copy of a ``share`` of its users (user id ``<id>@noitem``) with
+    no item and no category ids: the contract makes both optional, and a storefront that
+    never sends them must not look anomalous for it (as with unknown event types)."""
+    if share <= 0 or not len(events) or (events.item_id is None and events.category_id is None):
+        return events
+    users = np.unique(events.user)
+    chosen = rng.choice(users, max(1, round(share * users.size)), replace=False)
+    rows = np.flatnonzero(np.isin(events.user, chosen))
+    copy = events.take(rows)
+    codes, user = np.unique(copy.user, return_inverse=True)
+    bare = copy.with_columns(
+        user=user.astype(np.int32), user_ids=np.array([f"{u}@noitem" for u in events.user_ids[codes]], dtype=object),
+        **{c: np.zeros(len(copy), np.uint64) for c in ("item_id", "category_id") if getattr(copy, c) is not None},
+        **({"event_id": np.full(len(copy), None, dtype=object)} if copy.event_id is not None else {}))
+    return Events.concat([events, bare]).sorted()
 
 
 def _drop_repeats(events: Events) -> Events:

@@ -26,10 +26,12 @@ def model() -> OnnxModel:
 
 
 def decisions(model: OnnxModel, types: list[str], gaps_s: list[float], items: list[str] | None = None,
-              user: str = "new-shopper") -> tuple[np.ndarray, list[str]]:
+              user: str = "new-shopper", with_items: bool = True) -> tuple[np.ndarray, list[str]]:
     t = T0 + np.cumsum([0, *gaps_s]).astype(np.int64) * 1000
     recs = [{"user_id": user, "event_type": e, "timestamp": int(ts), "item_id": items[i] if items else "2268318",
              "category_id": "2520377"} for i, (e, ts) in enumerate(zip(types, t, strict=True))]
+    if not with_items:  # the contract makes both optional
+        recs = [{k: v for k, v in r.items() if k not in ("item_id", "category_id")} for r in recs]
     p = score_events(model, Events.from_records(recs)).probability
     return p, decide(p, model.bundle.thresholds).tolist()
 
@@ -70,6 +72,15 @@ def test_one_session_in_every_stores_names_scores_alike_and_is_allowed(model):
     for name, (p, d) in probs.items():
         assert np.array_equal(p, first), name
         assert set(d) == {"allow"}, name
+
+
+def test_a_storefront_that_sends_no_item_ids_is_not_flagged(model):
+    """Found by review: three plain views without item or category ids scored 0.03,
+    0.79, 0.90 (review, then block)."""
+    _, d = decisions(model, ["view", "view", "view"], [20, 20], with_items=False)
+    assert d == ["allow"] * 3
+    _, d = decisions(model, [*SESSION], GAPS, with_items=False)
+    assert "block" not in d
 
 
 def test_unknown_types_are_never_enough_to_block(model):

@@ -14,7 +14,14 @@ from conftest import DATA, TAOBAO_100, invoke
 from app.bundle import load_bundle
 from app.events import Events
 from model_export.data import read_events
-from model_export.train import TrainConfig, _drop_repeats, add_crops, prepare, with_unknown_types
+from model_export.train import (
+    TrainConfig,
+    _drop_repeats,
+    add_crops,
+    add_without_items,
+    prepare,
+    with_unknown_types,
+)
 
 HDFS_400 = DATA / "hdfs_normal_400.gz"  # the first 400 normal sessions of DeepLog's HDFS data
 
@@ -37,6 +44,20 @@ def test_crops_start_mid_history_with_real_lengths():
         assert np.isin(t, host).all()
     assert np.median(lengths) < np.median(np.bincount(ev.user))  # drawn from the users' lengths, capped
     assert add_crops(ev, np.random.default_rng(0), per_user=0) is ev
+
+
+def test_users_without_items_are_copies_with_no_item_or_category():
+    ev, _ = read_events(TAOBAO_100, "taobao")
+    out = add_without_items(ev, np.random.default_rng(0), 0.1)
+    ids = out.user_id_strings().astype(str)
+    bare = np.char.endswith(ids, "@noitem")
+    assert len(set(ids[bare])) == 10  # 10% of the 100 users
+    assert (out.item_id[bare] == 0).all() and (out.category_id[bare] == 0).all()
+    assert (out.item_id[~bare] != 0).all(), "the real rows keep their ids"
+    hosts = {u.removesuffix("@noitem") for u in ids[bare]}
+    for h in hosts:
+        assert np.array_equal(np.sort(out.timestamp_ms[ids == h]), np.sort(out.timestamp_ms[ids == f"{h}@noitem"]))
+    assert add_without_items(ev, np.random.default_rng(0), 0.0) is ev
 
 
 def test_unknown_types_only_on_normal_events():
