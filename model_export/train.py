@@ -96,6 +96,7 @@ def prepare(events_paths: Path | str | Sequence[Path | str], fmt: str, inject_na
     if not paths:
         raise ValueError("no event files to train on")
     loaded = [read_events(p, fmt, dedupe=True, sort=True, aliases=cfg.aliases) for p in paths]  # logs summaries
+    _warn_shared_users(paths, loaded)
     events = _drop_repeats(Events.concat([ev for ev, _ in loaded])) if len(loaded) > 1 else loaded[0][0]
     events = events.sorted()
     real = dict(zip(("train", "val", "test"), split_by_user(events, cfg.split, seed=cfg.seed), strict=True))
@@ -186,6 +187,24 @@ def add_without_items(events: Events, rng: np.random.Generator, share: float) ->
         **{c: np.zeros(len(copy), np.uint64) for c in ("item_id", "category_id") if getattr(copy, c) is not None},
         **({"event_id": np.full(len(copy), None, dtype=object)} if copy.event_id is not None else {}))
     return Events.concat([events, bare]).sorted()
+
+
+def _warn_shared_users(paths: list[Path], loaded: list[tuple[Events, Any]]) -> int:
+    """Warn when files of different formats (different stores) share user ids: their
+    histories are merged into one user. Files of one log (the two Taobao samples) share
+    users by design. Returns the number of shared ids warned about."""
+    shared = 0
+    for i in range(len(loaded)):
+        for j in range(i + 1, len(loaded)):
+            if loaded[i][1].format == loaded[j][1].format:
+                continue
+            both = np.intersect1d(loaded[i][0].user_ids.astype(str), loaded[j][0].user_ids.astype(str))
+            if both.size:
+                shared += int(both.size)
+                log.warning("%s (%s) and %s (%s) share %d user ids: their events are merged into one history "
+                            "per id; give each store's users their own ids if they are different people",
+                            paths[i].name, loaded[i][1].format, paths[j].name, loaded[j][1].format, both.size)
+    return shared
 
 
 def _drop_repeats(events: Events) -> Events:

@@ -17,6 +17,7 @@ from model_export.data import read_events
 from model_export.train import (
     TrainConfig,
     _drop_repeats,
+    _warn_shared_users,
     add_crops,
     add_without_items,
     prepare,
@@ -69,6 +70,18 @@ def test_unknown_types_only_on_normal_events():
     assert 0.007 < hit.mean() < 0.009  # 1% of the 80% normal events
     assert not hit[label == 1].any()
     assert (feats[:, 0] == 5).all(), "the input is not modified"
+
+
+def test_stores_sharing_user_ids_are_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.csv"
+    a.write_text('{"user_id": "7", "event_type": "view", "timestamp": 1511596870000}\n')
+    b.write_text("user_id,event_type,timestamp\n7,view,1511596871000\n8,view,1511596872000\n")
+    loaded = [read_events(a, "jsonl"), read_events(b, "csv")]
+    with caplog.at_level("WARNING", logger="seqguard.train"):
+        assert _warn_shared_users([a, b], loaded) == 1
+    assert "share 1 user ids" in caplog.text
+    same_log = [read_events(b, "csv"), read_events(b, "csv")]
+    assert _warn_shared_users([b, b], same_log) == 0  # one log's files share users by design
 
 
 def test_rows_in_both_files_count_once():
