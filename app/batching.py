@@ -245,21 +245,8 @@ class MicroBatcher:
         for t in sorted(set(t_of.tolist())):
             rows = np.flatnonzero(t_of == t)
             calls.append((rows, last_windows(feats, ends[rows], starts[rows], t)))
-        return calls, seen.tolist(), self._unknown_types(events, ends)
-
-    def _unknown_types(self, events: Events, ends: np.ndarray) -> dict[str, int]:
-        """``{raw name: events}`` of the scored events (rows ``ends``) whose type the model
-        does not know. The lookup runs on the batch's few distinct names, not per event;
-        history events are not counted (they were counted when they were scored)."""
-        unknown = self.spec.type_ids(events.event_types) == 1  # (distinct names,)
-        if not unknown.any():
-            return {}
-        codes = events.event_type[ends]
-        codes = codes[unknown[codes]]
-        if not codes.size:
-            return {}
-        counts = np.bincount(codes, minlength=len(events.event_types))
-        return {events.event_types[i]: int(counts[i]) for i in np.flatnonzero(counts)}
+        # history events are not counted: they were counted when they were scored
+        return calls, seen.tolist(), self.spec.unknown_types(events, rows=ends)
 
     def _infer(self, calls: list[_Call]) -> list[tuple[np.ndarray, np.ndarray, float]]:
         """The batch's ONNX Runtime calls, in the executor thread: each call's

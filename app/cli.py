@@ -221,11 +221,9 @@ def serve(
             os.environ[f"SEQGUARD_{name}"] = str(value)
     settings = _settings(Settings)  # validates the environment before anything starts
     from app.bundle import load_bundle
-    from app.vocabulary import alias_warnings
 
-    # The bundle's table, to say what the deployment's aliases change (the service warns
-    # about aliases to types the model does not know); a bad --bundle stops here.
-    _warn(alias_warnings(settings.event_aliases, load_bundle(settings.bundle).spec.aliases))
+    load_bundle(settings.bundle)  # a bad --bundle stops here; the service warns about risky aliases
+
     _logging()
     embedded = None
     if settings.redis_url is None:

@@ -116,19 +116,22 @@ class FeatureSpec:
         lut = {t: i + 2 for i, t in enumerate(self.event_types)}
         return np.array([lut.get(t, 1) for t in canonical_names(names, self.aliases)], dtype=np.int64)
 
-    def unknown_types(self, events: Events) -> dict[str, int]:
-        """Event type names of ``events`` unknown to the model (after aliases), with
-        their number of events.
+    def unknown_types(self, events: Events, rows: np.ndarray | None = None) -> dict[str, int]:
+        """Event type names of ``events`` (of its ``rows`` only, if given: the events being
+        scored, not their history) unknown to the model after aliases, with their number
+        of events. The lookup runs on the distinct names, never per event.
 
         >>> ev = Events.from_records([{"user_id": "u", "event_type": t, "timestamp": 0}
         ...                           for t in ("pv", "login", "login")])
-        >>> FeatureSpec(("view",), (), ()).unknown_types(ev)
-        {'login': 2}
+        >>> spec = FeatureSpec(("view",), (), ())
+        >>> spec.unknown_types(ev), spec.unknown_types(ev, rows=np.array([0, 2]))
+        ({'login': 2}, {'login': 1})
         """
         ids = self.type_ids(events.event_types)
         if not (ids == 1).any():
             return {}
-        counts = np.bincount(events.event_type, minlength=len(ids))
+        codes = events.event_type if rows is None else events.event_type[rows]
+        counts = np.bincount(codes, minlength=len(ids))
         return {events.event_types[i]: int(counts[i]) for i in np.flatnonzero((ids == 1) & (counts > 0))}
 
     def to_dict(self) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from app import errors
 from app.batching import MicroBatcher
-from app.bundle import Bundle, load_bundle
+from app.bundle import load_bundle
 from app.deps import AppState
 from app.embedded_redis import EmbeddedRedis
 from app.metrics import Metrics, mark_process_dead
@@ -25,7 +25,7 @@ from app.redis_client import connect, durability_warning, read_durability
 from app.routes import batch, events, meta
 from app.scorer import OnnxModel
 from app.settings import Settings
-from app.vocabulary import canonical
+from app.vocabulary import alias_warnings
 from app.windows import WindowStore
 
 log = logging.getLogger("seqguard")
@@ -43,21 +43,6 @@ async def log_durability(redis: Redis) -> None:
                  config.get("appendonly"), config.get("appendfsync"))
 
 
-def check_aliases(bundle: Bundle, aliases: dict[str, str]) -> None:
-    """Warn about deployment aliases that lead to a type the model does not know."""
-    if not aliases:
-        return
-    spec = bundle.spec
-    ids = spec.type_ids(list(aliases))
-    lost = [f"{name} → {canonical(name, spec.aliases)}"
-            for name, i in zip(aliases, ids.tolist(), strict=True) if i == 1]
-    if lost:
-        log.warning("SEQGUARD_EVENT_ALIASES: %s: not among the model's event types (%s); such events are scored "
-                    "with the out-of-vocabulary id", ", ".join(lost), ", ".join(spec.event_types))
-    else:
-        log.info("event type aliases of this deployment: %s", aliases)
-
-
 def create_app(settings: Settings) -> FastAPI:
     """The seqguard service for ``settings``."""
 
@@ -65,8 +50,10 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # POST /events and /batch-score both score through this bundle's spec, so both take
         # the deployment's aliases.
-        bundle = load_bundle(settings.bundle).with_aliases(settings.event_aliases)
-        check_aliases(bundle, settings.event_aliases)
+        loaded = load_bundle(settings.bundle)
+        for warning in alias_warnings(settings.event_aliases, loaded.spec.aliases, loaded.spec.event_types):
+            log.warning("SEQGUARD_EVENT_ALIASES: %s", warning)
+        bundle = loaded.with_aliases(settings.event_aliases)
         model = OnnxModel(bundle, threads=settings.inference_threads, prefer_cuda=settings.prefer_cuda,
                           fp16=settings.fp16)
         metrics = Metrics()

@@ -64,8 +64,7 @@ async def _score(state: AppState, records: list[dict[str, Any]], answered_from: 
     scores: Scores = await loop.run_in_executor(state.batch_executor, score_events, state.model, events)
     answered_p = scores.probability[answered_from:]
     state.metrics.track_scored("batch", answered_p, decide(answered_p, state.thresholds))
-    answered = events.take(np.arange(answered_from, len(events))) if answered_from else events
-    if unknown := state.bundle.spec.unknown_types(answered):
+    if unknown := state.bundle.spec.unknown_types(events, rows=np.arange(answered_from, len(events))):
         state.metrics.track_unknown_types(unknown)
     return scores
 

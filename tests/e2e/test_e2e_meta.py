@@ -52,3 +52,17 @@ def test_health_and_readiness(client: TestClient, bundle_meta: dict[str, Any]) -
 def test_openapi_lists_the_contract_routes(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     assert {"/events", "/batch-score", "/model", "/healthz", "/readyz"} <= set(spec["paths"])
+
+
+def test_startup_warns_about_aliases_that_change_or_lose_a_type(make_client, caplog):
+    """One routine (app.vocabulary.alias_warnings) tells the operator, at service start,
+    which deployment aliases change what a known name means and which lead to a type the
+    model never saw; /model shows them."""
+    with caplog.at_level("WARNING", logger="seqguard"):
+        c = make_client(event_aliases={"view": "purchase", "signin": "login", "checkout": "buy"})
+    text = caplog.text
+    assert "SEQGUARD_EVENT_ALIASES: alias view → purchase replaces view → view" in text
+    assert "SEQGUARD_EVENT_ALIASES: alias signin → login: not among the model's event types" in text
+    assert "checkout" not in text  # checkout → purchase is a plain, known alias
+    vocab = c.get("/model").json()["vocabulary"]
+    assert vocab["aliases"]["checkout"] == "purchase" and vocab["deployment_aliases"]["signin"] == "login"
