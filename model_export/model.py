@@ -25,6 +25,15 @@ of several, being one of them is no surprise. DeepLog (Du et al., CCS 2017) draw
 line with a hard rule (the observed log key is among the top g predictions); the mid-p
 form is its smooth, ranking version, and summing −log p over features is Fisher's method
 of combining p-values. ``"nll"`` is the plain next-event negative log-likelihood.
+
+Novel event types (``ModelConfig.novel_types``): event type ids that training never showed
+as a next event are impossible, their logit held at ``NOVEL_LOGIT`` below the others. A
+softmax only learns that a class never occurs slowly (its probability decays with the
+gradient it gets, to ~1e-4 in a short run, no rarer than a legitimately rare key), so
+without this an unseen log key scores like a rare one; DeepLog treats an unseen key as
+anomalous outright. Training sets it only when no unknown types are taught
+(``TrainConfig.unknown_type_rate == 0``, the mode for logs): a shopper model shows 1% of
+events with the unknown type, so an unknown type keeps a calibrated, non-blocking meaning.
 """
 
 from __future__ import annotations
@@ -47,6 +56,9 @@ SURPRISES = ("midp", "nll")
 #: Temperature (nats) of the smooth "less likely than the observed value" comparison: the
 #: mid-p-value is continuous in the logits, so float error cannot flip it.
 MIDP_TEMPERATURE = 0.05
+#: Logit offset of an event type never seen as a next event in training: e^-30 ≈ 1e-13
+#: relative probability, far below anything learnt, still finite (no NaN downstream).
+NOVEL_LOGIT = -30.0
 
 
 @dataclass
@@ -61,6 +73,7 @@ class ModelConfig:
     dropout: float = 0.1
     targets: tuple[str, ...] = TARGETS
     surprise: str = "midp"  # midp | nll (see the module docstring)
+    novel_types: tuple[int, ...] = ()  # event type ids impossible as a next event (see the module docstring)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -72,6 +85,9 @@ class ModelConfig:
             raise ValueError("cardinalities must have one entry per feature column")
         self.cardinalities = tuple(int(c) for c in self.cardinalities)
         self.targets = tuple(self.targets)
+        self.novel_types = tuple(int(i) for i in self.novel_types)
+        if any(not 0 <= i < self.cardinalities[0] for i in self.novel_types):
+            raise ValueError(f"novel_types must be event type ids below {self.cardinalities[0]}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -223,6 +239,10 @@ class Detector(nn.Module):
         n_t = len(self.target_cols)
         self.anomaly_head = nn.Sequential(nn.Linear(d + n_t + 1, d), nn.GELU(), nn.Linear(d, 1))
         self.calibration = Calibration()
+        offset = torch.zeros(cfg.cardinalities[0])
+        offset[list(cfg.novel_types)] = NOVEL_LOGIT
+        # (C_event_type,) added to the event type head's logits; a constant, not a weight
+        self.register_buffer("type_offset", offset, persistent=False)
 
     def forward(self, ids: Tensor) -> dict[str, Tensor]:
         valid = ids[..., 0] != 0  # (B, T): event_type id 0 is padding
@@ -232,7 +252,11 @@ class Detector(nn.Module):
         # Next-event prediction of event t from the state after event t-1 (BOS if none).
         prev_valid = F.pad(valid[:, :-1], (1, 0), value=False)  # (B, T)
         h_prev = torch.where(prev_valid[..., None], F.pad(h[:, :-1], (0, 0, 1, 0)), self.bos)
-        logps = [F.log_softmax(head(h_prev), dim=-1) for head in self.next_heads]  # each (B, T, C)
+        logits = [head(h_prev) for head in self.next_heads]  # each (B, T, C)
+        if self.cfg.novel_types and 0 in self.target_cols:
+            i = self.target_cols.index(0)
+            logits[i] = logits[i] + self.type_offset
+        logps = [F.log_softmax(z, dim=-1) for z in logits]
         observed = [lp.gather(-1, ids[..., c : c + 1]) for lp, c in zip(logps, self.target_cols, strict=True)]
         nll = -torch.cat(observed, dim=-1) * valid[..., None]  # (B, T, n_targets)
         total_nll = nll.sum(dim=-1)  # (B, T)

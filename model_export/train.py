@@ -223,6 +223,19 @@ def _drop_repeats(events: Events) -> Events:
     return events.take(~dup)
 
 
+def novel_types(prep: Prepared, cfg: TrainConfig) -> tuple[int, ...]:
+    """Event type ids no training event has, when no unknown types are taught
+    (``unknown_type_rate == 0``): the model holds them impossible as a next event
+    (``ModelConfig.novel_types``). Otherwise none: every id the model can see was taught.
+
+    Returns: sorted ids in [0, cardinality of ``event_type``), padding and unknown included.
+    """
+    if cfg.unknown_type_rate > 0:
+        return ()
+    seen = np.unique(prep.features["train"][:, 0])
+    return tuple(int(i) for i in np.setdiff1d(np.arange(prep.spec.cardinalities[0]), seen))
+
+
 def make_chunks(
     features: np.ndarray, groups: np.ndarray, labels: np.ndarray | None, chunk_len: int, window: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -267,7 +280,7 @@ def train_model(prep: Prepared, cfg: TrainConfig, progress: bool = True) -> tupl
     rng = np.random.default_rng(cfg.seed)
     mcfg = ModelConfig(cardinalities=prep.spec.cardinalities, arch=cfg.arch, window=cfg.window,
                        d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                       d_ff=cfg.d_ff, dropout=cfg.dropout)
+                       d_ff=cfg.d_ff, dropout=cfg.dropout, novel_types=novel_types(prep, cfg))
     model = Detector(mcfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     train = prep.splits["train"]

@@ -11,8 +11,10 @@ import orjson
 import pytest
 from conftest import DATA, TAOBAO_100, invoke
 
+from app.backfill import score_events
 from app.bundle import load_bundle
 from app.events import Events
+from app.scorer import OnnxModel
 from model_export.data import read_events
 from model_export.train import (
     TrainConfig,
@@ -20,6 +22,7 @@ from model_export.train import (
     _warn_shared_users,
     add_crops,
     add_without_items,
+    novel_types,
     prepare,
     with_unknown_types,
 )
@@ -157,3 +160,34 @@ def test_event_unit_thresholds_hold_every_type_on_validation(tmp_path: Path):
         for t, r in row["per_type"].items():
             if t not in too_few:
                 assert r["fpr"] <= 2 * row["target_fpr"], (name, t)
+
+
+def test_novel_types_only_when_no_unknown_types_are_taught():
+    prep = prepare(TAOBAO_100, "taobao", [], TrainConfig(window=16, seed=3))
+    assert novel_types(prep, TrainConfig(unknown_type_rate=0.01)) == ()
+    # padding (0) and unknown (1) are never training events; every fitted type is
+    assert novel_types(prep, TrainConfig(unknown_type_rate=0.0)) == (0, 1)
+
+
+def test_an_unseen_log_key_is_blocked_in_logs_mode(hdfs_jsonl: Path, tmp_path: Path):
+    """With no unknown types taught (--unknown-type-rate 0, the mode for logs), a log key no
+    training session has is impossible as a next event (DeepLog: an unseen key is an
+    anomaly): through ONNX Runtime it scores far above every normal event and is blocked,
+    where a rare key the model learnt is not."""
+    run_dir, bundle = tmp_path / "run", tmp_path / "bundle"
+    invoke("train", "--events", hdfs_jsonl, "--format", "jsonl", "--inject", "none", "--window", "16",
+           "--epochs", "2", "--seed", "3", "--fpr-unit", "user", "--unknown-type-rate", "0", "--out", run_dir)
+    run = json.loads((run_dir / "run.json").read_text())
+    assert 1 in run["model"]["novel_types"]
+    invoke("export", run_dir, "--out", bundle, "--no-report")
+    model = OnnxModel(load_bundle(bundle), threads=1)
+
+    normal = read_events(hdfs_jsonl, "jsonl", dedupe=False, sort=True)[0]
+    normal_surprise = score_events(model, normal).surprise
+    keys = ["k5", "k22", "k5", "k5", "k11", "k9", "k99", "k11", "k9"]  # k99: no HDFS session has it
+    session = Events.from_records([{"user_id": "new", "event_type": k, "timestamp": 1_500_000_000_000 + 1000 * j}
+                                   for j, k in enumerate(keys)])
+    scored = score_events(model, session)
+    assert scored.surprise[6] > normal_surprise.max() + 10
+    assert scored.probability[6] >= model.bundle.thresholds["block"]
+    assert scored.surprise[:6].max() < np.quantile(normal_surprise, 0.999)
