@@ -43,7 +43,7 @@ def _friendly(fn: F) -> F:
 
         try:
             return fn(*args, **kwargs)
-        except (BundleError, FileNotFoundError, ValueError) as e:
+        except (BundleError, FileNotFoundError, FileExistsError, ValueError) as e:
             err.print(f"[red]error:[/red] {e}", highlight=False)
             raise typer.Exit(2) from None
 
@@ -113,12 +113,13 @@ def export(
     out: Annotated[Path, typer.Option("--out", help="Bundle directory to write.")],
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write model.fp16.onnx for GPUs.")] = False,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Evaluate into out/report.")] = True,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT when it is not empty.")] = False,
 ) -> None:
     """Export a trained run as a bundle: ONNX, bundle.json (parity included), report/."""
     _logging()
     from model_export.export import export as do_export
 
-    meta = do_export(run_dir, out, fp16=fp16, evaluate=report)
+    meta = do_export(run_dir, out, fp16=fp16, evaluate=report, force=force)
     p = meta["parity"]["fp32"]
     err.print(f"bundle {meta['model_version']} in {out}; fp32 parity max |diff| {p['max_abs_diff']:.2e} "
               f"on {p['n_windows']} held-out windows")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import warnings
 from datetime import UTC, datetime
@@ -19,7 +20,7 @@ from app.bundle import SCHEMA_VERSION
 from app.features import FEATURES
 from model_export import parity
 from model_export.model import Detector
-from model_export.train import TrainConfig, load_run, prepare
+from model_export.train import TrainConfig, load_prepared, load_run, prepare
 
 log = logging.getLogger("seqguard.export")
 OPSET = 17
@@ -79,16 +80,47 @@ def to_fp16(src: Path, dst: Path) -> None:
 
 
 def export(run_dir: Path, out: Path, *, fp16: bool = False, evaluate: bool = True,
-           parity_windows: int = 512) -> dict[str, Any]:
-    """Write ``out/`` from ``run_dir``; fails loudly when fp32 parity is beyond tolerance."""
+           parity_windows: int = 512, force: bool = False) -> dict[str, Any]:
+    """Write the bundle ``out/`` from ``run_dir``; returns its ``bundle.json``.
+
+    The bundle is built in a sibling directory and moved into place whole, so an export
+    that fails (parity beyond tolerance, an interrupt) leaves ``out`` as it was, and one
+    that succeeds leaves nothing of an older bundle behind (no stale report or fp16 model).
+
+    Raises:
+        FileExistsError: ``out`` exists and is not an empty directory, and not ``force``.
+        RuntimeError: fp32 parity between PyTorch and ONNX Runtime beyond tolerance.
+    """
+    out = Path(out)
+    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} is not empty; pass --force to replace it")
+    staging = out.parent / f".{out.name}.export-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        meta = _build_bundle(Path(run_dir), staging, fp16=fp16, evaluate=evaluate, parity_windows=parity_windows)
+        if out.is_dir():
+            shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("bundle %s written to %s", meta["model_version"], out)
+    return meta
+
+
+def _build_bundle(run_dir: Path, out: Path, *, fp16: bool, evaluate: bool, parity_windows: int) -> dict[str, Any]:
     model, run = load_run(run_dir)
     cfg = TrainConfig.from_dict(run["train_config"])
-    src = run["training_data"]
-    files = src.get("files") or [src]
-    prep = prepare([Path(f["path"]) for f in files], src["format"], list(src["inject"]), cfg)
-    for was, now in zip(files, prep.source["files"], strict=True):
-        if was["sha256"] != now["sha256"]:
-            raise RuntimeError(f"{was['path']} changed since training (sha256 differs)")
+    prep = load_prepared(run_dir, run)
+    if prep is None:  # a run from before runs kept their splits: prepare them again
+        src = run["training_data"]
+        files = src.get("files") or [src]
+        prep = prepare([Path(f["path"]) for f in files], src["format"], list(src["inject"]), cfg)
+        for was, now in zip(files, prep.source["files"], strict=True):
+            if was["sha256"] != now["sha256"]:
+                raise RuntimeError(f"{was['path']} changed since training (sha256 differs)")
 
     out.mkdir(parents=True, exist_ok=True)
     onnx_path = out / "model.onnx"
@@ -96,12 +128,10 @@ def export(run_dir: Path, out: Path, *, fp16: bool = False, evaluate: bool = Tru
     windows = parity.held_out_windows(prep.features["test"], prep.splits["test"].user,
                                       parity_windows, cfg.window, cfg.seed)
     checks = {"fp32": parity.check(model, onnx_path, windows, parity.FP32_TOLERANCE)}
-    fp16_path = out / "model.fp16.onnx"
     if fp16:
+        fp16_path = out / "model.fp16.onnx"
         to_fp16(onnx_path, fp16_path)
         checks["fp16"] = parity.check(model, fp16_path, windows, tolerance=None)
-    elif fp16_path.exists():
-        fp16_path.unlink()
 
     meta: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -129,9 +159,6 @@ def export(run_dir: Path, out: Path, *, fp16: bool = False, evaluate: bool = Tru
         summary = evaluate_bundle(out, prep, out / "report")
         meta["evaluation"] = summary
         _write(out / "bundle.json", meta)
-    elif (out / "report").exists():
-        shutil.rmtree(out / "report")
-    log.info("bundle %s written to %s", meta["model_version"], out)
     return meta
 
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,82 @@ class Prepared:
     real: dict[str, Events] = field(default_factory=dict)  # split → its real users and rows, before injection
 
 
+#: Where a run directory keeps the prepared splits export and evaluation need.
+PREPARED_FILE = "prepared.npz"
+
+
+def save_prepared(prep: Prepared, path: Path) -> None:
+    """Write the three splits (as injected) and the test split's real users to ``path``
+    (compressed npz, one array per Events column, ``<part>/<column>``), so that a run
+    directory holds everything `seqguard export` needs and export never re-reads, or even
+    needs, the training files. The spec and the source are in ``run.json``; features are
+    recomputed from the spec (deterministic)."""
+    parts = {f"split.{k}": ev for k, ev in prep.splits.items()}
+    if "test" in prep.real:
+        parts["real.test"] = prep.real["test"]
+    arrays: dict[str, np.ndarray] = {}
+    for part, ev in parts.items():
+        for f in fields(Events):
+            value = getattr(ev, f.name)
+            if value is None:
+                continue
+            if isinstance(value, tuple):
+                arrays[f"{part}/{f.name}"] = np.array(value, dtype=str)
+            elif value.dtype == object:  # strings, None where missing
+                missing = np.array([v is None for v in value], dtype=bool)
+                arrays[f"{part}/{f.name}"] = np.where(missing, "", value).astype(str)
+                arrays[f"{part}/{f.name}:none"] = missing
+            else:
+                arrays[f"{part}/{f.name}"] = value
+    np.savez_compressed(path, **arrays)  # type: ignore[arg-type]
+
+
+def load_prepared(run_dir: Path, summary: dict[str, Any]) -> Prepared | None:
+    """The :class:`Prepared` of a run, from its ``prepared.npz`` and ``run.json``
+    (``summary``); None for a run written before runs kept their splits."""
+    path = run_dir / PREPARED_FILE
+    if not path.exists():
+        return None
+    tuples = {f.name for f in fields(Events) if f.name in ("event_types", "scenarios")}
+    parts: dict[str, dict[str, Any]] = {}
+    with np.load(path, allow_pickle=False) as z:
+        for key in z.files:
+            part, column = key.split("/", 1)
+            if column.endswith(":none"):
+                continue
+            value = z[key]
+            if column in tuples:
+                value = tuple(str(v) for v in value)
+            elif value.dtype.kind == "U":
+                value = value.astype(object)
+                if f"{key}:none" in z.files:
+                    value[z[f"{key}:none"]] = None
+            parts.setdefault(part, {})[column] = value
+    events = {part: Events(**cols) for part, cols in parts.items()}
+    spec = FeatureSpec.from_dict(summary["feature_spec"])
+    splits = {k: events[f"split.{k}"] for k in ("train", "val", "test")}
+    real = {"test": events["real.test"]} if "real.test" in events else {}
+    return Prepared(spec, splits, {k: spec.transform(ev) for k, ev in splits.items()}, bool(summary["supervised"]),
+                    summary["training_data"], None, list(summary["training_data"].get("inject", [])), real)
+
+
+#: Fewest real users a split may hold: fewer cannot train, stop early or choose thresholds.
+MIN_SPLIT_USERS = 10
+
+
+def _check_split_sizes(real: dict[str, Events], fractions: tuple[float, float, float], name: str) -> None:
+    """Refuse (``ValueError``, one line) a log whose split leaves a part with fewer than
+    ``MIN_SPLIT_USERS`` users; a part with a zero fraction may stay empty."""
+    sizes = {k: int(np.unique(ev.user).size) for k, ev in real.items()}
+    small = [k for (k, n), f in zip(sizes.items(), fractions, strict=True) if f > 0 and n < MIN_SPLIT_USERS]
+    if small:
+        total = sum(sizes.values())
+        need = math.ceil(MIN_SPLIT_USERS * sum(fractions) / min(f for f in fractions if f > 0))
+        got = ", ".join(f"{sizes[k]} {'validation' if k == 'val' else k}" for k in small)
+        raise ValueError(f"{name}: {total} users are too few to train on: the split {tuple(fractions)} leaves "
+                         f"{got} users, and every part needs at least {MIN_SPLIT_USERS} (about {need} users in all)")
+
+
 def prepare(events_paths: Path | str | Sequence[Path | str], fmt: str, inject_names: list[str],
             cfg: TrainConfig) -> Prepared:
     """Load one or more logs, split by user, add mid-history crops to the training and
@@ -100,6 +177,7 @@ def prepare(events_paths: Path | str | Sequence[Path | str], fmt: str, inject_na
     events = _drop_repeats(Events.concat([ev for ev, _ in loaded])) if len(loaded) > 1 else loaded[0][0]
     events = events.sorted()
     real = dict(zip(("train", "val", "test"), split_by_user(events, cfg.split, seed=cfg.seed), strict=True))
+    _check_split_sizes(real, cfg.split, " + ".join(p.name for p in paths))
     rng = np.random.default_rng(cfg.seed)
     parts = {name: add_without_items(add_crops(ev, rng, cfg.crops_per_user), rng, cfg.without_items_share)
              if name != "test" else ev for name, ev in real.items()}
@@ -428,6 +506,7 @@ def run(events_paths: Path | Sequence[Path], fmt: str, inject_names: list[str], 
     prob = score_splits(model, prep)["val"]["anomaly_probability"]
     thresholds = _thresholds(prep, cfg, prob)
     out.mkdir(parents=True, exist_ok=True)
+    save_prepared(prep, out / PREPARED_FILE)
     torch.save({"config": model.cfg.to_dict(), "state_dict": model.state_dict(),
                 "calibration": model.calibration.describe()}, out / "model.pt")
     summary = {

@@ -10,9 +10,11 @@ import numpy as np
 import orjson
 import pytest
 from conftest import DATA, TAOBAO_100, invoke
+from typer.testing import CliRunner
 
 from app.backfill import score_events
 from app.bundle import load_bundle
+from app.cli import cli
 from app.events import Events
 from app.scorer import OnnxModel
 from model_export.data import read_events
@@ -22,6 +24,7 @@ from model_export.train import (
     _warn_shared_users,
     add_crops,
     add_without_items,
+    load_prepared,
     novel_types,
     prepare,
     with_unknown_types,
@@ -191,3 +194,56 @@ def test_an_unseen_log_key_is_blocked_in_logs_mode(hdfs_jsonl: Path, tmp_path: P
     assert scored.surprise[6] > normal_surprise.max() + 10
     assert scored.probability[6] >= model.bundle.thresholds["block"]
     assert scored.surprise[:6].max() < np.quantile(normal_surprise, 0.999)
+
+
+@pytest.mark.parametrize("users", [5, 11])
+def test_too_few_users_are_refused_in_one_line(tmp_path: Path, users: int):
+    """Issue 9: 5 users ended in an IndexError, 11 trained without a word (review = block)."""
+    with gzip.open(TAOBAO_100, "rt") as f:
+        rows = [line for line in f if line.strip()]
+    keep = set(list(dict.fromkeys(r.split(",")[0] for r in rows))[:users])  # the first users, in file order
+    small = tmp_path / "small.csv"
+    small.write_text("".join(r for r in rows if r.split(",")[0] in keep))
+    res = CliRunner().invoke(cli, ["train", "--events", str(small), "--format", "taobao", "--epochs", "1",
+                                   "--out", str(tmp_path / "run")])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and f"small.csv: {users} users are too few to train on" in out
+    assert "at least 10" in out and not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_export_needs_only_the_run_directory_and_never_overwrites(tmp_path: Path):
+    """Issue 9: export re-read the training file by the path typed at training (so it
+    failed from another directory) and silently replaced a bundle (its report and fp16
+    model were lost). The run directory now holds its splits; export refuses a non-empty
+    OUT without --force, and with it replaces OUT whole."""
+    data = tmp_path / "data" / "events.csv.gz"
+    data.parent.mkdir()
+    data.write_bytes(TAOBAO_100.read_bytes())
+    run_dir, bundle = tmp_path / "run", tmp_path / "bundle"
+    invoke("train", "--events", data, "--format", "taobao", "--inject", "all", "--window", "16",
+           "--epochs", "1", "--seed", "3", "--out", run_dir)
+    invoke("export", run_dir, "--out", bundle, "--no-report")
+    again = load_prepared(run_dir, json.loads((run_dir / "run.json").read_text()))
+    assert again is not None
+    prep = prepare(data, "taobao", ["scraping_bot", "click_farming", "order_brushing", "account_takeover",
+                                    "cart_stuffing"], TrainConfig(window=16, seed=3))
+    for name in ("train", "val", "test"):
+        a, b = again.splits[name], prep.splits[name]
+        assert np.array_equal(a.timestamp_ms, b.timestamp_ms) and np.array_equal(a.label, b.label)
+        assert a.user_ids.tolist() == b.user_ids.tolist() and a.event_types == b.event_types
+        assert np.array_equal(again.features[name], prep.features[name])
+    assert np.array_equal(again.real["test"].timestamp_ms, prep.real["test"].timestamp_ms)
+    assert again.real["test"].event_ids().tolist() == prep.real["test"].event_ids().tolist()
+
+    data.unlink()  # the training file is gone: export still works, with the same parity windows
+    (bundle / "report").mkdir()
+    res = CliRunner().invoke(cli, ["export", str(run_dir), "--out", str(bundle), "--no-report"])
+    assert res.exit_code == 2 and "not empty" in res.output and "--force" in res.output
+    assert (bundle / "report").is_dir(), "a refused export leaves OUT as it was"
+    first = load_bundle(bundle).meta
+    invoke("export", run_dir, "--out", bundle, "--no-report", "--force")
+    meta = load_bundle(bundle).meta
+    assert meta["model_version"] == first["model_version"] and meta["parity"] == first["parity"]
+    assert not (bundle / "report").exists(), "--force replaces OUT whole"
+    assert not list(tmp_path.glob(".bundle.export-*")), "no staging directory left behind"

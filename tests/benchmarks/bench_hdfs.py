@@ -118,7 +118,7 @@ def main() -> None:
         t0 = time.perf_counter()
         summary = run(files["train"], "jsonl", [], cfg, work / "run", progress=False)
         t1 = time.perf_counter()
-        meta = export(work / "run", work / "bundle", evaluate=False)
+        meta = export(work / "run", work / "bundle", evaluate=False, force=True)
         t2 = time.perf_counter()
 
         model = OnnxModel(load_bundle(work / "bundle"), threads=0)
