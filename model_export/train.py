@@ -539,7 +539,16 @@ def _thresholds(prep: Prepared, cfg: TrainConfig, prob: np.ndarray) -> dict[str,
 
 
 def load_run(run_dir: Path) -> tuple[Detector, dict[str, Any]]:
-    """The trained detector (eval mode, calibrated) and the run summary of a run directory."""
+    """The trained detector (eval mode, calibrated) and the run summary of a run directory.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` is not a run directory (one line saying what it is).
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").is_file() or not (run_dir / "model.pt").is_file():
+        what = ("a bundle (it has bundle.json)" if (run_dir / "bundle.json").is_file()
+                else "missing" if not run_dir.exists() else "not a run directory (no run.json and model.pt)")
+        raise FileNotFoundError(f"{run_dir} is {what}: export takes the directory `seqguard train --out` wrote")
     summary = orjson.loads((run_dir / "run.json").read_bytes())
     ckpt = torch.load(run_dir / "model.pt", weights_only=False)
     model = Detector(ModelConfig.from_dict(ckpt["config"]))

@@ -247,3 +247,13 @@ def test_export_needs_only_the_run_directory_and_never_overwrites(tmp_path: Path
     assert meta["model_version"] == first["model_version"] and meta["parity"] == first["parity"]
     assert not (bundle / "report").exists(), "--force replaces OUT whole"
     assert not list(tmp_path.glob(".bundle.export-*")), "no staging directory left behind"
+
+
+def test_export_of_a_bundle_or_a_missing_directory_says_so(tmp_path: Path):
+    """Issue 9: export given a bundle printed `[Errno 2] … run.json`."""
+    for source, says in ((Path("app/bundles/default"), "is a bundle"), (tmp_path / "nope", "is missing"),
+                         (tmp_path, "not a run directory")):
+        res = CliRunner().invoke(cli, ["export", str(source), "--out", str(tmp_path / "out")])
+        out = " ".join(res.output.split())
+        assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+        assert says in out and "seqguard train --out" in out
