@@ -4,12 +4,19 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --disable-pip-version-check -q -c .constraints.txt
 DATA   := ../shared/data
+BASE   := $(VENV)/.installed-base
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test lint model bench run clean
+.PHONY: venv test lint browser model bench run clean
 
-$(STAMP): pyproject.toml .constraints.txt
+# The service's own set (no PyTorch): what `make run` needs.
+$(BASE): pyproject.toml .constraints.txt
 	$(PYTHON) -m venv $(VENV)
+	$(PIP) -e .
+	touch $(BASE)
+
+# Training, tests and benchmarks on top of it.
+$(STAMP): $(BASE)
 	# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(PIP) torch==2.13.0
 	$(PIP) -e '.[train,dev]'
@@ -21,8 +28,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check app model_export tests
 	$(VENV)/bin/mypy
 
-test: lint
+test: lint browser
 	$(VENV)/bin/pytest -q
+
+# The headless-browser test of /docs needs Debian's chromium and its driver: installed
+# here when missing and this is a root shell with apt-get; otherwise the test is skipped.
+browser:
+	@command -v chromedriver >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	    && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+	    >/dev/null; } || echo "chromium or chromedriver missing: tests/e2e/test_e2e_docs_browser.py will be skipped"
 
 # Rebuilds the shipped default bundle from both real Taobao samples (split by user; the
 # test users of both are the report's held-out real traffic), every scenario injected.
@@ -35,13 +49,16 @@ model: $(STAMP)
 # Benchmarks print figures (docs/PERFORMANCE.md); they assert nothing about time.
 bench: $(STAMP)
 	$(PY) tests/benchmarks/bench_features.py
+	$(PY) tests/benchmarks/bench_parse.py
 	$(PY) tests/benchmarks/bench_score.py
 	$(PY) tests/benchmarks/bench_onnx.py
 	$(PY) tests/benchmarks/bench_service.py
+	$(PY) tests/benchmarks/bench_backfill_stall.py
+	$(PY) tests/benchmarks/bench_redis_footprint.py
 	$(PY) tests/benchmarks/bench_hdfs.py
 
 # The service on the shipped default bundle, with an embedded Redis, at 127.0.0.1:8000.
-run: $(STAMP)
+run: $(BASE)
 	$(VENV)/bin/seqguard serve
 
 clean:

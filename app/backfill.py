@@ -9,6 +9,10 @@ one pass. Chunks are grouped by length into a few padded shapes.
 
 Order within a user is by timestamp; events of one user with the same timestamp are
 taken in input order, i.e. the order in which they would have arrived online.
+
+The live window store's rules hold here too: an event whose (user_id, event_id) came
+earlier in the input is a repeat (a redelivery). It joins no window and is answered with
+the first occurrence's scores and ``duplicate`` set, as ``POST /events`` answers a replay.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 import orjson
@@ -36,10 +40,84 @@ SHORT_LENGTH = 8
 
 @dataclass(frozen=True)
 class Scores:
-    """Per-event outputs, in the input row order of the scored events."""
+    """Per-event outputs, in the input row order of the scored events. A repeat gets its
+    first occurrence's outputs; ``duplicate`` marks the repeats (``None``: none)."""
 
     probability: np.ndarray  # (N,) float32
     surprise: np.ndarray  # (N,) float32
+    duplicate: np.ndarray | None = None  # (N,) bool
+
+    def __getitem__(self, rows: slice) -> Scores:
+        """The outputs of ``rows`` (e.g. a stream's answered rows after its context)."""
+        dup = None if self.duplicate is None else self.duplicate[rows]
+        return Scores(self.probability[rows], self.surprise[rows], dup)
+
+    def is_duplicate(self) -> np.ndarray:
+        """(N,) bool: which rows repeat an earlier event."""
+        n = len(self.probability)
+        return np.zeros(n, bool) if self.duplicate is None else self.duplicate
+
+
+class FirstAnswers:
+    """The first answers of a stream's events by (user_id, event_id), for a stream scored
+    chunk by chunk (NDJSON ``/batch-score``): a repeat of an event of any earlier chunk is
+    answered as the first, as the live store answers a replay. Keys are 64-bit hashes
+    (the process's ``hash``), 16 bytes an event, kept sorted."""
+
+    def __init__(self) -> None:
+        self._keys = np.zeros(0, np.int64)
+        self._probability = np.zeros(0, np.float32)
+        self._surprise = np.zeros(0, np.float32)
+
+    def __len__(self) -> int:
+        return int(self._keys.size)
+
+    @staticmethod
+    def keys(records: list[dict[str, Any]]) -> np.ndarray:
+        """(N,) int64 keys of contract dicts."""
+        return np.fromiter((hash((r["user_id"], r["event_id"])) for r in records), np.int64, len(records))
+
+    def find(self, keys: np.ndarray) -> np.ndarray:
+        """(N,) int64: where each key's first answer is kept, -1 where none is."""
+        at = np.searchsorted(self._keys, keys)
+        hit = at < self._keys.size
+        hit[hit] = self._keys[at[hit]] == keys[hit]
+        return np.where(hit, at, -1)
+
+    def answers(self, at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(probability, surprise) kept at ``at`` (from :meth:`find`)."""
+        return self._probability[at], self._surprise[at]
+
+    def add(self, keys: np.ndarray, probability: np.ndarray, surprise: np.ndarray) -> None:
+        """Keep the answers of new keys (distinct, none kept yet)."""
+        keys = np.concatenate([self._keys, keys])
+        order = np.argsort(keys, kind="stable")
+        self._keys = keys[order]
+        self._probability = np.concatenate([self._probability, probability])[order]
+        self._surprise = np.concatenate([self._surprise, surprise])[order]
+
+
+def first_occurrences(events: Events) -> np.ndarray:
+    """(N,) int64: for each row, the row of the first event (input order) with its user and
+    ``event_id``: the row itself unless it repeats one. Rows without an id repeat nothing.
+
+    >>> ev = Events.from_records([{"event_id": e, "user_id": u, "event_type": "view", "timestamp": 0}
+    ...                           for e, u in [("a", "u"), ("a", "u"), ("a", "v"), ("b", "u"), ("a", "u")]])
+    >>> first_occurrences(ev).tolist()
+    [0, 0, 2, 3, 0]
+    """
+    n = len(events)
+    rows = np.arange(n)
+    if events.event_id is None or n < 2:
+        return rows
+    users, ids = events.user.tolist(), events.event_id.tolist()
+    keys: list[Any] = list(zip(users, ids, strict=True))
+    if None in ids:
+        keys = [k if k[1] is not None else i for i, k in enumerate(keys)]
+    first = dict(zip(reversed(keys), range(n - 1, -1, -1), strict=True))  # the earliest row wins
+    if len(first) == n:
+        return rows
+    return np.fromiter(map(first.__getitem__, keys), np.int64, n)
 
 
 def score_events(
@@ -49,7 +127,8 @@ def score_events(
     chunk_len: int = 512,
     batch_tokens: int = 32768,
 ) -> Scores:
-    """Score every event on its own last W events (at or before it in time).
+    """Score every event on its own last W events (at or before it in time); a repeat of an
+    earlier (user_id, event_id) joins no window and gets the first one's scores.
 
     Parameters
     ----------
@@ -58,6 +137,12 @@ def score_events(
     chunk_len : longest chunk, context included (> W - 1).
     batch_tokens : chunk rows × padded length per ONNX Runtime call.
     """
+    first = first_occurrences(events)
+    repeat = first != np.arange(len(events))
+    if repeat.any():
+        kept = score_events(model, events.take(~repeat), chunk_len=chunk_len, batch_tokens=batch_tokens)
+        at = np.cumsum(~repeat) - 1  # row -> its place among the kept rows
+        return Scores(kept.probability[at[first]], kept.surprise[at[first]], repeat)
     window = model.bundle.spec.window
     stride = chunk_len - (window - 1)
     if stride < 1:
@@ -99,15 +184,20 @@ def score_events(
 
 
 def result_lines(events: Events, scores: Scores, thresholds: dict[str, float]) -> Iterator[bytes]:
-    """One JSON object per event, in input order, as `seqguard score` writes them."""
+    """One JSON object per event, in input order, as `seqguard score` writes them; a repeat
+    also has ``"duplicate": true``."""
     ids = events.event_ids().tolist()
     users = events.user_id_strings().tolist()
     decisions = decide(scores.probability, thresholds).tolist()
     # The exact float32 value the decision was made on, so readers can re-derive it.
     probs = scores.probability.astype(np.float64).tolist()
+    dups = scores.is_duplicate().tolist()
     dumps = orjson.dumps
-    for eid, uid, p, d in zip(ids, users, probs, decisions, strict=True):
-        yield dumps({"event_id": eid, "user_id": uid, "anomaly_probability": p, "decision": d})
+    for eid, uid, p, d, dup in zip(ids, users, probs, decisions, dups, strict=True):
+        res = {"event_id": eid, "user_id": uid, "anomaly_probability": p, "decision": d}
+        if dup:
+            res["duplicate"] = True
+        yield dumps(res)
 
 
 def write_results(out: Path | IO[bytes], events: Events, scores: Scores, thresholds: dict[str, float],

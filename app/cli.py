@@ -8,6 +8,7 @@ where only the service is installed (no PyTorch).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from functools import wraps
@@ -16,11 +17,10 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="seqguard: real-time anomaly scoring of user event sequences.")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # never folds a path or message at 80 columns
 F = TypeVar("F", bound=Callable[..., Any])
 
 FORMAT_HELP = "auto|taobao|retailrocket|rees46|csv|jsonl|parquet"
@@ -40,10 +40,11 @@ def _friendly(fn: F) -> F:
     @wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
         from app.bundle import BundleError
+        from app.embedded_redis import EmbeddedRedisError
 
         try:
             return fn(*args, **kwargs)
-        except (BundleError, FileNotFoundError, FileExistsError, ValueError) as e:
+        except (BundleError, EmbeddedRedisError, FileNotFoundError, FileExistsError, ValueError) as e:
             err.print(f"[red]error:[/red] {e}", highlight=False)
             raise typer.Exit(2) from None
 
@@ -51,8 +52,10 @@ def _friendly(fn: F) -> F:
 
 
 def _logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=err, show_path=False)], force=True)
+    """Logs as ``SEQGUARD_LOG_FORMAT`` says (app/logs.py): rich on a terminal, else plain or JSON lines."""
+    from app import logs
+
+    logs.setup(logging.DEBUG if verbose else logging.INFO, os.environ.get("SEQGUARD_LOG_FORMAT", "auto"))
 
 
 @cli.command()
@@ -189,6 +192,9 @@ def score(
         f"{n:,} events scored on {model.provider} in {t3 - t0:.2f}s ({n / (t3 - t0):,.0f} events/s): "
         f"load {t1 - t0:.2f}s, score {t2 - t1:.2f}s, write {t3 - t2:.2f}s; {report.summary()}"
     )
+    if repeats := int(scores.is_duplicate().sum()):
+        err.print(f"repeats of an earlier (user_id, event_id): {repeats:,}, answered as the first with "
+                  f'"duplicate": true and left out of every window (as the live service does)')
     _report_unknown_types(spec.unknown_types(ev), len(ev), spec.event_types)
 
 
@@ -203,10 +209,10 @@ def serve(
     alias: AliasOpt = None,
 ) -> None:
     """Serve the scoring API (uvicorn, uvloop, httptools). Flags override SEQGUARD_* settings."""
+    import contextlib
     import json
     import os
     import signal
-    import tempfile
 
     import uvicorn
 
@@ -229,30 +235,33 @@ def serve(
     embedded = None
     if settings.redis_url is None:
         # One embedded Redis for all workers, owned by this process.
-        embedded = EmbeddedRedis(settings.redis_data_dir)
+        embedded = EmbeddedRedis(settings.redis_data_dir, maxmemory=settings.redis_maxmemory)
         embedded.start()
         os.environ["SEQGUARD_REDIS_URL"] = embedded.url
         err.print(f"embedded Redis (append-only) at {embedded.url}, data in {settings.redis_data_dir}")
-    if settings.workers > 1:
-        from app.metrics import reset_multiproc_dir
+    from app.metrics import multiproc_dir
 
-        # Several workers share metrics through prometheus-client's multiprocess mode,
-        # starting from an empty directory so no dead process's series linger.
-        path = os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="seqguard-metrics-"))
-        reset_multiproc_dir(Path(path))
+    # Several workers share metrics through prometheus-client's multiprocess mode, from a
+    # directory emptied at start (PROMETHEUS_MULTIPROC_DIR, or one made here and removed at exit).
+    metrics_dir = contextlib.ExitStack()
+    metrics_dir.enter_context(multiproc_dir(settings.workers))
     # uvicorn re-raises a SIGTERM once it has shut down gracefully; the default action would
     # end this process at once, skipping the `finally` and orphaning the embedded Redis.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     options: dict[str, Any] = dict(factory=True, host=settings.host, port=settings.port, workers=settings.workers,
                                    loop="uvloop", http="httptools", log_level="warning", access_log=False,
                                    timeout_graceful_shutdown=10)
+    options |= serving.http_options(settings)  # limits on slow clients (header, keep-alive timeouts)
     try:
         if settings.workers > 1 and serving.SUPPORTED and settings.port != 0:
             # One socket per worker: the kernel balances connections (see app/serving.py).
-            serving.run_workers(uvicorn.Config("app.main:app_from_env", **options))
-        else:
+            serving.run_workers(uvicorn.Config("app.main:app_from_env", **options), announce=_listening)
+        elif settings.workers > 1:
             uvicorn.run("app.main:app_from_env", **options)
+        else:
+            serving.AnnouncingServer(uvicorn.Config("app.main:app_from_env", **options), _listening).run()
     finally:
+        metrics_dir.close()
         if embedded is not None:
             embedded.stop()
 
@@ -363,7 +372,12 @@ def _settings(factory: Callable[[], Any]) -> Any:
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
+    """A SIGTERM is how a service is asked to stop: once stopped, exit 0 (cleanly)."""
+    raise SystemExit(0)
+
+
+def _listening(url: str) -> None:
+    err.print(f"listening on {url}", highlight=False)
 
 
 def _check_format(fmt: str, formats: tuple[str, ...]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Annotated
@@ -54,9 +53,10 @@ async def get_state(request: Request) -> AppState:
 StateDep = Annotated[AppState, Depends(get_state)]
 
 
-def authorize(request: Request, scope: Scope) -> None:
-    """The request carries an API key with ``scope`` (when keys are configured); raises
-    401/403 otherwise. Called inline by the hot routes, as a dependency elsewhere."""
+def authorize(request: Request, scope: Scope | None) -> None:
+    """The request carries an API key with ``scope`` (any known key for ``None``) when keys
+    are configured; raises 401 (no or an unknown key) or 403 (a key without the scope).
+    Called inline by the hot routes, as a dependency elsewhere."""
     keys = request.app.state.seqguard.settings.api_keys
     if not keys:
         return
@@ -67,14 +67,28 @@ def authorize(request: Request, scope: Scope) -> None:
     scopes = keys.get(hashlib.sha256(token.strip().encode()).hexdigest())
     if scopes is None:
         raise Unauthorized("unknown API key", error="invalid_token")
-    if scope not in scopes and "admin" not in scopes:
+    if scope is not None and scope not in scopes and "admin" not in scopes:
         raise Forbidden(f"this API key lacks the '{scope}' scope")
 
 
-def require(scope: Scope) -> Callable[[Request], Awaitable[None]]:
-    """Dependency: :func:`authorize` for ``scope``."""
+@dataclass(frozen=True)
+class ScopeCheck:
+    """Dependency: :func:`authorize` for ``scope``. An object rather than a closure so that
+    the OpenAPI document can tell which scope a route needs (``app.openapi``)."""
 
-    async def check(request: Request) -> None:
-        authorize(request, scope)
+    scope: Scope
 
-    return check
+    async def __call__(self, request: Request) -> None:
+        authorize(request, self.scope)
+
+
+def require(scope: Scope) -> ScopeCheck:
+    """Dependency: ``Depends(require("batch"))``."""
+    return ScopeCheck(scope)
+
+
+async def docs_access(request: Request) -> None:
+    """Dependency of ``/docs``, ``/redoc`` and ``/openapi.json``: open, except in prod, where
+    they need a known API key of any scope (401 without one)."""
+    if request.app.state.seqguard.settings.environment == "prod":
+        authorize(request, None)

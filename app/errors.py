@@ -17,6 +17,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -64,6 +65,26 @@ class PayloadTooLarge(ProblemError):
     status, slug, title = 413, "payload-too-large", "Payload too large"
 
 
+class UnsupportedMediaType(ProblemError):
+    status, slug, title = 415, "unsupported-media-type", "Unsupported media type"
+
+
+class RequestTimeout(ProblemError):
+    """The client sent its body too slowly (``body_read_timeout_s``, ``body_timeout_s``).
+    The connection is closed after the answer."""
+
+    status, slug, title = 408, "request-timeout", "Request timeout"
+
+    def __init__(self, detail: str | None = None, **kw: Any) -> None:
+        super().__init__(detail, **kw)
+        self.headers.setdefault("Connection", "close")
+
+
+#: Status counted (and logged at debug level) for a request whose client went away before
+#: its answer (nginx's "client closed request"); nothing can be sent to it.
+CLIENT_CLOSED = 499
+
+
 class Unauthorized(ProblemError):
     """No or an unknown API key. ``error`` is the RFC 6750 code (``invalid_token`` when a
     key was sent but is not known)."""
@@ -87,7 +108,8 @@ class NotFound(ProblemError):
 
 # Problem types of HTTP errors raised by Starlette/FastAPI themselves (404 of an unknown
 # route, 413 of the body limit, ...): the same types as the domain exceptions.
-_HTTP_TYPES = {c.status: (c.slug, c.title) for c in (PayloadTooLarge, Unauthorized, Forbidden, NotFound)}
+_HTTP_TYPES = {c.status: (c.slug, c.title)
+               for c in (PayloadTooLarge, RequestTimeout, Unauthorized, Forbidden, NotFound)}
 
 
 def problem(status: int, title: str, detail: str | None = None, *, type_: str = "about:blank",
@@ -173,6 +195,11 @@ class Problems:
         self.retry_after_s = retry_after_s
 
     def response(self, exc: BaseException, method: str | None, path: str | None) -> Response:
+        if isinstance(exc, ClientDisconnect):
+            # The client left mid-request (a dropped upload): not a fault of the service.
+            # The answer goes nowhere; its status is what the request metrics count.
+            log.debug("client closed the connection during %s %s", method, path)
+            return Response(status_code=CLIENT_CLOSED)
         if isinstance(exc, ProblemError):
             headers = dict(exc.headers)
             if isinstance(exc, ServiceUnavailable):

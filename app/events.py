@@ -10,12 +10,16 @@ vocabulary are stored as dictionary codes.
 
 from __future__ import annotations
 
+import json
+import re
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
-from datetime import UTC, datetime
+from datetime import date
 from typing import Any
 
 import numpy as np
+import orjson
 
 from app.vocabulary import DEFAULT_ALIASES, canonical_names
 
@@ -63,26 +67,167 @@ def finalise_hash(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def parse_timestamp_ms(value: Any) -> int:
-    """Epoch milliseconds from epoch milliseconds (int) or an RFC 3339 string.
+#: Plausible event times, epoch ms: 2000-01-01T00:00:00Z (included) to 2100-01-01T00:00:00Z
+#: (excluded). Every path refuses times outside it, so that epoch seconds sent for
+#: milliseconds (January 1970) or digits cut off a line never reach a window.
+PLAUSIBLE_MS = (946_684_800_000, 4_102_444_800_000)
+#: RFC 3339 date-time (section 5.6), ASCII digits only: ``T``, ``t`` or a space between date
+#: and time, 1-9 fraction digits, ``Z``, ``z`` or ``±hh:mm``. Python ``re`` and RE2 (Arrow)
+#: read it alike; the loaders match whole text columns with it.
+RFC3339_PATTERN = (
+    r"^([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([01][0-9]|2[0-3]):([0-5][0-9]):([0-5][0-9])"
+    r"(?:\.([0-9]{1,9}))?(?:[Zz]|([+-])([01][0-9]|2[0-3]):([0-5][0-9]))$"
+)
+_RFC3339 = re.compile(RFC3339_PATTERN)
+# Date, or date-time without an offset: what a request must not leave to guesswork.
+_NAIVE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}(?:[Tt ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]+)?)?)?$")
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 
-    Naive RFC 3339 strings (no offset) are read as UTC.
+
+class TimestampError(ValueError):
+    """A timestamp outside the grammar or the plausible window; ``kind`` is the problem's
+    error type: ``timestamp_type``, ``timestamp_parsing``, ``timestamp_naive`` or
+    ``timestamp_range``."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def parse_timestamp_ms(value: Any, *, check_range: bool = False) -> int:
+    """Epoch milliseconds (UTC) of an event's ``timestamp``: the one grammar of every path
+    (``POST /events``, ``/batch-score``, the loaders behind ``seqguard score``/``train``).
+
+    Accepted: epoch milliseconds as an integer, an integral float or a string of ASCII
+    digits; an RFC 3339 date-time with an offset (:data:`RFC3339_PATTERN`; sub-millisecond
+    digits are cut, as Arrow does). With ``check_range``, the time must lie in
+    :data:`PLAUSIBLE_MS`; the error then says when the value looks like epoch seconds,
+    microseconds or nanoseconds. Every reader of input passes ``check_range=True``; the
+    window store and ``Events.from_records`` read validated or synthetic times.
+
+    Raises
+    ------
+    TimestampError
+        With ``kind`` and a message meant for the sender.
+
+    Examples
+    --------
+    >>> parse_timestamp_ms("2017-11-25T08:01:10z"), parse_timestamp_ms("1511596870000")
+    (1511596870000, 1511596870000)
+    >>> parse_timestamp_ms(1511596870, check_range=True)
+    Traceback (most recent call last):
+    ...
+    app.events.TimestampError: timestamp 1511596870 is before 2000-01-01: it looks like epoch seconds; \
+send milliseconds (1511596870000)
     """
-    if isinstance(value, bool):
-        raise ValueError("timestamp must be RFC 3339 or epoch milliseconds")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        s = value.strip()
-        if s.lstrip("-").isdigit():
-            return int(s)
-        dt = datetime.fromisoformat(s.replace("Z", "+00:00").replace("z", "+00:00"))
-        if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=UTC)
-        return round(dt.timestamp() * 1000)
-    raise ValueError("timestamp must be RFC 3339 or epoch milliseconds")
+    if type(value) is int:
+        ms = value
+    elif isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise TimestampError("timestamp_type", "timestamp must be an RFC 3339 string or epoch milliseconds")
+    elif isinstance(value, int):
+        ms = int(value)
+    elif isinstance(value, float):
+        if not value.is_integer():  # also NaN and ±inf
+            raise TimestampError("timestamp_type", "timestamp in epoch milliseconds must be a whole number")
+        ms = int(value)
+    elif value.isascii() and value.isdigit():
+        if len(value) > 19:
+            raise TimestampError("timestamp_range", f"timestamp {value[:24]} is out of range")
+        ms = int(value)
+    else:
+        ms = _rfc3339_ms(value)
+    if check_range and (why := implausible_time(ms)):
+        raise TimestampError("timestamp_range", why)
+    return ms
+
+
+def implausible_time(ms: int) -> str | None:
+    """Why ``ms`` is not a plausible event time (outside :data:`PLAUSIBLE_MS`), with a hint
+    when it would be one in another unit; ``None`` when it is plausible."""
+    lo, hi = PLAUSIBLE_MS
+    if lo <= ms < hi:
+        return None
+    where = "before 2000-01-01" if ms < lo else "after 2100-01-01"
+    for unit, scaled in (("seconds", ms * 1000), ("microseconds", ms // 1000), ("nanoseconds", ms // 1_000_000)):
+        if lo <= scaled < hi:
+            return f"timestamp {ms} is {where}: it looks like epoch {unit}; send milliseconds ({scaled})"
+    return f"timestamp {ms} is {where}: send epoch milliseconds or RFC 3339 between 2000 and 2100"
+
+
+def _rfc3339_ms(text: str) -> int:
+    m = _RFC3339.match(text)
+    if m is None:
+        if _NAIVE.match(text):
+            raise TimestampError("timestamp_naive", "timestamp has no UTC offset: add 'Z' or '+hh:mm' (RFC 3339)")
+        raise TimestampError(
+            "timestamp_parsing", "timestamp is not RFC 3339 (e.g. 2024-05-01T12:30:00Z) or epoch milliseconds"
+        )
+    y, mo, d, h, mi, s, frac, sign, oh, om = m.groups()
+    try:
+        day = date(int(y), int(mo), int(d)).toordinal() - _EPOCH_ORDINAL
+    except ValueError:
+        raise TimestampError("timestamp_parsing", f"timestamp {text!r} is not a valid RFC 3339 date-time") from None
+    offset = 0 if sign is None else (int(oh) * 60 + int(om)) * (1 if sign == "+" else -1)
+    seconds = day * 86400 + int(h) * 3600 + (int(mi) - offset) * 60 + int(s)
+    return seconds * 1000 + (int(frac[:3].ljust(3, "0")) if frac else 0)
+
+
+class _Object(dict[str, Any]):
+    """A parsed JSON object that remembers the keys it was given more than once."""
+
+    repeated: tuple[str, ...] = ()
+
+    @classmethod
+    def from_pairs(cls, pairs: list[tuple[str, Any]]) -> _Object:
+        obj = cls(pairs)
+        if len(obj) != len(pairs):
+            counts = Counter(k for k, _ in pairs)
+            obj.repeated = tuple(k for k, n in counts.items() if n > 1)
+        return obj
+
+
+def may_repeat_keys(raw: bytes, tree: Any = None) -> bool:
+    """Whether the JSON text ``raw`` (parsed: ``tree``, or ``None`` to parse it here) may
+    give a key twice in one object; ``False`` is a proof that it does not, and costs a
+    fraction of :func:`repeated_keys` (tests/benchmarks/bench_parse.py).
+
+    The proof: with no backslash in ``raw``, no string holds a quote, so its quotes are
+    exactly those of its keys and string values. Writing the parsed tree out again keeps
+    every one of them unless a repeated key was dropped, which takes that key's two.
+    """
+    if b"\\" in raw:
+        return True
+    try:
+        again = orjson.dumps(orjson.loads(raw) if tree is None else tree)
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError):
+        return True
+    return again.count(b'"') != raw.count(b'"')
+
+
+def repeated_keys(raw: bytes | str) -> list[tuple[str | int, ...]]:
+    """Where the JSON text ``raw`` gives a key twice in one object: the path of each such
+    key (``("events", 2, "user_id")``), in path order; ``[]`` when no object repeats a key
+    or the text is no JSON (its parser says so). JSON leaves repeated keys to the parser
+    and the fast ones keep the last, so every reader of input refuses them with this
+    exact check (the standard library's parser, about 1.5 µs per event).
+
+    >>> repeated_keys(b'{"user_id": "a", "user_id": "b"}'), repeated_keys(b'[{"a": 1}, {"a": 1, "a": 2}]')
+    ([('user_id',)], [(1, 'a')])
+    """
+    try:
+        tree = json.loads(raw, object_pairs_hook=_Object.from_pairs)
+    except (ValueError, RecursionError):
+        return []
+    found: list[tuple[str | int, ...]] = []
+    todo: list[tuple[tuple[str | int, ...], Any]] = [((), tree)]
+    while todo:
+        loc, node = todo.pop()
+        if isinstance(node, _Object):
+            found += [(*loc, key) for key in node.repeated]
+            todo += [((*loc, k), v) for k, v in node.items()]
+        elif isinstance(node, list):
+            todo += [((*loc, i), v) for i, v in enumerate(node)]
+    return sorted(found, key=lambda loc: [(0, x, "") if isinstance(x, int) else (1, 0, x) for x in loc])
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,15 +357,17 @@ class Events:
     def from_records(cls, records: Sequence[Mapping[str, Any]]) -> Events:
         """Events from dicts with the contract's field names (plus optional ``label``).
 
-        Timestamps are RFC 3339 strings or epoch milliseconds. Meant for request-sized
-        inputs; files go through the streaming loaders.
+        Timestamps follow :func:`parse_timestamp_ms`'s grammar, without its plausible
+        window (records here are validated requests or synthetic events). Meant for
+        request-sized inputs; files go through the streaming loaders.
         """
         users, user = _codes([str(r["user_id"]) for r in records])
         etypes, etype = _codes([str(r["event_type"]) for r in records])
         cols: dict[str, Any] = {
             "user": user.astype(np.int32),
             "user_ids": users.astype(object),
-            "timestamp_ms": np.array([parse_timestamp_ms(r["timestamp"]) for r in records], np.int64),
+            "timestamp_ms": np.array([parse_timestamp_ms(r["timestamp"]) for r in records],
+                                     np.int64),
             "event_type": etype.astype(np.int32),
             "event_types": tuple(str(e) for e in etypes),
         }

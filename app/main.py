@@ -14,13 +14,13 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 from redis.asyncio import Redis
 
-from app import errors
+from app import errors, logs, openapi, serving
 from app.batching import MicroBatcher
 from app.bundle import load_bundle
 from app.deps import AppState
 from app.embedded_redis import EmbeddedRedis
 from app.metrics import Metrics, mark_process_dead
-from app.middleware import DirectRoutes, RequestMetrics
+from app.middleware import DirectRoutes, LingeringClose, RequestMetrics
 from app.redis_client import connect, durability_warning, read_durability
 from app.routes import batch, events, meta
 from app.scorer import OnnxModel
@@ -71,7 +71,7 @@ def create_app(settings: Settings) -> FastAPI:
         embedded = None
         url = settings.redis_url
         if url is None:
-            embedded = EmbeddedRedis(settings.redis_data_dir)
+            embedded = EmbeddedRedis(settings.redis_data_dir, maxmemory=settings.redis_maxmemory)
             embedded.start()
             url = embedded.url
             log.info("embedded Redis (append-only) at %s, data in %s", url, settings.redis_data_dir)
@@ -89,6 +89,7 @@ def create_app(settings: Settings) -> FastAPI:
         log.info("serving %s (%s, window %d) on %s; thresholds review %.4g block %.4g",
                  bundle.version, bundle.arch, bundle.window, model.provider, thresholds["review"],
                  thresholds["block"])
+        serving.share_the_gil(settings)  # live requests first, beside a backfill's thread
         try:
             yield
         finally:
@@ -106,11 +107,14 @@ def create_app(settings: Settings) -> FastAPI:
         summary="Real-time anomaly scoring of user event sequences.",
         version="0.1.0",
         lifespan=lifespan,
+        # Served by app.openapi: a complete document, and pages with local assets.
+        openapi_url=None, docs_url=None, redoc_url=None,
     )
     problems = errors.Problems(retry_after_s=settings.retry_after_s)
     errors.install(app, problems)
     for router in (events.router, batch.router, meta.router):
         app.include_router(router)
+    openapi.install(app, settings)
     # POST /events, included above without a prefix or router dependencies.
     hot = [r for r in events.router.routes if isinstance(r, APIRoute) and r.endpoint is events.post_events]
     app.add_middleware(DirectRoutes, routes=hot, problems=problems)
@@ -118,11 +122,13 @@ def create_app(settings: Settings) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(RequestMetrics)
+    # Outermost: answers given before the body was read reach clients that send it all first.
+    app.add_middleware(LingeringClose, max_bytes=settings.linger_max_bytes, timeout_s=settings.linger_timeout_s)
     return app
 
 
 def app_from_env() -> FastAPI:
     """uvicorn factory for `seqguard serve` workers: settings from the environment."""
     settings = Settings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.setup(settings.log_level, settings.log_format)
     return create_app(settings)

@@ -18,19 +18,30 @@ multiprocess mode, switched on by ``PROMETHEUS_MULTIPROC_DIR``:
   per version/provider/arch that a live worker serves, value 1; a worker that fell back
   to CPU shows up as its own series, a dead worker's disappears);
 - a worker calls ``mark_process_dead(os.getpid())`` at shutdown so that its live gauges
-  stop counting (counters and histograms of dead workers stay, as they must);
+  stop counting (counters and histograms of dead workers stay, as they must); a worker
+  that could not (SIGKILLed, out of memory) is found at the next scrape: ``render()``
+  drops the live gauges of every process that is gone (``sweep_dead_processes``);
+- Redis's memory (``seqguard_redis_memory_*``) is ``livemostrecent``: the value the last
+  scrape read, whichever worker served it;
+- ``seqguard serve`` owns the directory (:func:`multiproc_dir`): it empties it before the
+  workers start, whatever their number, and removes a directory it created when it exits
+  (and, at its next start, those of runs that were killed);
 - only one ``Metrics`` per process in this mode: two would write the same file entries.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import re
 import shlex
+import shutil
+import tempfile
 from collections import Counter as _Tally
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +134,13 @@ class Metrics:
                                   registry=reg)
         self.model_info = Gauge("seqguard_model_info", "The model being served (value 1).",
                                 ("version", "provider", "arch"), multiprocess_mode="livemax", registry=reg)
+        self.redis_memory_used = Gauge("seqguard_redis_memory_used_bytes",
+                                       "Memory the window store's Redis uses (INFO memory used_memory), read at "
+                                       "each scrape.", multiprocess_mode="livemostrecent", registry=reg)
+        self.redis_memory_max = Gauge("seqguard_redis_memory_max_bytes",
+                                      "The window store's Redis memory limit (maxmemory; 0: none), read at each "
+                                      "scrape. At the limit, writes are refused (503).",
+                                      multiprocess_mode="livemostrecent", registry=reg)
         self.unknown_event_types = Counter(
             "seqguard_unknown_event_types_total",
             "Scored events whose event type the model does not know (scored with the out-of-vocabulary id), by "
@@ -246,6 +264,11 @@ class Metrics:
     def track_store_error(self, n: int = 1) -> None:
         self.store_errors.inc(n)
 
+    def set_redis_memory(self, used_bytes: int, max_bytes: int) -> None:
+        """Redis's ``used_memory`` and ``maxmemory`` (0: no limit), in bytes."""
+        self.redis_memory_used.set(used_bytes)
+        self.redis_memory_max.set(max_bytes)
+
     def track_duplicate(self, n: int = 1) -> None:
         if n:
             self.duplicates.inc(n)
@@ -265,7 +288,10 @@ class Metrics:
     # Exposition -------------------------------------------------------------------------
 
     def render(self) -> tuple[bytes, str]:
-        """(body, content type) of ``GET /metrics``; all workers' in multiprocess mode."""
+        """(body, content type) of ``GET /metrics``; all workers' in multiprocess mode,
+        without the live gauges of workers that are gone."""
+        if self.multiproc_dir is not None:
+            sweep_dead_processes(self.multiproc_dir)
         return generate_latest(self.registry), CONTENT_TYPE
 
 
@@ -303,6 +329,67 @@ def mark_process_dead(pid: int, path: str | os.PathLike[str] | None = None) -> N
     path = path if path is not None else os.environ.get(MULTIPROC_ENV)
     if path:
         multiprocess.mark_process_dead(pid, str(path))
+
+
+_LIVE_FILE = re.compile(r"^gauge_live[a-z]+_(\d+)\.db$")
+_OWNED_PREFIX = "seqguard-metrics-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def sweep_dead_processes(path: str | os.PathLike[str]) -> list[int]:
+    """:func:`mark_process_dead` for every process whose live-gauge files are in ``path``
+    but which is no longer running (a worker SIGKILLed before it could say so); the pids.
+    A pid the system gave to a new process meanwhile keeps its files until that one ends."""
+    dead = set()
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(path):
+            m = _LIVE_FILE.match(name)
+            if m is not None and not _pid_alive(int(m.group(1))):
+                dead.add(int(m.group(1)))
+    for pid in dead:
+        multiprocess.mark_process_dead(pid, str(path))
+    return sorted(dead)
+
+
+@contextlib.contextmanager
+def multiproc_dir(workers: int, *, tmp: str | os.PathLike[str] | None = None) -> Iterator[Path | None]:
+    """The metrics directory of one ``seqguard serve`` run, for the workers it starts.
+
+    With ``PROMETHEUS_MULTIPROC_DIR`` set: that directory, emptied of the value files of a
+    previous run (whatever the number of workers), kept at exit. Unset, with more than one
+    worker: a new ``seqguard-metrics-<pid>-*`` directory in the temp dir, put into the
+    environment for the workers, removed at exit (with those of earlier runs whose process
+    is gone: a SIGKILLed run cannot clean up). Unset, one worker: None (single-process
+    metrics).
+    """
+    given = os.environ.get(MULTIPROC_ENV)
+    if given:
+        yield reset_multiproc_dir(given)
+        return
+    if workers <= 1:
+        yield None
+        return
+    base = Path(tmp if tmp is not None else tempfile.gettempdir())
+    for stale in base.glob(_OWNED_PREFIX + "*"):
+        pid = stale.name[len(_OWNED_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)) and stale.is_dir() and stale.stat().st_uid == os.getuid():
+            shutil.rmtree(stale, ignore_errors=True)
+    root = Path(tempfile.mkdtemp(prefix=f"{_OWNED_PREFIX}{os.getpid()}-", dir=base))
+    os.environ[MULTIPROC_ENV] = str(root)
+    try:
+        yield root
+    finally:
+        os.environ.pop(MULTIPROC_ENV, None)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def reset_multiproc_dir(path: str | os.PathLike[str]) -> Path:

@@ -1,8 +1,10 @@
-"""Plain ASGI middlewares (cheaper than BaseHTTPMiddleware): request metrics, and the
-hot routes served directly."""
+"""Plain ASGI middlewares (cheaper than BaseHTTPMiddleware): request metrics, the hot
+routes served directly, and a lingering close for answers given before the body was read."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import time
 
@@ -11,11 +13,13 @@ from fastapi.routing import APIRoute
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import Problems
+from app.errors import CLIENT_CLOSED, Problems
 
 
 class RequestMetrics:
-    """Counts and times every HTTP request by route template and status."""
+    """Counts and times every HTTP request by route template and status. A request whose
+    client went away before its answer was complete counts as 499 (client closed request),
+    whatever the application made of it."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -26,22 +30,106 @@ class RequestMetrics:
             return
         started = time.perf_counter()
         status = 500
+        complete = gone = False
+
+        async def receive_watching() -> Message:
+            nonlocal gone
+            message = await receive()
+            # Servers also answer "disconnect" once the answer is complete: only before counts.
+            if message["type"] == "http.disconnect" and not complete:
+                gone = True
+            return message
 
         async def send_status(message: Message) -> None:
-            nonlocal status
+            nonlocal status, complete
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                complete = True
             await send(message)
 
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, receive_watching, send_status)
         finally:
             state = getattr(scope["app"].state, "seqguard", None)
             if state is not None:
                 route = scope.get("route")
                 # The route template, never the raw path: bounded label values.
                 label = getattr(route, "path", None) or "unmatched"
-                state.metrics.track_request(label, status, time.perf_counter() - started)
+                state.metrics.track_request(label, CLIENT_CLOSED if gone else status, time.perf_counter() - started)
+
+
+class LingeringClose:
+    """Lets an answer given before the request body was read (413, 401, 422 of a
+    streamed body, ...) reach the client, as nginx's lingering close does.
+
+    Clients such as Python's urllib and requests send the whole body before reading
+    the answer; a server that closes the socket with their data unread makes the kernel
+    reset the connection, and the client sees ECONNRESET instead of the answer. Here the
+    answer's bytes are sent at once, then up to ``max_bytes`` of the rest of the body
+    are read and dropped (for at most ``timeout_s`` seconds) before the answer is
+    marked complete and the server may close. Skipped when the rest is known to be
+    larger, for 408 (the client is the slow one), and when the client waits for
+    ``100 Continue`` (it never sends the body). Must be the outermost middleware, so that
+    the request metrics see the answer's status, not a disconnect during the discard.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
+        if max_bytes < 0 or timeout_s <= 0:
+            raise ValueError("max_bytes must be >= 0 and timeout_s > 0")
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.max_bytes == 0:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or ())
+        declared = headers.get(b"content-length", b"")
+        size = int(declared) if declared.isdigit() else None
+        body_done = size == 0 or (size is None and b"transfer-encoding" not in headers)
+        expects_continue = headers.get(b"expect", b"").lower() == b"100-continue"
+        asked = False
+        received = 0
+        status = 0
+
+        async def receive_tracking() -> Message:
+            nonlocal body_done, asked, received
+            asked = True
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            received += len(message.get("body", b""))
+            return message
+
+        async def send_lingering(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif (message["type"] == "http.response.body" and not message.get("more_body", False)
+                  and self._should_linger(body_done, status, expects_continue and not asked, size, received)):
+                await send({**message, "more_body": True})  # the answer's bytes go out now
+                await self._discard(receive_tracking)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            await send(message)
+
+        await self.app(scope, receive_tracking, send_lingering)
+
+    def _should_linger(self, body_done: bool, status: int, waiting_for_continue: bool, size: int | None,
+                       received: int) -> bool:
+        if body_done or status == 408 or waiting_for_continue:
+            return False
+        return size is None or size - received <= self.max_bytes
+
+    async def _discard(self, receive: Receive) -> None:
+        left = self.max_bytes
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.timeout_s):
+                while left > 0:
+                    message = await receive()
+                    if message["type"] != "http.request" or not message.get("more_body", False):
+                        return
+                    left -= len(message.get("body", b""))
 
 
 class DirectRoutes:

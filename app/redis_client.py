@@ -72,5 +72,18 @@ async def read_durability(redis: aioredis.Redis) -> dict[str, str] | None:
         return None
 
 
+async def read_memory(redis: aioredis.Redis) -> tuple[int, int] | None:
+    """(``used_memory``, ``maxmemory``) of the server in bytes (``maxmemory`` 0: no
+    limit), or None when it does not answer or refuses INFO."""
+    try:
+        info = await redis.info("memory")
+    except (aioredis.ResponseError, aioredis.ConnectionError, aioredis.TimeoutError, OSError):
+        return None
+    try:
+        return int(info["used_memory"]), int(info.get("maxmemory", 0))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)

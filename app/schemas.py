@@ -13,7 +13,6 @@ locations in the body, as FastAPI's own validation would.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi.exceptions import RequestValidationError
@@ -23,6 +22,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    Strict,
     StringConstraints,
     Tag,
     TypeAdapter,
@@ -33,45 +33,20 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError, PydanticKnownError
 
+from app.events import PLAUSIBLE_MS, TimestampError, may_repeat_keys, parse_timestamp_ms, repeated_keys
+
 #: Default limits, equal to those of ``Settings`` (``max_events_per_request``, ``batch_max_events``).
 MAX_EVENTS = 1000
 BATCH_MAX_EVENTS = 100_000
-#: Latest timestamp accepted: 9999-12-31T23:59:59.999Z. Negative epochs are refused too.
-MAX_TIMESTAMP_MS = 253_402_300_799_999
 
 
 def _timestamp_ms(value: Any) -> int:
-    """Epoch milliseconds from epoch milliseconds (int, integral float, digit string) or an
-    RFC 3339 string with an offset. Aware strings give what ``events.parse_timestamp_ms``
-    gives, so the online and offline paths agree; naive strings are refused here (the
-    offline loaders read them as UTC, a request must say what it means)."""
-    if type(value) is int:
-        ms = value
-    elif isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise PydanticCustomError("timestamp_type", "timestamp must be an RFC 3339 string or epoch milliseconds")
-    elif isinstance(value, int):
-        ms = int(value)
-    elif isinstance(value, float):
-        if not value.is_integer():  # also NaN and ±inf
-            raise PydanticCustomError("timestamp_type", "timestamp in epoch milliseconds must be a whole number")
-        ms = int(value)
-    elif value.isascii() and value.isdigit():
-        ms = int(value)
-    else:
-        try:
-            dt = datetime.fromisoformat(value)
-        except ValueError:
-            raise PydanticCustomError(
-                "timestamp_parsing", "timestamp is not RFC 3339 (e.g. 2024-05-01T12:30:00Z) or epoch milliseconds"
-            ) from None
-        if dt.tzinfo is None:
-            raise PydanticCustomError(
-                "timestamp_naive", "timestamp has no UTC offset: add 'Z' or '+hh:mm' (RFC 3339)"
-            )
-        ms = round(dt.timestamp() * 1000)
-    if not 0 <= ms <= MAX_TIMESTAMP_MS:
-        raise PydanticCustomError("timestamp_range", "timestamp is out of range (1970-01-01 .. 9999-12-31)")
-    return ms
+    """``events.parse_timestamp_ms`` with its plausible window: the one grammar of every
+    path, its errors as pydantic errors of the same type and message."""
+    try:
+        return parse_timestamp_ms(value, check_range=True)
+    except TimestampError as e:
+        raise PydanticCustomError(e.kind, str(e)) from None
 
 
 EventId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
@@ -83,11 +58,15 @@ TimestampMs = Annotated[
     BeforeValidator(_timestamp_ms),
     WithJsonSchema(
         {"anyOf": [{"type": "string", "format": "date-time"},
-                   {"type": "integer", "minimum": 0, "description": "epoch milliseconds"}]},
+                   {"type": "integer", "minimum": PLAUSIBLE_MS[0], "exclusiveMaximum": PLAUSIBLE_MS[1],
+                    "description": "epoch milliseconds (2000-01-01 to 2100-01-01)"}]},
         mode="validation",
     ),
 ]
-Price = Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)] | None  # strict: no bools, no strings
+#: Largest price: the float32 the featurizer stores it in (a larger one would overflow to inf).
+MAX_PRICE = 3.4028234663852886e38
+# strict: no bools, no strings
+Price = Annotated[float, Field(ge=0, le=MAX_PRICE, allow_inf_nan=False, strict=True)] | None
 
 
 class EventIn(BaseModel):
@@ -138,7 +117,7 @@ class BatchScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     events: Annotated[list[EventIn], Field(min_length=1)]
-    update_windows: bool = False
+    update_windows: Annotated[bool, Strict()] = False  # true/false only: 0 is not false
 
     @field_validator("events", mode="before")
     @classmethod
@@ -188,6 +167,8 @@ class BatchScoreResult(BaseModel):
     user_id: str
     anomaly_probability: float
     decision: Decision
+    duplicate: bool = Field(False, description="present, true, on a repeat of an earlier (user_id, event_id) of "
+                                               "the request: its first answer, and it joined no window")
 
 
 class BatchScoreResults(BaseModel):
@@ -251,42 +232,91 @@ def to_records(events: list[EventIn]) -> list[dict[str, Any]]:
 
 
 def parse_events(body: bytes | str, *, max_events: int = MAX_EVENTS) -> tuple[list[EventIn], bool]:
-    """Body of ``POST /events``: one event, or ``{"events": [...]}``.
+    """Body of ``POST /events``: one event, or ``{"events": [...]}``; a leading UTF-8 BOM is
+    skipped, a key given twice in one object is refused.
 
     Returns the events and whether the body was a batch (answer with ``results``).
     Raises ``RequestValidationError`` with locations like ``("body", "events", 3, "timestamp")``.
     """
+    body = without_bom(body)
     try:
         body_obj = _EVENTS_BODY.validate_json(body, context={"max_events": max_events})
     except ValidationError as exc:
-        raise request_validation_error(exc, strip=1) from None
+        raise request_validation_error(exc, strip=1, body=body) from None
     if isinstance(body_obj, EventsBatch):
+        _refuse_repeated_keys(body)
         return body_obj.events, True
+    _refuse_repeated_keys(body)
     return [body_obj], False
 
 
 def parse_batch_request(body: bytes | str, *, max_events: int = BATCH_MAX_EVENTS) -> BatchScoreRequest:
-    """Body of ``POST /batch-score`` (JSON form). Raises ``RequestValidationError``."""
+    """Body of ``POST /batch-score`` (JSON form), read as :func:`parse_events` reads one.
+    Raises ``RequestValidationError``."""
+    body = without_bom(body)
     try:
-        return BatchScoreRequest.model_validate_json(body, context={"max_events": max_events})
+        req = BatchScoreRequest.model_validate_json(body, context={"max_events": max_events})
     except ValidationError as exc:
-        raise request_validation_error(exc) from None
+        raise request_validation_error(exc, body=body) from None
+    _refuse_repeated_keys(body)
+    return req
 
 
 def parse_event_line(line: bytes | str, index: int) -> EventIn:
-    """One NDJSON line; errors are located at ``("body", index, ...)`` (``$[index]...``)."""
+    """One NDJSON line; errors are located at ``("body", index, ...)`` (``$[index]...``).
+    A UTF-8 BOM is skipped on the first line (``index`` 0), the start of the body."""
+    if index == 0:
+        line = without_bom(line)
     try:
-        return EventIn.model_validate_json(line)
+        event = EventIn.model_validate_json(line)
     except ValidationError as exc:
-        raise request_validation_error(exc, ("body", index)) from None
+        raise request_validation_error(exc, ("body", index), body=line) from None
+    _refuse_repeated_keys(line, ("body", index))
+    return event
 
 
-_BOOL = TypeAdapter(bool)
+# Repeated keys ------------------------------------------------------------------------
+# JSON leaves repeated keys to the parser, and pydantic's (like orjson) keeps the last one:
+# {"user_id": "a", "user_id": "b"} would be stored for "b". A body is refused when any
+# object in it repeats a key: app.events.may_repeat_keys proves cheaply that none does
+# for almost every body, and the others get the exact check (app.events.repeated_keys).
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def without_bom(text: bytes | str) -> bytes | str:
+    """``text`` without a leading UTF-8 byte order mark (bytes ``EF BB BF``, or U+FEFF)."""
+    if isinstance(text, bytes):
+        return text[3:] if text.startswith(_BOM) else text
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def _refuse_repeated_keys(body: bytes | str, prefix: tuple[str | int, ...] = ("body",)) -> None:
+    raw = body.encode() if isinstance(body, str) else body
+    if may_repeat_keys(raw) and (errors := repeated_key_errors(raw, prefix)):
+        raise RequestValidationError(errors)
+
+
+def repeated_key_errors(raw: bytes | str, prefix: tuple[str | int, ...] = ("body",)) -> list[dict[str, Any]]:
+    """Errors (FastAPI's shape, type ``duplicate_key``) locating every key that an object
+    of the JSON text ``raw`` repeats, e.g. ``("body", "events", 2, "user_id")``; ``[]``
+    when none does or the text is no JSON at all (its parser says so)."""
+    return [{"type": "duplicate_key", "loc": (*prefix, *loc),
+             "msg": f"key {loc[-1]!r} is given more than once in this object"} for loc in repeated_keys(raw)]
+
+
+def _query_bool(value: Any) -> Any:
+    return {"true": True, "false": False}.get(value, value) if isinstance(value, str) else value
+
+
+#: A boolean query parameter: ``true`` or ``false``, nothing else (the OpenAPI type).
+QueryFlag = Annotated[bool, BeforeValidator(_query_bool), Strict()]
+_BOOL: TypeAdapter[bool] = TypeAdapter(QueryFlag)
 
 
 def query_flag(params: Mapping[str, str], name: str) -> bool:
-    """A boolean query parameter (``true``/``false``, ``1``/``0``, ``yes``/``no``,
-    ``on``/``off``; absent = false), refused like FastAPI's own query parameters."""
+    """A boolean query parameter (``true``/``false`` only; absent = false), refused like
+    FastAPI's own query parameters."""
     raw = params.get(name)
     if raw is None:
         return False
@@ -297,11 +327,15 @@ def query_flag(params: Mapping[str, str], name: str) -> bool:
 
 
 def request_validation_error(
-    exc: ValidationError, prefix: tuple[str | int, ...] = ("body",), *, strip: int = 0
+    exc: ValidationError, prefix: tuple[str | int, ...] = ("body",), *, strip: int = 0,
+    body: bytes | str | None = None,
 ) -> RequestValidationError:
     """FastAPI's error for a pydantic error raised while validating (part of) the body:
-    each location gets ``prefix`` in front, after dropping its first ``strip`` elements."""
-    errors = exc.errors(include_url=False, include_input=False)
+    each location gets ``prefix`` in front, after dropping its first ``strip`` elements.
+    With the ``body``, keys it repeats are listed too (:func:`repeated_key_errors`)."""
+    errors: list[Any] = exc.errors(include_url=False, include_input=False)
     for err in errors:
         err["loc"] = (*prefix, *err["loc"][strip:])
+    if body is not None:
+        errors += repeated_key_errors(body, prefix)
     return RequestValidationError(errors)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -48,7 +49,7 @@ class OnnxModel:
         # onnxruntime-gpu silently falls back to the CPU.
         self.provider = self.session.get_providers()[0]
         if CUDA in wanted and self.provider != CUDA:
-            log.warning("CUDA execution provider requested but unavailable; running on CPU")
+            _say_cpu_fallback_once()
         log.info("model %s (%s) on %s", self.bundle.version, path.name, self.provider)
 
     @property
@@ -58,3 +59,26 @@ class OnnxModel:
     def run(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         prob, surprise = self.session.run(None, {"features": features})
         return prob, surprise
+
+
+_fallback_said = False
+
+
+def host_has_gpu() -> bool:
+    """Whether this host shows an NVIDIA GPU to its kernel (a driver's device nodes)."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return Path("/dev/nvidia0").exists() or (gpus.is_dir() and any(gpus.iterdir()))
+
+
+def _say_cpu_fallback_once() -> None:
+    """Running on the CPU though CUDA was asked for: information on a host with no GPU,
+    a warning where a GPU is present (its CUDA libraries failed to load). Once a process."""
+    global _fallback_said
+    if _fallback_said:
+        return
+    _fallback_said = True
+    if host_has_gpu():
+        log.warning("this host has an NVIDIA GPU but the CUDA execution provider did not load "
+                    "(CUDA or cuDNN libraries missing?); running on CPU")
+    else:
+        log.info("no GPU on this host; running on CPU")

@@ -1,5 +1,16 @@
-"""Running several uvicorn workers with one listening socket *each*.
+"""How uvicorn runs the service: limits for slow clients, and several workers with one
+listening socket *each*.
 
+**Slow clients.** uvicorn times out only idle keep-alive connections: a client that
+connects and sends nothing, or trickles its headers a byte at a time, holds a connection
+(and its memory) for ever. :class:`GuardedHttpToolsProtocol` gives every request head
+``header_timeout_s`` to arrive (from the connection's start, or from the first byte of a
+later request) and ``max_header_bytes`` of room; past either it answers 408 or 431
+(problem+json) and closes. Slow bodies are the routes' business (``body_read_timeout_s``,
+``body_timeout_s``: 408), and idle keep-alive connections close after
+``keep_alive_timeout_s``. :func:`http_options` gives uvicorn all of them.
+
+**Workers.**
 uvicorn's own multi-worker mode binds one socket in the parent and shares it: all workers
 then race to ``accept()`` on one queue, and the first to wake takes a whole burst of new
 connections. Measured here: 64 keep-alive connections split 46/18 between two workers, so
@@ -14,12 +25,20 @@ becomes a fresh ``SO_REUSEPORT`` socket when the worker unpickles it.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
+import orjson
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess
+
+from app.errors import PROBLEM_BASE, PROBLEM_JSON
+from app.settings import Settings
 
 #: Whether this platform balances connections across SO_REUSEPORT sockets.
 SUPPORTED = sys.platform == "linux" and hasattr(socket, "SO_REUSEPORT")
@@ -49,7 +68,27 @@ class ReusePortListener:
         return reuse_port_socket, (self.host, self.port)
 
 
-def run_workers(config: uvicorn.Config) -> None:
+class AnnouncingServer(uvicorn.Server):
+    """uvicorn's server that calls ``announce(url)`` once it listens (the real port, also
+    for port 0), after the app's startup: a line a person or a script can wait for."""
+
+    def __init__(self, config: uvicorn.Config, announce: Callable[[str], None]) -> None:
+        super().__init__(config)
+        self.announce = announce
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.should_exit or not self.servers:
+            return
+        host, port = self.servers[0].sockets[0].getsockname()[:2]
+        self.announce(f"http://{_url_host(host)}:{port}")
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def run_workers(config: uvicorn.Config, announce: Callable[[str], None] | None = None) -> None:
     """Run ``config.workers`` workers under uvicorn's supervisor, each on its own socket.
 
     The parent binds the address too (without listening) so that a port held by another
@@ -59,4 +98,97 @@ def run_workers(config: uvicorn.Config) -> None:
     if not SUPPORTED or config.uds or config.fd is not None or config.port == 0:
         raise ValueError("per-worker sockets need Linux and a fixed TCP host and port")
     with reuse_port_socket(config.host, config.port):
+        if announce is not None:
+            announce(f"http://{_url_host(config.host)}:{config.port} ({config.workers} workers)")
         Multiprocess(config, sockets=[ReusePortListener(config.host, config.port)]).run()  # type: ignore[list-item]
+
+
+def _problem_bytes(status: int, reason: bytes, slug: str, title: str, detail: str) -> bytes:
+    body = orjson.dumps({"type": PROBLEM_BASE + slug, "title": title, "status": status, "detail": detail})
+    head = (b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+            % (status, reason, PROBLEM_JSON.encode(), len(body)))
+    return head + body
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline and a size limit on request heads.
+
+    The deadline starts when the connection opens, and again at the first byte of each
+    later request on it (between requests uvicorn's keep-alive timeout applies).
+    """
+
+    def __init__(self, *args: Any, header_timeout_s: float, max_header_bytes: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_timeout_s = header_timeout_s
+        self.max_header_bytes = max_header_bytes
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = 0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._start_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._head_timer is not None:  # still in a head after this data
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_header_bytes:
+                self._refuse(431, b"Request Header Fields Too Large", "request-header-fields-too-large",
+                             f"the request head exceeds {self.max_header_bytes} bytes")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._head_timer is None:  # the first byte of a later request on this connection
+            self._start_head()
+
+    def on_headers_complete(self) -> None:
+        self._stop_head()
+        super().on_headers_complete()
+
+    def _start_head(self) -> None:
+        self._head_bytes = 0
+        self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
+
+    def _stop_head(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        self._refuse(408, b"Request Timeout", "request-timeout",
+                     f"the request head did not arrive within {self.header_timeout_s:g} s")
+
+    def _refuse(self, status: int, reason: bytes, slug: str, detail: str) -> None:
+        self._stop_head()
+        if not self.transport.is_closing():
+            title = reason.decode()
+            self.transport.write(_problem_bytes(status, reason, slug, title[0] + title[1:].lower(), detail))
+            self.transport.close()
+
+
+def share_the_gil(settings: Settings) -> None:
+    """Set how long a thread may keep the GIL while another waits for it.
+
+    A backfill parses and encodes in a thread of its own (``AppState.batch_executor``), so
+    the event loop stays free; but every time the loop's thread gives up the GIL (to
+    poll sockets, to hand a batch to the scoring thread) it must take it back from that
+    thread, which Python allows only every switch interval (5 ms by default). Each live
+    request makes several such round trips, and queued requests wait behind each other:
+    with a 100k-event JSON backfill whose work is all off the loop
+    (tests/benchmarks/bench_backfill_stall.py, 2 cores), `/events` p99 was 0.3–0.6 s at
+    5 ms and 0.17–0.18 s at 0.5 ms, with the backfill's own time unchanged (about 10 s).
+    """
+    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
+
+
+def http_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn options (``uvicorn.Config`` keywords) for ``settings``' limits on slow clients:
+    the guarded httptools protocol, and the keep-alive timeout."""
+    protocol = functools.partial(GuardedHttpToolsProtocol, header_timeout_s=settings.header_timeout_s,
+                                 max_header_bytes=settings.max_header_bytes)
+    return {"http": protocol, "timeout_keep_alive": settings.keep_alive_timeout_s}

@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     redis_timeout_s: float = Field(1.0, gt=0, description="Socket and pool timeout for Redis calls.")
     window_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="Window lifetime after its last event.")
     idempotency_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="How long a replayed event_id is recognised.")
+    redis_maxmemory: int = Field(
+        1 << 30, ge=0,
+        description="Memory limit of the embedded Redis, bytes or with a unit (512mb, 2gb); 0: no limit. Policy "
+                    "noeviction: when it is reached, writes are refused (503) and nothing is evicted.")
 
     # Micro-batcher
     max_batch: int = Field(64, ge=1, le=4096, description="Most windows per ONNX Runtime call.")
@@ -57,6 +61,25 @@ class Settings(BaseSettings):
     batch_max_body_bytes: int = Field(64 << 20, ge=1024, description="Largest JSON body of /batch-score.")
     retry_after_s: int = Field(1, ge=1, description="Retry-After of 503 answers.")
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins; empty: CORS off.")
+    batch_max_line_bytes: int = Field(64 << 10, ge=1024, description="Longest line of an NDJSON /batch-score "
+                                      "stream (413 past it; an NDJSON body is capped by batch_max_body_bytes too).")
+    # Slow and vanishing clients
+    header_timeout_s: float = Field(10.0, gt=0, description="Longest time to receive a request's headers, from "
+                                    "its first byte (or the connection's start); then 408 and close.")
+    max_header_bytes: int = Field(64 << 10, ge=1024, description="Largest request head (request line and "
+                                  "headers); 431 and close past it.")
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="Idle keep-alive connections are closed after this.")
+    body_read_timeout_s: float = Field(30.0, gt=0, description="Longest wait for the next piece of a request "
+                                       "body (any body form); then 408.")
+    body_timeout_s: float = Field(120.0, gt=0, description="Longest time to read a whole JSON body; then 408. "
+                                  "NDJSON streams have no total limit, only body_read_timeout_s.")
+    linger_max_bytes: int = Field(16 << 20, ge=0, description="After answering before the body was read (413, "
+                                  "401, ...), read and discard up to this much of it so the answer reaches "
+                                  "clients that send the whole body first; 0: close at once.")
+    linger_timeout_s: float = Field(5.0, gt=0, description="Longest time spent discarding a body after answering.")
+    gil_switch_interval_ms: float = Field(0.5, gt=0, le=100, description="How long a Python thread may hold the "
+                                          "GIL while another waits (Python's default: 5). Short, so that live "
+                                          "requests are not held up behind a backfill's parsing thread.")
 
     # Security
     api_keys: dict[str, list[Scope]] = Field(
@@ -66,6 +89,9 @@ class Settings(BaseSettings):
     user_hash_key: str = Field("seqguard", description="Key of the hash that replaces user ids in logs.")
     environment: Literal["dev", "prod"] = Field("dev", description="prod refuses to start without API keys.")
     log_level: str = Field("INFO", description="Python log level.")
+    log_format: Literal["auto", "plain", "json"] = Field(
+        "auto", description="auto: rich on a terminal, else plain lines; plain: one line per record, never "
+                            "wrapped; json: one JSON object per line (app/logs.py).")
 
     @field_validator("api_keys")
     @classmethod
@@ -76,6 +102,11 @@ class Settings(BaseSettings):
             if not scopes:
                 raise ValueError(f"api key {digest[:8]}… has no scopes")
         return v
+
+    @field_validator("redis_maxmemory", mode="before")
+    @classmethod
+    def _memory_units(cls, v: object) -> object:
+        return parse_bytes(v) if isinstance(v, str) else v
 
     @field_validator("event_aliases")
     @classmethod
@@ -99,6 +130,22 @@ class Settings(BaseSettings):
             if self.user_hash_key == "seqguard":
                 raise ValueError("environment=prod needs a secret user_hash_key")
         return self
+
+
+_UNITS = {"": 1, "b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30}
+
+
+def parse_bytes(text: str) -> int:
+    """Bytes from ``"512mb"``, ``"2GB"``, ``"1024"`` (units of 1024, as Redis reads ``kb``,
+    ``mb``, ``gb``); raises ValueError otherwise.
+
+    >>> parse_bytes("512mb"), parse_bytes("0")
+    (536870912, 0)
+    """
+    m = re.fullmatch(r"\s*(\d+)\s*([kmg]?b)?\s*", text, re.IGNORECASE)
+    if m is None:
+        raise ValueError(f"{text!r}: expected bytes, or a number with kb, mb or gb")
+    return int(m.group(1)) * _UNITS[(m.group(2) or "").lower()]
 
 
 def hash_api_key(key: str) -> str:

@@ -10,7 +10,10 @@ id, which appears nowhere in Redis):
   member bytes) — the batch engine's rule (equal timestamps → input order).
 - ``sg:{<tag>}:n``   string, the arrival counter (``INCR``).
 - ``sg:{<tag>}:ids`` hash, event_id → ``"<timestamp>|<seq>|<first answer>"`` (answer
-  empty until :meth:`WindowStore.save_answers` records it, after the reply).
+  empty until :meth:`WindowStore.save_answers` records it, after the reply). The answer
+  is packed (:func:`pack_answer`): probability, decision, window size, model version and
+  thresholds, about 60 bytes, never the user id; a replay gets it back as the contract's
+  answer (:func:`unpack_answer`), the ids added from the request.
 - ``sg:{<tag>}:idt`` sorted set, event_id → arrival time (server ms): bounds the
   idempotency records by age (``idempotency_ttl_s``) and by count.
 
@@ -43,6 +46,9 @@ MAX_IDS_PER_USER = 10_000
 MAX_EVENTS_PER_CALL = 128
 #: First answers saved per pipeline by :meth:`WindowStore.save_answers_soon`.
 SAVE_ANSWERS_PER_CALL = 512
+
+#: What an idempotency record keeps of a first answer, in this order (:func:`pack_answer`).
+ANSWER_FIELDS = ("anomaly_probability", "decision", "window_size", "model_version")
 
 _SEQ_WIDTH = 12  # 10**12 events per user before the width grows
 _PREFIX = _SEQ_WIDTH + 1  # "<seq>|"
@@ -142,6 +148,43 @@ return 1
 _UNAVAILABLE = ("OOM", "READONLY", "BUSY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "LOADING", "NOREPLICAS")
 
 
+def pack_answer(answer: bytes | Mapping[str, Any]) -> bytes:
+    """The part of a first answer that its idempotency record keeps: a JSON array of
+    :data:`ANSWER_FIELDS` and the two thresholds. Never the user id (nothing raw about a
+    user goes to Redis) nor the event id (the record's field) nor ``reasons``.
+
+    Raises KeyError or TypeError when ``answer`` is not a contract answer.
+
+    Examples
+    --------
+    >>> pack_answer({"event_id": "e1", "user_id": "alice", "anomaly_probability": 0.031, "decision": "allow",
+    ...              "thresholds": {"review": 0.5, "block": 0.9}, "window_size": 17, "model_version": "m1",
+    ...              "duplicate": False})
+    b'[0.031,"allow",17,"m1",0.5,0.9]'
+    """
+    a = orjson.loads(answer) if isinstance(answer, bytes | bytearray | memoryview | str) else answer
+    t = a["thresholds"]
+    return orjson.dumps([*(a[k] for k in ANSWER_FIELDS), t["review"], t["block"]])
+
+
+def unpack_answer(packed: bytes | str, user_id: str, event_id: str) -> bytes:
+    """The contract answer (JSON, ``duplicate`` false) of an event from its packed record
+    (:func:`pack_answer`); a record written whole by an earlier version is read too.
+
+    Examples
+    --------
+    >>> unpack_answer(b'[0.031,"allow",17,"m1",0.5,0.9]', "alice", "e1")[:60]
+    b'{"event_id":"e1","user_id":"alice","anomaly_probability":0.0'
+    """
+    doc = orjson.loads(packed)
+    if isinstance(doc, dict):  # a whole answer, as versions before the packed record saved it
+        return orjson.dumps(doc | {"event_id": event_id, "user_id": user_id, "duplicate": False})
+    p, decision, size, version, review, block = doc
+    return orjson.dumps({"event_id": event_id, "user_id": user_id, "anomaly_probability": p, "decision": decision,
+                         "thresholds": {"review": review, "block": block}, "window_size": size,
+                         "model_version": version, "duplicate": False})
+
+
 def user_key_tag(user_id: str) -> str:
     """The user's Redis Cluster hash tag: 20 hex chars of BLAKE2b of the user id.
 
@@ -172,9 +215,10 @@ class StoredWindow:
 
     ``events`` is the window at the event, oldest first, its last item the event itself
     (dicts with the contract's field names; ``None`` fields are omitted). For a replay
-    whose first answer is saved, ``duplicate`` is true, ``answer`` holds that answer and
-    ``events`` is empty; for a replay whose answer is not saved yet (a concurrent replay,
-    or a retry after a lost reply), ``answer`` is None and ``events`` is the window at the
+    whose first answer is saved, ``duplicate`` is true, ``answer`` holds that answer (JSON,
+    rebuilt from its packed record: no ``reasons``) and ``events`` is empty; for a replay
+    whose answer is not saved yet (a concurrent replay, or a retry after a lost reply),
+    ``answer`` is None and ``events`` is the window at the
     original event, as far as the store still holds it.
     """
 
@@ -196,7 +240,11 @@ _SAVE_ANSWER = _Script(_SAVE_ANSWER_LUA)
 
 
 def _unavailable(exc: rexc.ResponseError) -> bool:
-    # Inside a script the reply arrives wrapped: "Error running script ...: -OOM command not allowed ..."
+    # redis-py maps some codes to classes and drops the code from the message (Redis 7
+    # refuses a script with OOM before it runs); inside a script (Redis 6) the reply
+    # arrives wrapped: "Error running script ...: -OOM command not allowed ..."
+    if isinstance(exc, rexc.OutOfMemoryError | rexc.ReadOnlyError | rexc.BusyLoadingError):
+        return True
     msg = str(exc)
     return msg.split(" ", 1)[0].upper() in _UNAVAILABLE or any(f"-{code} " in msg for code in _UNAVAILABLE)
 
@@ -287,9 +335,13 @@ class WindowStore:
         return [r for r in results if r is not None]
 
     async def save_answers(self, items: Sequence[tuple[str, str, bytes]]) -> None:
-        """Record ``(user_id, event_id, answer)`` as each event's first answer; an answer
-        already saved is kept, and an event the store no longer knows is skipped."""
-        calls = [_Call(_SAVE_ANSWER, (user_keys(uid).ids,), (eid, answer)) for uid, eid, answer in items if answer]
+        """Record ``(user_id, event_id, answer)`` as each event's first answer (the
+        contract's answer as JSON, kept packed: :func:`pack_answer`); an answer already
+        saved is kept, and an event the store no longer knows is skipped."""
+        await self._save_packed([(uid, eid, pack_answer(answer)) for uid, eid, answer in items if answer])
+
+    async def _save_packed(self, items: Sequence[tuple[str, str, bytes]]) -> None:
+        calls = [_Call(_SAVE_ANSWER, (user_keys(uid).ids,), (eid, packed)) for uid, eid, packed in items]
         if calls:
             await self._run(calls)
 
@@ -302,13 +354,16 @@ class WindowStore:
         the stored window at its event. Answers that cannot be saved (Redis down) are
         dropped and reported to ``on_answer_error``."""
         for uid, eid, answer in items:
-            self._unsaved.setdefault((uid, eid), answer)
+            if (uid, eid) not in self._unsaved:
+                self._unsaved[uid, eid] = pack_answer(answer)
         if self._unsaved and (self._saver is None or self._saver.done()):
             self._saver = asyncio.create_task(self._save_unsaved(), name="save-answers")
 
     def unsaved_answer(self, user_id: str, event_id: str) -> bytes | None:
-        """The first answer of an event, while it waits in this process to be saved."""
-        return self._unsaved.get((user_id, event_id))
+        """The first answer of an event (as a replay from Redis gets it: no ``reasons``),
+        while it waits in this process to be saved."""
+        packed = self._unsaved.get((user_id, event_id))
+        return None if packed is None else unpack_answer(packed, user_id, event_id)
 
     async def flush_answers(self) -> None:
         """Wait until every queued answer is saved (or dropped): before closing Redis."""
@@ -320,7 +375,7 @@ class WindowStore:
             # Answers stay visible to unsaved_answer() until their pipeline has run.
             batch = list(itertools.islice(self._unsaved.items(), SAVE_ANSWERS_PER_CALL))
             try:
-                await self.save_answers([(uid, eid, answer) for (uid, eid), answer in batch])
+                await self._save_packed([(uid, eid, packed) for (uid, eid), packed in batch])
             except (rexc.RedisError, OSError) as e:
                 if self.on_answer_error is not None:
                     self.on_answer_error(e)
@@ -452,8 +507,7 @@ def _decode_window(members: list[Any], user_id: str) -> list[dict[str, Any]]:
 def _stored(user_id: str, event_id: str, reply: list[Any]) -> StoredWindow:
     status = int(reply[0])
     if status == 1:
-        answer = reply[1]
-        return StoredWindow(user_id, event_id, True, answer.encode() if isinstance(answer, str) else answer, [])
+        return StoredWindow(user_id, event_id, True, unpack_answer(reply[1], user_id, event_id), [])
     return StoredWindow(user_id, event_id, status == 2, None, _decode_window(reply[1:], user_id))
 
 

@@ -32,13 +32,19 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
-from app.events import (  # the one definition of the hash
+from app.events import (  # the one definition of the hash and of the timestamp grammar
     FNV_OFFSET,
     FNV_PRIME,
     HASHED_FIELDS,
+    PLAUSIBLE_MS,
+    RFC3339_PATTERN,
     Events,
+    TimestampError,
     finalise_hash,
+    implausible_time,
+    may_repeat_keys,
     parse_timestamp_ms,
+    repeated_keys,
 )
 from app.vocabulary import build_aliases, canonical
 
@@ -48,8 +54,8 @@ FORMATS = ("auto", "taobao", "retailrocket", "rees46", "csv", "jsonl", "parquet"
 #: Columns of generic files: the contract's event fields plus the optional label.
 FIELDS = ("event_id", "user_id", "event_type", "timestamp", *HASHED_FIELDS, "price", "label")
 REQUIRED = ("user_id", "event_type", "timestamp")
-_PLAUSIBLE_MS = (946_684_800_000, 4_102_444_800_000)  # 2000-01-01 .. 2100-01-01 UTC
 _MAX_EXAMPLES = 5
+_BOM = b"\xef\xbb\xbf"
 
 
 class DataError(ValueError):
@@ -96,7 +102,7 @@ class _Spec:
     columns: dict[str, str]  # source column -> contract field
     header: bool = True
     seconds: bool = False  # timestamps are Unix seconds (else epoch ms or RFC 3339)
-    plausible: bool = False  # refuse times outside 2000..2100: catches digits cut off a line
+    utc_suffix: bool = False  # RFC 3339 times may end in " UTC" for "Z" (REES46)
     utc_offset_minutes: int = 0
 
 
@@ -115,12 +121,12 @@ _GENERIC = _Spec({f: f for f in FIELDS})
 _SPECS = {
     "taobao": _Spec({"user_id": "user_id", "item_id": "item_id", "category_id": "category_id",
                      "behavior_type": "event_type", "timestamp": "timestamp"},
-                    header=False, seconds=True, plausible=True, utc_offset_minutes=480),
+                    header=False, seconds=True, utc_offset_minutes=480),
     "retailrocket": _Spec({"timestamp": "timestamp", "visitorid": "user_id", "event": "event_type",
-                           "itemid": "item_id"}, plausible=True),
+                           "itemid": "item_id"}),
     "rees46": _Spec({"event_time": "timestamp", "event_type": "event_type", "product_id": "item_id",
                      "category_id": "category_id", "price": "price", "user_id": "user_id",
-                     "user_session": "session_id"}),
+                     "user_session": "session_id"}, utc_suffix=True),
     "csv": _GENERIC, "jsonl": _GENERIC, "parquet": _GENERIC,
 }
 
@@ -449,12 +455,14 @@ class _Loader:
         seen: set[str] = set()  # keys met so far: required ones must be among them
         with _open_binary(self.path) as f:
             for n, raw in enumerate(f, 1):
+                if n == 1:
+                    raw = raw.removeprefix(_BOM)  # a text editor's byte order mark is no event
                 if not raw.strip():
                     continue
                 obj = _json_object(raw)
-                if isinstance(obj, str):
+                if isinstance(obj, tuple):
                     self.report.rows_read += 1
-                    self._bad(n, None, obj)
+                    self._bad(n, *obj)
                     continue
                 seen.update(obj)
                 for k, col in rows.items():
@@ -508,13 +516,15 @@ class _Loader:
         for f in REQUIRED:
             check(missing[f], f, lambda i: "missing value")
         ts = cols["timestamp"]
-        ms, ts_bad = _parse_time(ts, self.spec.seconds)
-        kind = "Unix seconds" if self.spec.seconds else "RFC 3339 or epoch milliseconds"
+        ms, ts_bad = _parse_time(ts, self.spec.seconds, self.spec.utc_suffix)
+        kind = "Unix seconds" if self.spec.seconds else "RFC 3339 with an offset, or epoch milliseconds"
         check(ts_bad, "timestamp", lambda i: f"cannot parse {_raw(ts, i)!r} as {kind}")
-        if self.spec.plausible:
-            lo, hi = _PLAUSIBLE_MS
-            check((ms < lo) | (ms >= hi), "timestamp",
-                  lambda i: f"{_raw(ts, i)!r} is outside 2000–2100 (a cut-off line?)")
+        # The plausible window of every path (app.events): epoch seconds sent for
+        # milliseconds, or digits cut off a line, never reach a window.
+        lo, hi = PLAUSIBLE_MS
+        check((ms < lo) | (ms >= hi), "timestamp",
+              (lambda i: f"{_raw(ts, i)!r} is outside 2000–2100 (a cut-off line?)") if self.spec.seconds
+              else (lambda i: f"{_raw(ts, i)!r}: {implausible_time(int(ms[i]))}"))
         price = label = None
         if "price" in cols:
             price, price_bad = _parse_price(cols["price"])
@@ -605,8 +615,9 @@ def _records(rows: _Rows, start: int) -> list[dict[str, Any]]:
 # ---- column helpers ----------------------------------------------------------------------
 
 
-def _parse_time(arr: pa.Array, seconds: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(epoch ms, unparseable mask) of a timestamp column of any type; missing rows are 0."""
+def _parse_time(arr: pa.Array, seconds: bool, utc_suffix: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(epoch ms, unparseable mask) of a timestamp column of any type; missing rows are 0.
+    Text follows ``app.events.parse_timestamp_ms``'s grammar (its window is checked later)."""
     t, n = arr.type, len(arr)
     null = arr.is_null().to_numpy(zero_copy_only=False)
     if pa.types.is_timestamp(t):
@@ -619,8 +630,9 @@ def _parse_time(arr: pa.Array, seconds: bool) -> tuple[np.ndarray, np.ndarray]:
         v = np.where(ok, f, 0).astype(np.int64)
         return (v * 1000 if seconds else v), ~ok & ~null
     s = _strings(arr)
-    width = pc.less_equal(pc.utf8_length(s), 12 if seconds else 18)  # no int64 overflow
-    digits = pc.and_(pc.utf8_is_digit(s), width).fill_null(False)
+    # ASCII digits, few enough for int64
+    digits = pc.match_substring_regex(s, "^[0-9]{1,12}$" if seconds else "^[0-9]{1,18}$|^[0-8][0-9]{18}$")
+    digits = digits.fill_null(False)
     ms = np.zeros(n, dtype=np.int64)
     d = digits.to_numpy(zero_copy_only=False)
     ms[d] = pc.cast(s.filter(digits), pa.int64()).to_numpy()
@@ -629,25 +641,34 @@ def _parse_time(arr: pa.Array, seconds: bool) -> tuple[np.ndarray, np.ndarray]:
         return ms * 1000, rest
     bad = np.zeros(n, dtype=bool)
     if rest.any():
-        ms[rest], bad[rest] = _parse_text_times(s.filter(pa.array(rest)))
+        ms[rest], bad[rest] = _parse_text_times(s.filter(pa.array(rest)), utc_suffix)
     return ms, bad
 
 
-def _parse_text_times(s: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """RFC 3339 strings (naive ones read as UTC; REES46's "... UTC" too) to epoch ms."""
-    norm = pc.replace_substring(s, " UTC", "Z")
-    for typ in (pa.timestamp("ns", "UTC"), pa.timestamp("ns")):  # all zoned, or all naive
+def _parse_text_times(s: pa.Array, utc_suffix: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(epoch ms, bad mask) of RFC 3339 strings, read as ``parse_timestamp_ms`` reads them:
+    the strings matching ``RFC3339_PATTERN`` (RE2) are cast by Arrow, whose reading of
+    them equals that function's (tests/test_input_grammar.py), any other is bad. With
+    ``utc_suffix``, a trailing " UTC" (REES46) stands for "Z"."""
+    if utc_suffix:
+        s = pc.replace_substring_regex(s, " UTC$", "Z")
+    ok = pc.match_substring_regex(s, RFC3339_PATTERN).fill_null(False)
+    good = ok.to_numpy(zero_copy_only=False)
+    out, bad = np.zeros(len(s), np.int64), ~good
+    if not good.any():
+        return out, bad
+    text = pc.utf8_upper(s.filter(ok))  # 't' and 'z' as Arrow reads them; nothing else has case
+    try:
+        ns = pc.cast(text, pa.timestamp("ns", "UTC")).cast(pa.int64()).to_numpy(zero_copy_only=False)
+        out[good] = ns // 1_000_000
+        return out, bad
+    except pa.ArrowInvalid:  # a day that does not exist, or beyond Arrow's years: one by one
+        pass
+    idx = np.flatnonzero(good)
+    for i, v in zip(idx, text.to_pylist(), strict=True):
         try:
-            ns = pc.cast(norm, typ).cast(pa.int64()).to_numpy(zero_copy_only=False)
-            return ns // 1_000_000, np.zeros(len(s), bool)
-        except pa.ArrowInvalid:
-            pass
-    out, bad = np.zeros(len(s), np.int64), np.zeros(len(s), bool)  # mixed or bad: one by one
-    for i, v in enumerate(s.to_pylist()):
-        try:
-            v = v.strip()
-            out[i] = parse_timestamp_ms(v[:-4] + "+00:00" if v.endswith(" UTC") else v)
-        except (ValueError, OverflowError):
+            out[i] = parse_timestamp_ms(v)
+        except TimestampError:
             bad[i] = True
     return out, bad
 
@@ -751,13 +772,19 @@ def _rechunk(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.Table]
         yield pa.Table.from_batches(buf)
 
 
-def _json_object(raw: bytes) -> dict[str, Any] | str:
-    """The object on a JSONL line, or why there is none."""
+def _json_object(raw: bytes) -> dict[str, Any] | tuple[str | None, str]:
+    """The object on a JSONL line, or (field at fault, why there is none). An object that
+    gives a key twice is refused, as the service refuses it (orjson would keep the last)."""
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
-        return f"invalid JSON ({e})"
-    return obj if isinstance(obj, dict) else f"not a JSON object: {raw[:60]!r}"
+        return None, f"invalid JSON ({e})"
+    if not isinstance(obj, dict):
+        return None, f"not a JSON object: {raw[:60]!r}"
+    if may_repeat_keys(raw, obj) and (where := repeated_keys(raw)):
+        key = where[0][-1]
+        return str(key), f"key {key!r} is given more than once in one object"
+    return obj
 
 
 def _json_text(v: Any) -> str | None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import orjson
 import pytest
 from conftest import TAOBAO_100
 
-from app.backfill import LENGTH_QUANTUM, SHORT_LENGTH, score_events
+from app.backfill import LENGTH_QUANTUM, SHORT_LENGTH, FirstAnswers, result_lines, score_events
 from app.bundle import load_bundle
+from app.events import Events
 from app.features import group_starts, last_windows
 from app.scorer import OnnxModel
 from model_export.data import read_events
@@ -93,3 +95,59 @@ def test_online_window_fetch_gives_the_batch_answer(model, events):
 
 def test_empty_input(model, events):
     assert score_events(model, events.take(np.arange(0))).probability.shape == (0,)
+
+
+def _log(*rows: tuple[str, str, int, str]) -> Events:
+    return Events.from_records([{"event_id": e, "user_id": u, "event_type": t, "timestamp": ts}
+                                for e, u, ts, t in rows])
+
+
+def test_a_repeated_event_joins_no_window_and_gets_the_first_answer(model):
+    """The live store's rule: a repeat of (user_id, event_id) is answered with the first
+    occurrence's scores, flagged, and is part of no window (the issue's ord-1, ord-1, ord-2)."""
+    t = 1_511_596_870_000
+    ord1, ord2 = ("ord-1", "u", t, "pv"), ("ord-2", "u", t + 60_000, "buy")
+    twice = score_events(model, _log(ord1, ord1, ord2))
+    once = score_events(model, _log(ord1, ord2))
+    assert twice.is_duplicate().tolist() == [False, True, False]
+    assert twice.probability.tolist() == [once.probability[0], once.probability[0], once.probability[1]]
+    assert once.duplicate is None
+    # redelivered later with another timestamp (a minute on): still the first answer, no window
+    late = score_events(model, _log(ord1, ("ord-1", "u", t + 30_000, "pv"), ord2))
+    assert late.probability.tolist() == twice.probability.tolist()
+    # the same event_id of another user is another event; rows without ids never repeat
+    other = score_events(model, _log(ord1, ("ord-1", "v", t, "pv")))
+    assert other.duplicate is None
+    no_ids = Events.from_records([{"user_id": "u", "event_type": "pv", "timestamp": t}] * 2)
+    assert score_events(model, no_ids).duplicate is None
+
+
+def test_repeats_among_many_users_and_chunks(model, events):
+    """Repeats spread over a real log: every non-repeat scores as without the repeats, at
+    any chunk length, and `seqguard score`'s lines flag the repeats."""
+    rng = np.random.default_rng(8)
+    ev = events.with_columns(event_id=np.array([f"e{i}" for i in range(len(events))], dtype=object))
+    again = rng.choice(len(ev), 200, replace=False)
+    doubled = Events.concat([ev, ev.take(again)])
+    w = model.bundle.spec.window
+    base = score_events(model, ev)
+    for chunk_len in (w + 1, 512):
+        s = score_events(model, doubled, chunk_len=chunk_len)
+        assert s.is_duplicate().tolist() == [False] * len(ev) + [True] * len(again)
+        assert np.abs(s.probability[: len(ev)] - base.probability).max() <= 1e-5
+        assert (s.probability[len(ev):] == s.probability[again]).all()
+    lines = [orjson.loads(x) for x in result_lines(doubled, s, model.bundle.thresholds)]
+    assert [x.get("duplicate", False) for x in lines] == s.is_duplicate().tolist()
+    assert s[len(ev):].is_duplicate().all() and s[: len(ev)].duplicate is not None
+
+
+def test_first_answers_of_a_stream():
+    seen = FirstAnswers()
+    recs = [{"user_id": u, "event_id": e} for u, e in [("u", "a"), ("u", "b"), ("v", "a")]]
+    keys = FirstAnswers.keys(recs)
+    assert seen.find(keys).tolist() == [-1, -1, -1]
+    seen.add(keys[:2], np.array([0.1, 0.2], np.float32), np.array([1.0, 2.0], np.float32))
+    at = seen.find(FirstAnswers.keys([recs[1], recs[2], recs[0]]))
+    assert at[1] == -1 and len(seen) == 2
+    prob, surprise = seen.answers(at[[0, 2]])
+    assert prob.tolist() == pytest.approx([0.2, 0.1]) and surprise.tolist() == [2.0, 1.0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
+import orjson
 import pytest
 from conftest import TAOBAO_100
 from typer.testing import CliRunner
@@ -145,3 +146,49 @@ def test_train_checks_every_file_and_option_before_loading_any(tmp_path):
     assert "nope.jsonl: no such file" in out and "kept" not in out  # the first file was not loaded
     out = fails("train", "--events", TAOBAO_100, "--fpr-unit", "bogus", "--out", tmp_path / "run")
     assert "--fpr-unit 'bogus': expected event or user" in out and "kept" not in out
+
+
+def score_jsonl(tmp_path: Path, name: str, data: bytes) -> tuple[list[dict], str]:
+    src = tmp_path / f"{name}.jsonl"
+    src.write_bytes(data)
+    out = tmp_path / f"{name}.out.jsonl"
+    res = runner.invoke(cli, ["score", "app/bundles/default", "--events", str(src), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return [orjson.loads(x) for x in out.read_bytes().splitlines()], " ".join(res.output.split())
+
+
+T = 1_511_596_870_000
+LOG = [{"event_id": f"e{i}", "user_id": "u1", "event_type": t, "timestamp": T + 20_000 * i, "item_id": "i1"}
+       for i, t in enumerate(["pv", "cart", "buy"])]
+
+
+def test_score_skips_a_byte_order_mark(tmp_path):
+    """The issue's input: a 3-event JSONL with a BOM gives 3 results, the third scored with
+    the first in its history (as without the BOM; without the first event it scores otherwise)."""
+    text = b"".join(orjson.dumps(e) + b"\n" for e in LOG)
+    with_bom, said = score_jsonl(tmp_path, "bom", b"\xef\xbb\xbf" + text)
+    plain, _ = score_jsonl(tmp_path, "plain", text)
+    assert "0 malformed" in said
+    assert with_bom == plain and [r["event_id"] for r in with_bom] == ["e0", "e1", "e2"]
+    without_first, _ = score_jsonl(tmp_path, "two", text.split(b"\n", 1)[1])
+    assert without_first[-1]["anomaly_probability"] != plain[-1]["anomaly_probability"]
+
+
+def test_score_answers_a_repeat_as_the_live_service_does(tmp_path):
+    """ord-1, ord-1, ord-2 a minute apart: the repeat gets ord-1's answer and is flagged, and
+    ord-2 scores as if ord-1 had come once."""
+    ord1 = {"event_id": "ord-1", "user_id": "u1", "event_type": "buy", "timestamp": T, "item_id": "i1"}
+    ord2 = {**ord1, "event_id": "ord-2", "timestamp": T + 60_000, "item_id": "i2"}
+    twice, said = score_jsonl(tmp_path, "twice", b"\n".join(orjson.dumps(e) for e in (ord1, ord1, ord2)))
+    assert "repeats of an earlier (user_id, event_id): 1," in said
+    once, _ = score_jsonl(tmp_path, "once", b"\n".join(orjson.dumps(e) for e in (ord1, ord2)))
+    assert twice == [once[0], {**once[0], "duplicate": True}, once[1]]
+
+
+def test_score_reads_the_one_timestamp_grammar(tmp_path):
+    """Lower-case RFC 3339 is read as the service reads it; epoch seconds are refused with a hint."""
+    rows = [dict(LOG[0], timestamp="2017-11-25T08:01:10z"), dict(LOG[1], timestamp=1511596870)]
+    got, said = score_jsonl(tmp_path, "times", b"\n".join(orjson.dumps(e) for e in rows))
+    assert [r["event_id"] for r in got] == ["e0"]
+    assert "looks like epoch seconds; send milliseconds (1511596870000)" in said
+    assert "1 malformed" in said

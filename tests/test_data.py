@@ -157,6 +157,7 @@ def test_full_flink_slice() -> None:
 
 # ---- generic files -------------------------------------------------------------------------
 
+T0 = 1_709_280_000_000  # 2024-03-01T08:00:00Z
 RECORDS = [
     {"event_id": "e1", "user_id": "u1", "event_type": "view", "timestamp": "2024-03-01T10:00:00Z",
      "item_id": "i1", "category_id": "c1", "session_id": "s1", "device_id": "d1",
@@ -166,7 +167,7 @@ RECORDS = [
     {"event_id": "e3", "user_id": "u1", "event_type": "purchase",
      "timestamp": "2024-03-01T11:00:00.250+02:00", "item_id": "ünïcødé-商品", "price": 0.0,
      "label": 0},
-    {"event_id": "e4", "user_id": "u3", "event_type": "view", "timestamp": "2024-03-01 09:30:00",
+    {"event_id": "e4", "user_id": "u3", "event_type": "view", "timestamp": "2024-03-01 09:30:00Z",
      "item_id": "x" * 100, "category_id": "c2", "session_id": "s9", "label": 1},
     {"event_id": "e5", "user_id": "u1", "event_type": "addtocart", "timestamp": 1709280000000,
      "item_id": "i1", "price": 12.5, "label": 0},
@@ -245,7 +246,7 @@ def test_generic_jsonl_with_bad_lines(tmp_path: Path) -> None:
 
 
 def test_malformed_rows_are_skipped_with_their_lines(tmp_path: Path) -> None:
-    rows = [dict(RECORDS[0], event_id=f"e{i}", timestamp=1_000 * i) for i in range(20)]
+    rows = [dict(RECORDS[0], event_id=f"e{i}", timestamp=T0 + 1_000 * i) for i in range(20)]
     rows[3]["price"] = -1
     rows[7]["timestamp"] = "2019-13-01"
     rows[9]["user_id"] = ""
@@ -256,7 +257,7 @@ def test_malformed_rows_are_skipped_with_their_lines(tmp_path: Path) -> None:
     assert len(events) == 17 and (report.rows_read, report.malformed) == (21, 4)
     assert report.malformed_examples == [
         "line 5: field 'price': price '-1' is not a finite number ≥ 0",
-        "line 9: field 'timestamp': cannot parse '2019-13-01' as RFC 3339 or epoch milliseconds",
+        "line 9: field 'timestamp': cannot parse '2019-13-01' as RFC 3339 with an offset, or epoch milliseconds",
         "line 11: field 'user_id': missing value",
         "line 24: expected 11 fields, got 3: 'e20,u1,view'",
     ]
@@ -274,7 +275,7 @@ def test_unparseable_timestamp_beyond_tolerance_names_line_and_field(tmp_path: P
     with pytest.raises(DataError) as err:
         read_events(path, max_malformed_fraction=0.1)
     assert str(err.value).startswith(f"{path}, line 6, field 'timestamp': cannot parse "
-                                     "'yesterday' as RFC 3339 or epoch milliseconds (2 of 10")
+                                     "'yesterday' as RFC 3339 with an offset, or epoch milliseconds (2 of 10")
     assert err.value.path == str(path)
     events, report = read_events(path, max_malformed_fraction=0.25)
     assert len(events) == 8 and report.malformed == 2
@@ -325,7 +326,7 @@ def test_dedupe_drops_exact_duplicates_only(tmp_path: Path) -> None:
 
 
 def test_sort_groups_users_in_time_order_and_keeps_ties_stable(tmp_path: Path) -> None:
-    rows = [dict(RECORDS[0], event_id=f"e{i}", user_id=f"u{i % 3}", timestamp=t)
+    rows = [dict(RECORDS[0], event_id=f"e{i}", user_id=f"u{i % 3}", timestamp=T0 + t)
             for i, t in enumerate([50, 10, 30, 10, 20, 10, 50, 40, 10])]
     path = write_jsonl(tmp_path / "s.jsonl", rows)
     in_order, _ = read_events(path, sort=False)

@@ -50,6 +50,8 @@ CONTRACT_METRICS = {
     "seqguard_window_store_errors_total",
     "seqguard_duplicate_events_total",
     "seqguard_unknown_event_types_total",
+    "seqguard_redis_memory_used_bytes",
+    "seqguard_redis_memory_max_bytes",
     "seqguard_model_info",
 }
 HISTOGRAMS = {

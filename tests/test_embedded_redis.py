@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,11 +21,14 @@ from app.embedded_redis import (
     AofSyncer,
     EmbeddedRedis,
     EmbeddedRedisError,
+    _ping,
     free_port,
     redis_server_executable,
 )
 from app.main import log_durability
 from app.redis_client import connect, durability_warning, read_durability
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _port_is_free(port: int) -> bool:
@@ -195,3 +202,118 @@ def test_aof_syncer_reports_a_failing_fsync_once_and_its_recovery(tmp_path: Path
     assert len(messages) == 2, messages
     assert messages[0][0] == "ERROR" and "cannot fsync" in messages[0][1] and str(data_dir) in messages[0][1]
     assert messages[1][0] == "WARNING" and "works again" in messages[1][1]
+
+
+# ------------------------------------------------------------------ supervision (issue 8)
+
+
+def _gone(pid: int) -> bool:
+    """The process ended (a zombie that nobody reaped yet counts as ended)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_a_killed_server_is_restarted_on_its_port_with_its_data(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="seqguard"), \
+            EmbeddedRedis(tmp_path, restart_delay_s=2.0) as server:
+        port, first = server.port, server.pid
+        assert first is not None and server.restarts == 0
+        with redis.Redis.from_url(server.url) as client:
+            client.set("k", "v")
+        os.kill(first, signal.SIGKILL)
+        _wait_for(lambda: not _ping(port) and not server.running)  # down: the supervisor waits restart_delay_s
+        _wait_for(lambda: server.running and server.restarts == 1, 30)
+        assert server.port == port and server.pid not in (None, first)
+        with redis.Redis.from_url(server.url) as client:
+            assert client.get("k") == b"v"  # the append-only file brought it back
+            client.set("k2", "v2")
+        again = server.pid
+        assert again is not None
+        os.kill(again, signal.SIGKILL)  # and again
+        _wait_for(lambda: server.running and server.restarts == 2, 30)
+        with redis.Redis.from_url(server.url) as client:
+            assert client.mget("k", "k2") == [b"v", b"v2"]
+    messages = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert [lvl for lvl, _ in messages] == ["ERROR", "WARNING", "ERROR", "WARNING"], messages
+    assert f"pid {first}) exited" in messages[0][1] and f"127.0.0.1:{port}" in messages[0][1]
+    assert "is back" in messages[1][1] and "restart 1" in messages[1][1]
+    # stop() ends the supervisor: nothing restarts the server, the port is free again.
+    assert not server.running and _port_is_free(port)
+
+
+def test_stopped_server_stays_stopped(tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path, restart_delay_s=0.05).start()
+    pid, port = server.pid, server.port
+    server.stop(kill=True)
+    assert pid is not None and _gone(pid)
+    time.sleep(0.5)  # ten restart delays: a supervisor still running would have restarted it
+    assert not server.running and not _ping(port) and server.restarts == 0
+
+
+def test_memory_limit_without_eviction(tmp_path: Path) -> None:
+    with EmbeddedRedis(tmp_path, maxmemory=64 << 20) as server, redis.Redis.from_url(server.url) as client:
+        assert client.config_get("maxmemory") == {"maxmemory": str(64 << 20)}
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        client.set("k", "v")
+        client.config_set("maxmemory", 1)
+        with pytest.raises(redis.exceptions.OutOfMemoryError):  # refused, never evicted
+            client.set("k2", "v")
+        client.config_set("maxmemory", 64 << 20)
+        assert client.get("k") == b"v"
+    with pytest.raises(ValueError, match="maxmemory"):
+        EmbeddedRedis(tmp_path, maxmemory=-1)
+
+
+_CHILD = """
+import sys, time
+import app.embedded_redis as er
+if sys.argv[2] == "no-pdeathsig":
+    er._die_with_parent = lambda: None  # as on a platform without prctl
+import redis
+server = er.EmbeddedRedis(sys.argv[1]).start()
+redis.Redis.from_url(server.url).set("written-by", "the first owner")
+print(server.pid, server.port, flush=True)
+time.sleep(600)
+"""
+
+
+def _owner(tmp_path: Path, mode: str) -> tuple[subprocess.Popen[bytes], int, int]:
+    """A Python process that starts an EmbeddedRedis on ``tmp_path``: (process, redis pid, port)."""
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path), mode], cwd=ROOT, stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    pid, port = map(int, proc.stdout.readline().split())
+    return proc, pid, port
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_server_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
+    owner, pid, port = _owner(tmp_path, "pdeathsig")
+    owner.kill()  # SIGKILL: no finally, no atexit
+    owner.communicate()
+    _wait_for(lambda: _gone(pid), 30)  # SIGTERM from the kernel: Redis's graceful shutdown
+    with EmbeddedRedis(tmp_path, port=port) as server, redis.Redis.from_url(server.url) as client:
+        assert client.get("written-by") == b"the first owner"
+
+
+def test_an_orphaned_server_is_stopped_and_its_data_dir_taken_over(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    owner, pid, port = _owner(tmp_path, "no-pdeathsig")
+    owner.kill()
+    owner.communicate()
+    try:
+        assert not _gone(pid) and _ping(port)  # orphaned, still holding the lock
+        with caplog.at_level(logging.WARNING, logger="seqguard"), EmbeddedRedis(tmp_path) as server, \
+                redis.Redis.from_url(server.url) as client:
+            assert _gone(pid) and server.pid != pid
+            assert client.get("written-by") == b"the first owner"
+        assert any(f"orphaned embedded redis-server (pid {pid})" in r.getMessage() for r in caplog.records)
+    finally:
+        if not _gone(pid):
+            os.kill(pid, signal.SIGKILL)

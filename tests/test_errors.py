@@ -10,10 +10,19 @@ import orjson
 import pytest
 from fastapi import FastAPI, HTTPException, Request
 from starlette.exceptions import StarletteDeprecationWarning
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from app import errors
-from app.errors import Forbidden, NotFound, PayloadTooLarge, ServiceUnavailable, Unauthorized, json_path
+from app.errors import (
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceUnavailable,
+    Unauthorized,
+    json_path,
+)
 from app.schemas import EventIn, EventsBatch, parse_events
 
 with warnings.catch_warnings():  # Starlette asks for httpx2 over httpx; the venv has httpx
@@ -69,6 +78,10 @@ def make_app() -> FastAPI:
                 raise Forbidden("this key lacks the batch scope", required_scope="batch")
             case "404":
                 raise NotFound("no such model")
+            case "408":
+                raise RequestTimeout("no part of the body arrived for 30 s")
+            case "gone":
+                raise ClientDisconnect()
             case _:
                 raise RuntimeError("secret internals: redis://:hunter2@db")
 
@@ -90,9 +103,9 @@ def problem(resp: object, status: int) -> dict[str, object]:
 
 
 BAD_BATCH = {"events": [
-    {"event_id": "ok", "user_id": "u", "event_type": "view", "timestamp": 1},
-    {"event_id": "ok", "user_id": "u", "event_type": "view", "timestamp": 2},
-    {"event_id": "ok", "user_id": "u", "event_type": "view", "timestamp": 3},
+    {"event_id": "ok", "user_id": "u", "event_type": "view", "timestamp": 1511596870001},
+    {"event_id": "ok", "user_id": "u", "event_type": "view", "timestamp": 1511596870002},
+    {"event_id": "ok", "user_id": "u", "event_type": "view", "timestamp": 1511596870003},
     {"event_id": "a b", "user_id": "u", "timestamp": "noon", "price": -1, "typo": 1},
 ]}
 EXPECTED = [
@@ -151,6 +164,21 @@ def test_domain_errors(client: TestClient) -> None:
     body = problem(client.get("/fail/403"), 403)
     assert body["required_scope"] == "batch" and body["instance"] == "/fail/403"
     assert problem(client.get("/fail/404"), 404)["type"] == "https://seqguard.dev/problems/not-found"
+
+
+def test_408_closes_the_connection(client: TestClient) -> None:
+    r = client.get("/fail/408")
+    body = problem(r, 408)
+    assert body["type"] == "https://seqguard.dev/problems/request-timeout" and r.headers["connection"] == "close"
+
+
+def test_a_client_gone_is_499_logged_at_debug_not_a_500(caplog: pytest.LogCaptureFixture) -> None:
+    app = make_app()
+    with TestClient(app) as c, caplog.at_level(logging.DEBUG, logger="seqguard.errors"):
+        r = c.get("/fail/gone")
+    assert r.status_code == 499 and app.state.statuses == [499]
+    [rec] = [rec for rec in caplog.records if rec.name == "seqguard.errors"]
+    assert rec.levelno == logging.DEBUG and rec.exc_info is None and "client closed" in rec.getMessage()
 
 
 def test_http_exceptions_keep_status(client: TestClient) -> None:

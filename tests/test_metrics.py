@@ -6,10 +6,13 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import re
+import signal
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
+from e2e.e2e_support import T0, LiveServer, event
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -20,7 +23,9 @@ from app.metrics import (
     UNKNOWN_TYPE_LABELS,
     Metrics,
     mark_process_dead,
+    multiproc_dir,
     reset_multiproc_dir,
+    sweep_dead_processes,
 )
 
 CONTRACT = {
@@ -37,6 +42,8 @@ CONTRACT = {
     "seqguard_duplicate_events_total": "counter",
     "seqguard_model_info": "gauge",
     "seqguard_unknown_event_types_total": "counter",
+    "seqguard_redis_memory_used_bytes": "gauge",
+    "seqguard_redis_memory_max_bytes": "gauge",
 }
 
 
@@ -271,3 +278,126 @@ def test_multiprocess_aggregates_workers(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert v["seqguard_requests_total", (("route", "/events"), ("status", "200"))] == 7  # counters outlive workers
     assert v.get(("seqguard_scoring_queue_depth", ()), 0) == 0  # dead workers' live gauges are gone
     assert not [k for k in v if k[0] == "seqguard_model_info"]
+
+
+def test_a_sigkilled_workers_live_gauges_go_at_the_next_scrape(monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path) -> None:
+    # A worker killed with work queued never calls mark_process_dead: its queue depth
+    # must not stay in the total of an idle service.
+    prom = reset_multiproc_dir(tmp_path / "prom")
+    monkeypatch.setenv(MULTIPROC_ENV, str(prom))
+    ctx = mp.get_context("spawn")
+    # Events of their own: a process killed while it waits on one leaves it unusable.
+    ready, never = ctx.Event(), ctx.Event()
+    victim = ctx.Process(target=_worker, args=(2, 1000, ready, never))
+    survivor_ready, release = ctx.Event(), ctx.Event()
+    survivor = ctx.Process(target=_worker, args=(1, 3, survivor_ready, release))
+    victim.start()
+    survivor.start()
+    try:
+        assert ready.wait(120) and survivor_ready.wait(120), "workers did not start"
+        with ctx.Pool(1) as pool:
+            _, text = pool.apply(_render)
+        assert _values(text)["seqguard_scoring_queue_depth", ()] == 1003
+        victim.kill()  # SIGKILL: no shutdown, no mark_process_dead
+        victim.join(60)
+        assert (prom / f"gauge_livesum_{victim.pid}.db").exists()
+        with ctx.Pool(1) as pool:
+            _, text = pool.apply(_render)
+        v = _values(text)
+        assert v["seqguard_scoring_queue_depth", ()] == 3  # the live worker's alone
+        assert v["seqguard_requests_total", (("route", "/events"), ("status", "200"))] == 3  # counters stay
+        assert not (prom / f"gauge_livesum_{victim.pid}.db").exists()
+    finally:
+        # Killed, not released: setting an Event another process may have stopped
+        # waiting on (its 120 s wait ran out on a slow machine) can block for ever.
+        for p in (victim, survivor):
+            if p.is_alive():
+                p.kill()
+            p.join(60)
+
+
+def test_sweep_keeps_live_processes_and_other_files(tmp_path: Path) -> None:
+    dead = mp.get_context("spawn").Process(target=os.getpid)
+    dead.start()
+    dead.join(60)
+    assert dead.pid is not None
+    for name in (f"gauge_livesum_{dead.pid}.db", f"gauge_livemax_{dead.pid}.db", f"counter_{dead.pid}.db",
+                 f"gauge_livesum_{os.getpid()}.db", f"gauge_all_{dead.pid}.db"):
+        (tmp_path / name).write_bytes(b"x")
+    assert sweep_dead_processes(tmp_path) == [dead.pid]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"counter_{dead.pid}.db", f"gauge_livesum_{os.getpid()}.db", f"gauge_all_{dead.pid}.db"])
+    assert sweep_dead_processes(tmp_path / "missing") == []
+
+
+def test_multiproc_dir_of_a_serve_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # One worker, no directory: single-process metrics.
+    with multiproc_dir(1, tmp=tmp_path) as d:
+        assert d is None and MULTIPROC_ENV not in os.environ
+    # A directory given: emptied of a previous run's values (whatever the workers), kept.
+    given = tmp_path / "given"
+    given.mkdir()
+    (given / "counter_1.db").write_bytes(b"old run")
+    monkeypatch.setenv(MULTIPROC_ENV, str(given))
+    with multiproc_dir(1, tmp=tmp_path) as d:
+        assert d == given and not list(given.iterdir())
+    assert given.is_dir() and os.environ[MULTIPROC_ENV] == str(given)
+    monkeypatch.delenv(MULTIPROC_ENV)
+    # Several workers: a directory of this run, in the environment while it runs, removed after;
+    # those of killed runs (their process gone) go too, those of running ones stay.
+    dead = mp.get_context("spawn").Process(target=os.getpid)
+    dead.start()
+    dead.join(60)
+    stale = tmp_path / f"seqguard-metrics-{dead.pid}-abc"
+    running = tmp_path / f"seqguard-metrics-{os.getppid()}-def"
+    for old in (stale, running):
+        old.mkdir()
+        (old / "counter_9.db").write_bytes(b"x")
+    with multiproc_dir(2, tmp=tmp_path) as d:
+        assert d is not None and d.parent == tmp_path and d.name.startswith(f"seqguard-metrics-{os.getpid()}-")
+        assert os.environ[MULTIPROC_ENV] == str(d)
+        (d / "counter_2.db").write_bytes(b"x")
+    assert MULTIPROC_ENV not in os.environ
+    assert sorted(p.name for p in tmp_path.glob("seqguard-metrics-*")) == [running.name]
+
+
+# Real `seqguard serve` runs (issue 8): what a run leaves behind for the next.
+
+
+def _events_counted(server: LiveServer) -> float:
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    return sum(v for (name, labels), v in _values(text).items()
+               if name == "seqguard_requests_total" and dict(labels).get("route") == "/events")
+
+
+def test_one_worker_with_a_multiproc_dir_starts_from_zero(tmp_path: Path) -> None:
+    prom = tmp_path / "prom"
+    prom.mkdir()
+    for run in range(2):
+        with LiveServer(None, tmp_path, env={MULTIPROC_ENV: str(prom)}, data_dir=tmp_path / "redis") as server:
+            assert _events_counted(server) == 0, f"run {run}: a previous run's counters came back"
+            for i in range(3):
+                assert httpx.post(server.url + "/events", json=event(f"r{run}-{i}", "u1", T0 + i),
+                                  timeout=10).status_code == 200
+            assert _events_counted(server) == 3
+
+
+def test_multi_worker_runs_leave_no_metrics_folder(tmp_path: Path) -> None:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {"TMPDIR": str(tmp)}
+    with LiveServer(None, tmp_path, workers=2, env=env, data_dir=tmp_path / "redis") as server:
+        [folder] = tmp.glob("seqguard-metrics-*")
+        assert list(folder.glob("*.db"))  # the workers' values live there
+        assert _events_counted(server) == 0
+    assert not list(tmp.glob("seqguard-metrics-*"))  # SIGTERM: removed at exit
+    killed = LiveServer(None, tmp_path, workers=2, env=env, data_dir=tmp_path / "redis").start()
+    assert killed.proc is not None
+    os.killpg(killed.proc.pid, signal.SIGKILL)  # the whole run, workers included: no cleanup
+    killed.proc.wait(30)
+    killed.proc = None
+    [left] = tmp.glob("seqguard-metrics-*")
+    with LiveServer(None, tmp_path, workers=2, env=env, data_dir=tmp_path / "redis"):
+        assert left not in tmp.glob("seqguard-metrics-*")  # swept by the next run
+    assert not list(tmp.glob("seqguard-metrics-*"))

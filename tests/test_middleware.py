@@ -81,11 +81,11 @@ def requests(client: TestClient) -> dict[tuple[str, str], float]:
             for s in fam.samples if s.name == "seqguard_requests_total" and s.value}
 
 
-EVENT = {"event_id": "e1", "user_id": "u1", "event_type": "view", "timestamp": 1}
+EVENT = {"event_id": "e1", "user_id": "u1", "event_type": "view", "timestamp": 1511596870000}
 
 
 def test_the_hot_route_skips_fastapi_and_keeps_route_labels(client: TestClient) -> None:
-    r = client.post("/hot/a?explain=yes", json=EVENT)
+    r = client.post("/hot/a?explain=true", json=EVENT)
     assert r.status_code == 200 and r.json() == {"name": "a", "n": 1, "explain": True}
     assert client.get("/cold").json() == {"ok": "yes"}
     assert client.app.state.inner == ["/cold"]  # type: ignore[attr-defined]

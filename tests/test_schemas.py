@@ -11,7 +11,7 @@ import pytest
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from app.events import Events, parse_timestamp_ms
+from app.events import PLAUSIBLE_MS, Events, parse_timestamp_ms
 from app.schemas import (
     BatchScoreRequest,
     EventIn,
@@ -81,7 +81,6 @@ def test_optional_strings(field: str) -> None:
 
 @pytest.mark.parametrize(("value", "ms"), [
     (T0, T0),
-    (0, 0),
     (float(T0), T0),
     (str(T0), T0),
     ("2024-05-01T12:30:00Z", T0),
@@ -261,5 +260,6 @@ def test_response_models() -> None:
                                                "deployment_aliases": {}}
     schema = EventIn.model_json_schema()
     assert schema["additionalProperties"] is False
-    assert {"type": "integer", "minimum": 0, "description": "epoch milliseconds"} in schema["properties"]["timestamp"][
-        "anyOf"]
+    ms = {"type": "integer", "minimum": PLAUSIBLE_MS[0], "exclusiveMaximum": PLAUSIBLE_MS[1],
+          "description": "epoch milliseconds (2000-01-01 to 2100-01-01)"}
+    assert ms in schema["properties"]["timestamp"]["anyOf"]

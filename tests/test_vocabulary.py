@@ -197,8 +197,8 @@ def test_two_raw_names_of_one_type_share_its_code(tmp_path: Path) -> None:
                                            "transaction": "purchase"}
     # Rows that differ only in the spelling of their type are the same event once renamed.
     twice = tmp_path / "twice.jsonl"
-    twice.write_bytes(b'{"user_id": "u", "event_type": "pv", "timestamp": 5}\n'
-                      b'{"user_id": "u", "event_type": "view", "timestamp": 5}\n')
+    twice.write_bytes(b'{"user_id": "u", "event_type": "pv", "timestamp": 1700000000005}\n'
+                      b'{"user_id": "u", "event_type": "view", "timestamp": 1700000000005}\n')
     deduped, rep = read_events(twice)
     assert len(deduped) == 1 and rep.duplicates_dropped == 1
 

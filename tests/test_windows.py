@@ -19,7 +19,15 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.embedded_redis import EmbeddedRedis
-from app.windows import MAX_EVENTS_PER_CALL, StoredWindow, WindowStore, user_key_tag, user_keys
+from app.windows import (
+    MAX_EVENTS_PER_CALL,
+    StoredWindow,
+    WindowStore,
+    pack_answer,
+    unpack_answer,
+    user_key_tag,
+    user_keys,
+)
 
 T = TypeVar("T")
 TTL_W, TTL_I = 600, 1800
@@ -46,6 +54,18 @@ def ev(eid: str | int, ts: int, user: str = "u1", **fields: Any) -> dict[str, An
 
 def ids(w: StoredWindow | list[dict[str, Any]]) -> list[str]:
     return [e["event_id"] for e in (w.events if isinstance(w, StoredWindow) else w)]
+
+
+def answer(p: float, eid: str = "e1", user: str = "u1", **extra: Any) -> bytes:
+    """A contract answer of ``eid`` with probability ``p`` (JSON), as POST /events saves it."""
+    return orjson.dumps({"event_id": eid, "user_id": user, "anomaly_probability": p, "decision": "allow",
+                         "thresholds": {"review": 0.5, "block": 0.9}, "window_size": 1, "model_version": "m1",
+                         "duplicate": False, **extra})
+
+
+def same(got: bytes | None, expected: bytes) -> bool:
+    """``got`` is the answer ``expected`` (as JSON documents)."""
+    return got is not None and orjson.loads(got) == orjson.loads(expected)
 
 
 async def raw_state(r: aioredis.Redis, user: str) -> tuple[Any, ...]:
@@ -82,8 +102,8 @@ def test_a_client_that_decodes_responses_works_too(redis_url: str) -> None:
     async def body(r: aioredis.Redis) -> None:
         s = store(r)
         assert ids(await s.append(ev("e1", 1, price=2.5))) == ["e1"]
-        await s.save_answers([("u1", "e1", b'{"p": 1}')])
-        assert (await s.append(ev("e1", 1))).answer == b'{"p": 1}'
+        await s.save_answers([("u1", "e1", answer(1.0))])
+        assert same((await s.append(ev("e1", 1))).answer, answer(1.0))
         assert await s.window("u1") == [ev("e1", 1, price=2.5)]
 
     run(redis_url, body, decode_responses=True)
@@ -184,14 +204,15 @@ def test_replay_returns_first_answer_and_changes_nothing(redis_url: str) -> None
         first = await s.append(ev("e1", 10))
         assert not first.duplicate and first.answer is None
         await s.append(ev("e2", 20))
-        await s.save_answers([("u1", "e1", b'{"p": 0.1}')])
+        await s.save_answers([("u1", "e1", answer(0.1))])
         before = await raw_state(r, "u1")
         again = await s.append(ev("e1", 99999, event_type="buy"))  # same id, other content
-        assert again == StoredWindow("u1", "e1", True, b'{"p": 0.1}', [])
+        assert again == StoredWindow("u1", "e1", True, again.answer, []) and same(again.answer, answer(0.1))
         assert await raw_state(r, "u1") == before
         # the first answer is never overwritten; unknown events are skipped
-        await s.save_answers([("u1", "e1", b'{"p": 0.9}'), ("u1", "nope", b"{}"), ("u2", "e1", b"{}")])
-        assert (await s.append(ev("e1", 10))).answer == b'{"p": 0.1}'
+        await s.save_answers([("u1", "e1", answer(0.9)), ("u1", "nope", answer(0.9, "nope")),
+                              ("u2", "e1", answer(0.9, user="u2"))])
+        assert same((await s.append(ev("e1", 10))).answer, answer(0.1))
         assert await r.exists(user_keys("u2").ids) == 0
         # idempotency is per user: another user's e1 is another event
         assert not (await s.append(ev("e1", 10, user="u2"))).duplicate
@@ -321,7 +342,7 @@ def test_keys_carry_the_hash_tag_and_never_the_raw_user_id(redis_url: str) -> No
     async def body(r: aioredis.Redis) -> None:
         s = store(r)
         await s.append(ev("e1", 1, user=user, item_id="i1"))
-        await s.save_answers([(user, "e1", b'{"ok": true}')])
+        await s.save_answers([(user, "e1", answer(0.5, user=user))])
         keys = sorted(k.decode() for k in await r.keys("*"))
         tag = user_key_tag(user)
         assert re.fullmatch(r"[0-9a-f]{20}", tag) and tag != user_key_tag("bob")
@@ -348,8 +369,8 @@ def test_scripts_reload_after_script_flush(redis_url: str) -> None:
         got = await s.append_many([ev("e3", 3), ev("x1", 1, user="u2"), ev("e4", 4)])
         assert [ids(w) for w in got] == [["e1", "e2", "e3"], ["x1"], ["e1", "e2", "e3", "e4"]]
         await r.script_flush()
-        await s.save_answers([("u1", "e4", b"{}")])
-        assert (await s.append(ev("e4", 4))).answer == b"{}"
+        await s.save_answers([("u1", "e4", answer(0.4, "e4"))])
+        assert same((await s.append(ev("e4", 4))).answer, answer(0.4, "e4"))
 
     run(redis_url, body)
 
@@ -375,20 +396,20 @@ def test_answers_saved_after_the_reply_are_visible_until_saved(redis_url: str) -
     async def body(r: aioredis.Redis) -> None:
         s = store(r)
         await s.append_many([ev("e1", 10), ev("e2", 20)])
-        s.save_answers_soon([("u1", "e1", b'{"p": 0.1}'), ("u1", "e2", b'{"p": 0.2}')])
-        s.save_answers_soon([("u1", "e1", b'{"p": 0.9}')])  # the first answer wins, queued or saved
+        s.save_answers_soon([("u1", "e1", answer(0.1)), ("u1", "e2", answer(0.2, "e2"))])
+        s.save_answers_soon([("u1", "e1", answer(0.9))])  # the first answer wins, queued or saved
         # Queued, not saved yet: Redis has no answer, this process has.
         assert (await s.append(ev("e1", 10))).answer is None
-        assert s.unsaved_answer("u1", "e1") == b'{"p": 0.1}'
+        assert same(s.unsaved_answer("u1", "e1"), answer(0.1))
         await s.flush_answers()
         assert s.unsaved_answer("u1", "e1") is None
-        assert (await s.append(ev("e1", 10))).answer == b'{"p": 0.1}'
-        assert (await s.append(ev("e2", 20))).answer == b'{"p": 0.2}'
+        assert same((await s.append(ev("e1", 10))).answer, answer(0.1))
+        assert same((await s.append(ev("e2", 20))).answer, answer(0.2, "e2"))
         # Later answers start a new background save.
         await s.append(ev("e3", 30))
-        s.save_answers_soon([("u1", "e3", b'{"p": 0.3}')])
+        s.save_answers_soon([("u1", "e3", answer(0.3, "e3"))])
         await s.flush_answers()
-        assert (await s.append(ev("e3", 30))).answer == b'{"p": 0.3}'
+        assert same((await s.append(ev("e3", 30))).answer, answer(0.3, "e3"))
 
     run(redis_url, body)
 
@@ -401,7 +422,7 @@ def test_answers_that_cannot_be_saved_are_reported_and_dropped(tmp_path: Path) -
             s = store(r, on_answer_error=errors.append)
             await s.append(ev("e1", 1))
             server.stop()
-            s.save_answers_soon([("u1", "e1", b"{}")])
+            s.save_answers_soon([("u1", "e1", answer(0.1))])
             await s.flush_answers()
             assert s.unsaved_answer("u1", "e1") is None
             server.start()
@@ -418,7 +439,7 @@ def test_stopped_redis_raises_connection_error_and_recovers_with_its_data(tmp_pa
         async def body(r: aioredis.Redis) -> None:
             s = store(r)
             await s.append(ev("e1", 1))
-            await s.save_answers([("u1", "e1", b"{}")])
+            await s.save_answers([("u1", "e1", answer(0.1))])
             server.stop()
             with pytest.raises(RedisConnectionError):
                 await s.append(ev("e2", 2))
@@ -429,7 +450,7 @@ def test_stopped_redis_raises_connection_error_and_recovers_with_its_data(tmp_pa
             assert not await s.ping()
             server.start()  # same port and data dir; the AOF brings the data back, not the scripts
             assert await s.ping()
-            assert (await s.append(ev("e1", 1))).answer == b"{}"
+            assert same((await s.append(ev("e1", 1))).answer, answer(0.1))
             assert ids(await s.append(ev("e2", 1))) == ["e1", "e2"]  # the arrival counter survived too
             server.restart(kill=True)  # a crash right after an acknowledged write
             assert ids(await s.window("u1")) == ["e1", "e2"]
@@ -448,3 +469,49 @@ def test_duration_is_in_the_millisecond_range(redis_url: str) -> None:
         return (time.perf_counter() - t0) / 200
 
     assert run(redis_url, body) < 0.02
+
+
+# ------------------------------------------------ idempotency records (issue 8)
+
+
+def test_an_idempotency_record_keeps_a_packed_answer_without_ids(redis_url: str) -> None:
+    user = "alice.unique@example.org"
+    reasons = [{"event_id": "e1", "event_type": "view", "timestamp": 10, "surprise": 1.5}]
+
+    async def body(r: aioredis.Redis) -> None:
+        s = store(r)
+        await s.append(ev("e1", 10, user=user))
+        first = answer(0.123456789, "e1", user, reasons=reasons)
+        s.save_answers_soon([(user, "e1", first)])
+        queued = s.unsaved_answer(user, "e1")
+        await s.flush_answers()
+        record = await r.hget(user_keys(user).ids, "e1")
+        assert record == b'10|000000000001|[0.123456789,"allow",1,"m1",0.5,0.9]'
+        assert len(record) < 64 and user.encode() not in record
+        # A replay gets the contract answer back: the ids from the request, no reasons
+        # (whether the answer is still queued in this process or saved).
+        replay = await s.append(ev("e1", 10, user=user))
+        expected = {k: v for k, v in orjson.loads(first).items() if k != "reasons"}
+        assert replay.duplicate and replay.answer is not None and orjson.loads(replay.answer) == expected
+        assert queued is not None and orjson.loads(queued) == expected
+
+    run(redis_url, body)
+
+
+def test_a_whole_answer_saved_by_an_earlier_version_is_still_replayed(redis_url: str) -> None:
+    async def body(r: aioredis.Redis) -> None:
+        s = store(r)
+        await s.append(ev("e1", 10))
+        record = await r.hget(user_keys("u1").ids, "e1")
+        await r.hset(user_keys("u1").ids, "e1", record + answer(0.25, "e1", "u1"))  # as saved before issue 8
+        replay = await s.append(ev("e1", 10))
+        assert replay.duplicate and same(replay.answer, answer(0.25))
+
+    run(redis_url, body)
+
+
+def test_pack_answer_refuses_what_is_not_an_answer() -> None:
+    with pytest.raises(KeyError):
+        pack_answer(b'{"p": 0.1}')
+    assert orjson.loads(unpack_answer(pack_answer(answer(0.5, "x", "y")), "y", "x")) == orjson.loads(
+        answer(0.5, "x", "y"))

@@ -1,8 +1,11 @@
 """POST /batch-score: backfills on the batch engine of `seqguard score`.
 
-JSON bodies are answered as JSON; NDJSON (``application/x-ndjson``) streams of any length
-are scored in chunks and answered as an NDJSON stream, one line per input line, in input
-order. Each event is scored on the events of the same request at or before it (equal
+JSON bodies are answered as JSON; NDJSON (``application/x-ndjson``) streams (up to
+``batch_max_body_bytes``, lines up to ``batch_max_line_bytes``) are scored in chunks and
+answered as an NDJSON stream, one line per input line, in input order. A limit crossed
+before the answer starts is a 413 (a slow body a 408); after, the stream's last line is
+``{"error": {problem}}``. Parsing and encoding run in the backfill thread, off the loop.
+Each event is scored on the events of the same request at or before it (equal
 timestamps: input order), exactly as if they had arrived online one by one; live windows
 are read by nothing here and written only with ``update_windows``.
 """
@@ -10,31 +13,38 @@ are read by nothing here and written only with ``update_windows``.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import Executor
+from functools import partial
 from typing import Any
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from redis.exceptions import RedisError
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
-from app.backfill import Scores, score_events
+from app.backfill import FirstAnswers, Scores, score_events
 from app.decisions import decide
 from app.deps import AppState, StateDep, require
-from app.errors import ServiceUnavailable, json_path
+from app.errors import PayloadTooLarge, RequestTimeout, ServiceUnavailable, json_path
 from app.events import Events
-from app.routes import json_response
-from app.routes.events import read_body
-from app.schemas import BatchScoreResults, parse_batch_request, parse_event_line, to_records
+from app.routes import JSON, media_type
+from app.routes.events import body_chunks, read_body
+from app.schemas import BatchScoreResults, QueryFlag, parse_batch_request, parse_event_line, to_records
+from app.scorer import OnnxModel
 
 router = APIRouter(tags=["scoring"])
 NDJSON = "application/x-ndjson"
 #: Events per chunk of an NDJSON stream.
 CHUNK_EVENTS = 20_000
+log = logging.getLogger("seqguard.batch")
+#: Results per orjson call when encoding a JSON answer.
+_ENCODE_SLICE = 2000
 
 
 @router.post(
@@ -43,30 +53,84 @@ CHUNK_EVENTS = 20_000
     dependencies=[Depends(require("batch"))],
     responses={200: {"content": {NDJSON: {}}}, 413: {}, 422: {}, 503: {}},
 )
-async def batch_score(request: Request, state: StateDep, update_windows: bool = False) -> Any:
+async def batch_score(request: Request, state: StateDep, update_windows: QueryFlag = False) -> Any:
     """Score a backfill: JSON {"events": [...]} or an NDJSON stream of events."""
-    if request.headers.get("content-type", "").split(";")[0].strip() == NDJSON:
+    if media_type(request, (JSON, NDJSON)) == NDJSON:
         return await _ndjson(request, state, update_windows)
     body = await read_body(request, state.settings.batch_max_body_bytes)
-    req = parse_batch_request(body, max_events=state.settings.batch_max_events)
-    records = to_records(req.events)
-    if req.update_windows or update_windows:
+    # Parsing and encoding 100k events take about a second of CPU: in the backfill thread,
+    # never on the event loop, so that concurrent /events requests are not held up.
+    loop = asyncio.get_running_loop()
+    parse = partial(_parse_json, body, max_events=state.settings.batch_max_events)
+    records, update = await loop.run_in_executor(state.batch_executor, parse)
+    if update or update_windows:
         await _append(state, records)
     scores = await _score(state, records)
-    return json_response({"results": _results(records, scores, state.thresholds)})
+    encode = partial(_encode_json, records, scores, state.thresholds)
+    return await loop.run_in_executor(state.batch_executor, encode)
 
 
-async def _score(state: AppState, records: list[dict[str, Any]], answered_from: int = 0) -> Scores:
+def _parse_json(body: bytes, *, max_events: int) -> tuple[list[dict[str, Any]], bool]:
+    req = parse_batch_request(body, max_events=max_events)
+    return to_records(req.events), req.update_windows
+
+
+def _encode_json(records: list[dict[str, Any]], scores: Scores, thresholds: dict[str, float]) -> Response:
+    # orjson holds the GIL for a whole call (about 0.1 s for 100k results): encoded in
+    # slices, so that the event loop's thread gets the GIL back between them.
+    results = _results(records, scores, thresholds)
+    slices = (orjson.dumps(results[i: i + _ENCODE_SLICE])[1:-1] for i in range(0, len(results), _ENCODE_SLICE))
+    body = b'{"results":[' + b",".join(slices) + b"]}"
+    return Response(body, media_type="application/json")
+
+
+async def _score(state: AppState, records: list[dict[str, Any]], answered_from: int = 0,
+                 seen: FirstAnswers | None = None) -> Scores:
     """Scores of ``records``; the scoring metrics count those from ``answered_from`` on
-    (before it: context carried over from an earlier chunk of a stream, counted there)."""
-    events = Events.from_records(records)
+    (before it: context carried over from an earlier chunk of a stream, counted there).
+
+    A repeat of an earlier (user_id, event_id) gets the first one's scores and joins no
+    window (``Scores.duplicate``): within ``records`` (the batch engine's rule), and, with
+    ``seen`` (a stream's first answers, updated here), of an event of an earlier chunk.
+    """
     loop = asyncio.get_running_loop()
-    scores: Scores = await loop.run_in_executor(state.batch_executor, score_events, state.model, events)
-    answered_p = scores.probability[answered_from:]
-    state.metrics.track_scored("batch", answered_p, decide(answered_p, state.thresholds))
+    if seen is None:
+        events, scores = await loop.run_in_executor(state.batch_executor, _events_and_scores, state.model, records)
+    else:
+        keys = FirstAnswers.keys(records)
+        found = seen.find(keys)
+        found[:answered_from] = -1  # the context: first occurrences, scored before
+        earlier = found >= 0
+        kept = np.flatnonzero(~earlier)
+        rows = [records[i] for i in kept.tolist()] if earlier.any() else records
+        events, inner = await loop.run_in_executor(state.batch_executor, _events_and_scores, state.model, rows)
+        scores = inner
+        if earlier.any():
+            prob, surprise = np.empty(len(records), np.float32), np.empty(len(records), np.float32)
+            prob[kept], surprise[kept] = inner.probability, inner.surprise
+            prob[earlier], surprise[earlier] = seen.answers(found[earlier])
+            dup = earlier.copy()
+            dup[kept] = inner.is_duplicate()
+            scores = Scores(prob, surprise, dup)
+        new = ~scores.is_duplicate()
+        new[:answered_from] = False
+        seen.add(keys[new], scores.probability[new], scores.surprise[new])
+    answered = scores[answered_from:]
+    fresh = ~answered.is_duplicate()  # a repeat is answered, not scored again (as online)
+    state.metrics.track_scored("batch", answered.probability[fresh], decide(answered.probability[fresh],
+                                                                            state.thresholds))
+    if repeats := int(fresh.size - fresh.sum()):
+        state.metrics.track_duplicate(repeats)
     if unknown := state.bundle.spec.unknown_types(events, rows=np.arange(answered_from, len(events))):
         state.metrics.track_unknown_types(unknown)
     return scores
+
+
+def _events_and_scores(model: OnnxModel, records: list[dict[str, Any]]) -> tuple[Events, Scores]:
+    """``records`` as Events and their batch-engine scores, run off the event loop: building
+    the columns alone takes 0.3–0.5 s per 100k events."""
+    events = Events.from_records(records)
+    return events, score_events(model, events)
 
 
 async def _append(state: AppState, records: list[dict[str, Any]]) -> None:
@@ -75,46 +139,72 @@ async def _append(state: AppState, records: list[dict[str, Any]]) -> None:
             await state.store.append_many(records[i : i + 1000])
     except (RedisError, OSError):
         state.metrics.track_store_error()
-        raise ServiceUnavailable("the window store is unavailable; retry") from None
+        raise ServiceUnavailable("the window store is unavailable: some events may have been stored; "
+                                 "retry with the same event_ids") from None
 
 
 def _results(records: list[dict[str, Any]], scores: Scores, thresholds: dict[str, float]) -> list[dict[str, Any]]:
+    """The answer of each record; a repeat of an earlier (user_id, event_id) has its first
+    answer and ``"duplicate": true``, as ``POST /events`` answers a replay."""
     decisions = decide(scores.probability, thresholds)
     probs = scores.probability.astype(float).tolist()
-    return [
+    results = [
         {"event_id": r["event_id"], "user_id": r["user_id"], "anomaly_probability": p, "decision": d}
         for r, p, d in zip(records, probs, decisions, strict=True)
     ]
+    if scores.duplicate is not None:
+        for i in np.flatnonzero(scores.duplicate).tolist():
+            results[i]["duplicate"] = True
+    return results
 
 
 async def _ndjson(request: Request, state: StateDep, update_windows: bool) -> StreamingResponse:
-    lines = _lines(request)
-    first, errors, done = await _chunk(lines, 0)
+    settings = state.settings
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > settings.batch_max_body_bytes:
+        raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {settings.batch_max_body_bytes}")
+    pieces = body_chunks(request, read_timeout_s=settings.body_read_timeout_s)
+    lines = _lines(pieces, max_line=settings.batch_max_line_bytes, max_body=settings.batch_max_body_bytes)
+    executor = state.batch_executor
+    first, errors, done, line_no = await _chunk(lines, 0, executor)
     if errors:  # nothing streamed yet: a proper 422 naming every bad line of the first chunk
         raise RequestValidationError(errors)
     history = state.bundle.spec.history
 
     async def stream() -> AsyncIterator[bytes]:
+        nonlocal line_no
         tails: dict[str, list[dict[str, Any]]] = {}
-        chunk, offset, finished = first, 0, done
+        seen = FirstAnswers()  # the stream's first answers: repeats across chunks
+        chunk, finished = first, done
         while chunk:
             context = [e for r in chunk for e in tails.get(r["user_id"], ())] if tails else []
             context = list({id(e): e for e in context}.values())  # once per user, not per event
             if update_windows:
                 await _append(state, chunk)
-            scores = await _score(state, context + chunk, answered_from=len(context))
-            tail = Scores(scores.probability[len(context):], scores.surprise[len(context):])
-            yield b"".join(orjson.dumps(r) + b"\n" for r in _results(chunk, tail, state.thresholds))
-            _carry(tails, context + chunk, history)
-            offset += len(chunk)
+            scores = await _score(state, context + chunk, answered_from=len(context), seen=seen)
+            tail = scores[len(context):]  # keeps the repeats' duplicate flags
+            yield await asyncio.get_running_loop().run_in_executor(
+                executor, _encode_lines, chunk, tail, state.thresholds)
+            _carry(tails, [r for r, d in zip(context + chunk, scores.is_duplicate(), strict=True) if not d], history)
             if finished:
                 break
-            chunk, bad, finished = await _chunk(lines, offset)
+            try:
+                chunk, bad, finished, read = await _chunk(lines, line_no, executor)
+            except (PayloadTooLarge, RequestTimeout) as exc:
+                # The answer has started: the problem goes in the stream, as its last line.
+                yield orjson.dumps({"error": {"type": exc.type, "title": exc.title, "status": exc.status,
+                                              "detail": exc.detail}}) + b"\n"
+                return
+            line_no += read
             for err in bad:  # after the first chunk: reported in the stream, line by line
                 problem = {"line": err["loc"][1], "path": json_path(err["loc"]), "message": err["msg"]}
                 yield orjson.dumps({"error": problem}) + b"\n"
 
     return _ReadingStreamingResponse(stream(), media_type=NDJSON)
+
+
+def _encode_lines(records: list[dict[str, Any]], scores: Scores, thresholds: dict[str, float]) -> bytes:
+    return b"".join(orjson.dumps(r) + b"\n" for r in _results(records, scores, thresholds))
 
 
 class _ReadingStreamingResponse(StreamingResponse):
@@ -123,42 +213,75 @@ class _ReadingStreamingResponse(StreamingResponse):
     Under servers speaking ASGI < 2.4 (uvicorn says 2.3), Starlette's StreamingResponse
     calls ``receive()`` in a task of its own to notice disconnects, and so swallows the
     body messages this route is still reading: a stream longer than one chunk would hang.
-    Here a disconnect surfaces as an error on send instead.
+    Here a disconnect surfaces as an error on send, or as ``ClientDisconnect`` from the
+    body, and ends the answer quietly (the request metrics count it as 499).
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await self.stream_response(send)
-        except OSError:
-            raise ClientDisconnect() from None
+        except (OSError, ClientDisconnect):
+            log.debug("client closed the connection during an NDJSON /batch-score stream")
 
 
-async def _lines(request: Request) -> AsyncIterator[bytes]:
-    buf = b""
-    async for part in request.stream():
-        buf += part
-        *full, buf = buf.split(b"\n")
-        for line in full:
+async def _lines(pieces: AsyncIterator[bytes], *, max_line: int, max_body: int) -> AsyncIterator[bytes]:
+    """The non-blank lines of an NDJSON body, without their newlines.
+
+    Linear in the body: each piece is split once, and a line that spans pieces is joined
+    once, when its newline arrives. Raises :class:`PayloadTooLarge` (413) as soon as a
+    line passes ``max_line`` bytes or the body ``max_body`` bytes, newline or not.
+    """
+    pending: list[bytes] = []  # the start of a line whose newline has not arrived yet
+    pending_size = total = 0
+    n = 0
+    async for piece in pieces:
+        total += len(piece)
+        if total > max_body:
+            raise PayloadTooLarge(f"NDJSON body exceeds the limit of {max_body} bytes")
+        start = 0
+        while (end := piece.find(b"\n", start)) != -1:
+            if pending_size + end - start > max_line:
+                raise PayloadTooLarge(f"NDJSON line {n} exceeds the limit of {max_line} bytes")
+            line = b"".join((*pending, piece[start:end])) if pending else piece[start:end]
+            pending.clear()
+            pending_size, start = 0, end + 1
             if line.strip():
+                n += 1
                 yield line
-    if buf.strip():
-        yield buf
+        if start < len(piece):
+            pending.append(piece[start:])
+            pending_size += len(piece) - start
+            if pending_size > max_line:
+                raise PayloadTooLarge(f"NDJSON line {n} exceeds the limit of {max_line} bytes")
+    line = b"".join(pending)
+    if line.strip():
+        yield line
 
 
-async def _chunk(lines: AsyncIterator[bytes], offset: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], bool]:
-    """Up to CHUNK_EVENTS valid events, the errors of the invalid lines, and whether the stream ended."""
+async def _chunk(lines: AsyncIterator[bytes], first_line: int, executor: Executor,
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], bool, int]:
+    """Up to CHUNK_EVENTS lines from ``first_line`` on, parsed off the event loop: their
+    valid events, the errors of the invalid ones, whether the stream ended, lines read."""
+    raw: list[bytes] = []
+    finished = True
+    async for line in lines:
+        raw.append(line)
+        if len(raw) >= CHUNK_EVENTS:
+            finished = False
+            break
+    records, errors = await asyncio.get_running_loop().run_in_executor(executor, _parse_lines, raw, first_line)
+    return records, errors, finished, len(raw)
+
+
+def _parse_lines(raw: list[bytes], first_line: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     events: list[Any] = []
     errors: list[dict[str, Any]] = []
-    n = offset
-    async for line in lines:
+    for n, line in enumerate(raw, first_line):
         try:
             events.append(parse_event_line(line, n))
         except RequestValidationError as e:
             errors.extend(e.errors())
-        n += 1
-        if len(events) >= CHUNK_EVENTS:
-            return to_records(events), errors, False
-    return to_records(events), errors, True
+    return to_records(events), errors
 
 
 def _carry(tails: dict[str, list[dict[str, Any]]], records: list[dict[str, Any]], history: int) -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,21 +16,50 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.batching import QueueFull
 from app.deps import AppState, authorize
-from app.errors import PayloadTooLarge, ServiceUnavailable
-from app.routes import json_response
+from app.errors import PayloadTooLarge, RequestTimeout, ServiceUnavailable
+from app.routes import json_response, media_type
 from app.schemas import ScoreResult, ScoreResults, parse_events, query_flag, to_records
 
 router = APIRouter(tags=["scoring"])
 log = logging.getLogger("seqguard.events")
 
 
+async def body_chunks(request: Request, *, read_timeout_s: float, total_timeout_s: float | None = None,
+                      ) -> AsyncIterator[bytes]:
+    """The request body piece by piece, as it arrives.
+
+    Raises :class:`RequestTimeout` (408) when the next piece takes longer than
+    ``read_timeout_s`` or the whole body longer than ``total_timeout_s`` (seconds), and
+    Starlette's ``ClientDisconnect`` when the client goes away (counted as 499).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = None if total_timeout_s is None else loop.time() + total_timeout_s
+    pieces = request.stream().__aiter__()
+    while True:
+        wait = read_timeout_s if deadline is None else min(read_timeout_s, deadline - loop.time())
+        try:
+            async with asyncio.timeout(max(wait, 0.0)):
+                chunk = await anext(pieces)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            whole = deadline is not None and loop.time() >= deadline
+            raise RequestTimeout(f"the body was not received within {total_timeout_s:g} s" if whole else
+                                 f"no part of the body arrived for {read_timeout_s:g} s") from None
+        if chunk:
+            yield chunk
+
+
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
+    """The whole request body (bytes), refused with 413 as soon as it passes ``limit``
+    bytes (before any is read when its Content-Length says so), and with 408 when it
+    arrives too slowly (``body_read_timeout_s`` between pieces, ``body_timeout_s`` in all)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit}")
+    s = request.app.state.seqguard.settings
     chunks, size = [], 0
-    async for chunk in request.stream():
+    async for chunk in body_chunks(request, read_timeout_s=s.body_read_timeout_s, total_timeout_s=s.body_timeout_s):
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
@@ -38,14 +68,17 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def reasons(window: Sequence[dict[str, Any]], surprise: np.ndarray, top: int = 5) -> list[dict[str, Any]]:
-    """The events of the window that drove the score: the most surprising ones, with
-    their per-event surprise (next-event negative log-likelihood, nats)."""
+    """The ``top`` events of the window that drove the score, most surprising first (ties:
+    the later event first), each with its surprise: nats, −log of twice the mid-p-value of
+    the event under the model's prediction from the events before it, summed over the
+    predicted features (0 = no less likely than a typical next event; about 2.3 per
+    tenfold rarer; model_export/model.py)."""
     events = list(window)[-len(surprise):]
-    order = np.argsort(-surprise, kind="stable")[:top]
+    order = np.lexsort((-np.arange(len(surprise)), -surprise))[:top]
     return [
         {"event_id": events[i].get("event_id"), "event_type": events[i]["event_type"],
          "timestamp": events[i]["timestamp"], "surprise": round(float(surprise[i]), 4)}
-        for i in sorted(order.tolist())
+        for i in order.tolist()
     ]
 
 
@@ -63,6 +96,7 @@ async def post_events(request: Request) -> Response:
     """Append one event (or up to 1000) to its user's window and score it."""
     state: AppState = request.app.state.seqguard
     authorize(request, "events")
+    media_type(request)
     explain = query_flag(request.query_params, "explain")
     s = state.settings
     body = await read_body(request, s.max_body_bytes)
@@ -76,7 +110,8 @@ async def post_events(request: Request) -> Response:
     except (RedisConnectionError, RedisTimeoutError, OSError) as e:
         state.metrics.track_store_error()
         log.warning("window store unavailable: %s", type(e).__name__)
-        raise ServiceUnavailable("the window store is unavailable; nothing was written, retry") from None
+        raise ServiceUnavailable("the window store is unavailable: the events may have been stored; "
+                                 "retry with the same event_id") from None
     state.metrics.track_store("append", time.perf_counter() - started)
 
     results: list[dict[str, Any] | None] = [None] * len(stored)

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Response
 from redis.exceptions import RedisError
 
 from app.deps import StateDep, require
+from app.redis_client import read_memory
 from app.routes import json_response
 from app.schemas import ModelInfo
 
@@ -56,5 +57,9 @@ async def model_info(state: StateDep) -> dict[str, Any]:
 @router.get("/metrics", include_in_schema=False)
 async def metrics(state: StateDep) -> Response:
     """Prometheus text exposition."""
+    # Redis's memory, read now: a scrape shows how close the store is to its limit. A Redis
+    # that does not answer leaves the last values (and shows in readyz and the error counts).
+    if (memory := await read_memory(state.redis)) is not None:
+        state.metrics.set_redis_memory(*memory)
     body, content_type = state.metrics.render()
     return Response(body, media_type=content_type)

@@ -202,3 +202,29 @@ def test_503_while_redis_is_down_then_recovery(make_client: Callable[..., TestCl
     samples = parse_metrics(client.get("/metrics").text)
     assert metric(samples, "seqguard_window_store_errors_total") == 4  # every refused write, once
     assert metric(samples, "seqguard_requests_total", route="/events", status="503") == 3
+
+
+# ----------------------------------------------------------------------- media type
+
+
+@pytest.mark.parametrize("path", ["/events", "/batch-score"])
+@pytest.mark.parametrize("declared", ["application/x-www-form-urlencoded", "text/plain", "application/xml"])
+def test_a_body_declared_as_something_else_gets_415(client: TestClient, redis_url: str, path: str,
+                                                    declared: str) -> None:
+    """curl -d without a content-type header declares a form; the 415 says what to send."""
+    e = event("mt-1", "mt-user", T0, "pv")
+    body = orjson.dumps(e if path == "/events" else {"events": [e]})
+    before = db_size(redis_url)
+    p = problem(client.post(path, content=body, headers={"content-type": declared}), 415)
+    assert declared in p["detail"] and "application/json" in p["detail"]
+    assert db_size(redis_url) == before, "nothing written"
+
+
+@pytest.mark.parametrize("declared", [None, "application/json; charset=utf-8", "Application/JSON",
+                                      "application/vnd.shop.event+json"])
+def test_json_or_no_declared_type_is_accepted(client: TestClient, declared: str | None) -> None:
+    headers = {} if declared is None else {"content-type": declared}
+    e = event("mt-ok-" + hashlib.sha1(str(declared).encode()).hexdigest()[:8], "mt-user-2", T0, "pv")
+    assert client.post("/events", content=orjson.dumps(e), headers=headers).status_code == 200
+    r = client.post("/batch-score", content=orjson.dumps({"events": [e]}), headers=headers)
+    assert r.status_code == 200 and len(r.json()["results"]) == 1

@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -100,7 +102,8 @@ def test_sigterm_stops_the_embedded_redis_too_and_windows_survive_a_restart(
     redis_url = f"redis://127.0.0.1:{port.group(1)}/0"
     assert window_len(redis_url, "u1") == 1
 
-    assert server.terminate() in (0, 143)  # 143: ended on SIGTERM, after cleaning up
+    assert f"listening on {server.url}" in server.log()  # issue 9: a line to wait for, with the real address
+    assert server.terminate() == 0  # issue 9: a clean stop exits 0 (make printed "Error 143")
     with pytest.raises(redis.ConnectionError), redis.Redis.from_url(redis_url, socket_connect_timeout=1) as r:
         r.ping()  # no orphaned redis-server holds the port and the append-only file
 
@@ -108,6 +111,14 @@ def test_sigterm_stops_the_embedded_redis_too_and_windows_survive_a_restart(
     with httpx.Client(base_url=again.url, timeout=10.0) as http:
         assert http.post("/events", json=event("e1", "u1", T0)).json() == first | {"duplicate": True}
         assert http.post("/events", json=event("e2", "u1", T0 + 1000)).json()["window_size"] == 2
+
+    # A second service on the same data directory: one line naming the problem and the fix.
+    second = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--port", str(again.port + 1)],
+                            env=again._env(), cwd=Path(__file__).resolve().parents[2], capture_output=True,
+                            text=True, timeout=60)
+    out = " ".join(second.stderr.split())
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+    assert f"{data} is in use by another embedded Redis" in out and "SEQGUARD_REDIS_DATA_DIR" in out
 
 
 def per_worker_events_requests(prom_dir: Path, scratch: Path) -> dict[str, float]:

@@ -1,0 +1,54 @@
+"""Log output (issue 9): never wrapped off a terminal, JSON lines on request, and the CPU
+fallback said once, as information on a host with no GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import TAOBAO_100
+
+from app import logs
+from app.scorer import host_has_gpu
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _score(tmp_path: Path, fmt: str) -> tuple[list[str], str]:
+    """stderr lines of `seqguard score` on an events file under a long path, stderr a pipe."""
+    deep = tmp_path / ("a_directory_name_long_enough_to_pass_eighty_columns_" * 2) / "events.csv.gz"
+    deep.parent.mkdir(parents=True)
+    deep.write_bytes(TAOBAO_100.read_bytes())
+    env = os.environ | {"SEQGUARD_LOG_FORMAT": fmt}
+    res = subprocess.run([sys.executable, "-m", "app.cli", "score", str(ROOT / "app/bundles/default"),
+                          "--events", str(deep), "--format", "taobao", "--out", str(tmp_path / "r.jsonl")],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120, check=True)
+    return [line for line in res.stderr.splitlines() if line.strip()], str(deep)
+
+
+def test_json_lines_and_one_cpu_fallback_record(tmp_path: Path):
+    lines, deep = _score(tmp_path, "json")
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    assert records, lines
+    assert all({"time", "level", "logger", "message"} <= r.keys() for r in records)
+    assert any(deep in r["message"] for r in records), "the path arrives whole, in one record"
+    fallback = [r for r in records if "running on CPU" in r["message"]]
+    assert len(fallback) == 1
+    if not host_has_gpu():
+        assert fallback[0]["level"] == "INFO" and "no GPU" in fallback[0]["message"]
+
+
+def test_plain_lines_are_never_wrapped(tmp_path: Path):
+    lines, deep = _score(tmp_path, "plain")
+    assert any(deep in line for line in lines), lines  # the long path stays on one line
+    assert not any(line.startswith(" ") for line in lines), "no continuation lines"
+    assert not any("WARNING" in line and "CUDA" in line for line in lines) or host_has_gpu()
+
+
+def test_unknown_format_is_refused():
+    with pytest.raises(ValueError, match="json"):
+        logs.handler("xml")
