@@ -17,6 +17,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="seqguard: real-time anomaly scoring of user event sequences.")
@@ -34,6 +35,10 @@ AliasOpt = Annotated[list[str] | None, typer.Option(
 UNKNOWN_SHARE_WARN = 0.01
 
 
+#: Top-level modules of the `train` extra: `train`, `export` and `evaluate` need them.
+TRAINING_EXTRAS = {"torch", "onnx", "onnxscript", "sklearn", "pyod", "matplotlib", "pandas"}
+
+
 def _friendly(fn: F) -> F:
     """Input errors become one red line naming what is wrong, and exit code 2."""
 
@@ -44,8 +49,15 @@ def _friendly(fn: F) -> F:
 
         try:
             return fn(*args, **kwargs)
+        except ModuleNotFoundError as e:
+            top = (e.name or "").split(".")[0]
+            if top not in TRAINING_EXTRAS:
+                raise
+            _say(f"this command needs the training extras ({top} is not installed): run `make venv` (PyTorch "
+                 "CPU, ONNX, scikit-learn, ...); `make run` installs only what the service needs", logging.ERROR)
+            raise typer.Exit(2) from None
         except (BundleError, EmbeddedRedisError, FileNotFoundError, FileExistsError, ValueError) as e:
-            err.print(f"[red]error:[/red] {e}", highlight=False)
+            _say(str(e), logging.ERROR)
             raise typer.Exit(2) from None
 
     return run  # type: ignore[return-value]
@@ -152,7 +164,7 @@ def evaluate(
     _check_format(fmt, FORMATS)
     summary = evaluate_file(bundle, events, fmt, parse_inject(inject), out, aliases=aliases)
     err.print(f"report written to {out}")
-    err.print_json(data=summary)
+    Console(soft_wrap=True).print_json(data=summary)  # stdout: `seqguard evaluate ... > summary.json`
 
 
 @cli.command()
@@ -238,7 +250,7 @@ def serve(
         embedded = EmbeddedRedis(settings.redis_data_dir, maxmemory=settings.redis_maxmemory)
         embedded.start()
         os.environ["SEQGUARD_REDIS_URL"] = embedded.url
-        err.print(f"embedded Redis (append-only) at {embedded.url}, data in {settings.redis_data_dir}")
+        _say(f"embedded Redis (append-only) at {embedded.url}, data in {settings.redis_data_dir}")
     from app.metrics import multiproc_dir
 
     # Several workers share metrics through prometheus-client's multiprocess mode, from a
@@ -248,8 +260,10 @@ def serve(
     # uvicorn re-raises a SIGTERM once it has shut down gracefully; the default action would
     # end this process at once, skipping the `finally` and orphaning the embedded Redis.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    # log_config=None: uvicorn's own records go through this process's handler (plain or JSON lines)
     options: dict[str, Any] = dict(factory=True, host=settings.host, port=settings.port, workers=settings.workers,
                                    loop="uvloop", http="httptools", log_level="warning", access_log=False,
+                                   log_config=None,
                                    timeout_graceful_shutdown=10)
     options |= serving.http_options(settings)  # limits on slow clients (header, keep-alive timeouts)
     try:
@@ -377,7 +391,18 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 
 def _listening(url: str) -> None:
-    err.print(f"listening on {url}", highlight=False)
+    _say(f"listening on {url}")
+
+
+def _say(message: str, level: int = logging.INFO) -> None:
+    """A line for the person at the terminal, or, with SEQGUARD_LOG_FORMAT=json, a JSON log
+    record like every other line (logger ``seqguard.cli``)."""
+    if os.environ.get("SEQGUARD_LOG_FORMAT") == "json":
+        if not logging.getLogger().handlers:
+            _logging()
+        logging.getLogger("seqguard.cli").log(level, message)
+    else:
+        err.print(("[red]error:[/red] " if level >= logging.ERROR else "") + escape(message), highlight=False)
 
 
 def _check_format(fmt: str, formats: tuple[str, ...]) -> None:

@@ -155,9 +155,9 @@ def implausible_time(ms: int) -> str | None:
 
 
 def _rfc3339_ms(text: str) -> int:
-    m = _RFC3339.match(text)
+    m = _RFC3339.fullmatch(text)
     if m is None:
-        if _NAIVE.match(text):
+        if _NAIVE.fullmatch(text):
             raise TimestampError("timestamp_naive", "timestamp has no UTC offset: add 'Z' or '+hh:mm' (RFC 3339)")
         raise TimestampError(
             "timestamp_parsing", "timestamp is not RFC 3339 (e.g. 2024-05-01T12:30:00Z) or epoch milliseconds"

@@ -123,6 +123,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.max_header_bytes = max_header_bytes
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0
+        self._head_tail = b""  # the last 3 bytes of the head so far: its end may span two reads
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -133,12 +134,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self._head_timer is not None:  # still in a head after this data
-            self._head_bytes += len(data)
-            if self._head_bytes > self.max_header_bytes:
+        if self._head_timer is not None:  # in a head: count its bytes, up to its end if this data holds it
+            seen = self._head_tail + data
+            end = seen.find(b"\r\n\r\n")
+            self._head_bytes += len(data) if end < 0 else max(0, end + 4 - len(self._head_tail))
+            self._head_tail = seen[-3:]
+            if self._head_bytes > self.max_header_bytes:  # before the parser sees it: never served
                 self._refuse(431, b"Request Header Fields Too Large", "request-header-fields-too-large",
                              f"the request head exceeds {self.max_header_bytes} bytes")
+                return
+        super().data_received(data)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -150,7 +155,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def _start_head(self) -> None:
-        self._head_bytes = 0
+        self._head_bytes, self._head_tail = 0, b""
         self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
 
     def _stop_head(self) -> None:

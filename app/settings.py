@@ -126,9 +126,11 @@ class Settings(BaseSettings):
             raise ValueError("queue_size must hold at least max_events_per_request windows")
         if self.environment == "prod":
             if not self.api_keys:
-                raise ValueError("environment=prod needs api_keys: refusing to serve without authentication")
+                raise ValueError("SEQGUARD_ENVIRONMENT=prod needs SEQGUARD_API_KEYS: refusing to serve without "
+                                 "authentication")
             if self.user_hash_key == "seqguard":
-                raise ValueError("environment=prod needs a secret user_hash_key")
+                raise ValueError("SEQGUARD_ENVIRONMENT=prod needs a secret SEQGUARD_USER_HASH_KEY (the default one "
+                                 "is public)")
         return self
 
 

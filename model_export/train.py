@@ -396,8 +396,8 @@ def train_model(prep: Prepared, cfg: TrainConfig, progress: bool = True) -> tupl
             # Labels: stop on validation average precision (what the thresholds live on);
             # none: on the next-event loss.
             crit = -val["val_average_precision"] if prep.supervised else val["val_loss"]
-            bar.console.log(f"epoch {epoch + 1}: train {total / n_chunks:.4f}  "
-                            + "  ".join(f"{k} {v:.4f}" for k, v in val.items()))
+            log.info("epoch %d: train %.4f  %s", epoch + 1, total / n_chunks,
+                     "  ".join(f"{k} {v:.4f}" for k, v in val.items()))
             if crit < best - 1e-4:
                 best, bad = crit, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -42,6 +42,14 @@ def test_lines_are_cut_at_newlines_wherever_the_pieces_end() -> None:
     assert lines(b"a\r\n", b"  \n", b"b") == [b"a\r", b"b"]  # blank lines skipped, \r left to JSON
 
 
+def test_a_leading_bom_goes_before_the_blank_lines_are_skipped() -> None:
+    """A BOM then a blank line (as the JSONL loader reads it) was a line of its own: 400."""
+    bom = b"\xef\xbb\xbf"
+    assert lines(bom + b"\n" + b'{"a": 1}\n') == [b'{"a": 1}']
+    assert lines(bom, b"\n\n", b'{"a": 1}') == [b'{"a": 1}']
+    assert lines(b'{"a": 1}\n', bom + b'{"b": 2}') == [b'{"a": 1}', bom + b'{"b": 2}']  # only at the start
+
+
 def test_a_line_past_the_cap_is_refused_as_soon_as_it_is_past() -> None:
     consumed = 0
 

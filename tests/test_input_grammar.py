@@ -84,6 +84,7 @@ REFUSED = [
     ("2017-02-30T08:01:10Z", "RFC 3339"),
     ("2017-11-25T24:00:00Z", "RFC 3339"),
     ("2017-11-25T08:01:60Z", "RFC 3339"),
+    ("2017-11-25T08:01:10Z\n", "RFC 3339"),  # a trailing newline: re's $ took it online, RE2 offline did not
     ("20171125T080110Z", "RFC 3339"),  # ISO 8601 basic format is not RFC 3339
     ("2017-11-25T08:01:10+0100", "RFC 3339"),
     ("2017-11-25T08:01:10 UTC", "RFC 3339"),
@@ -107,7 +108,8 @@ def test_timestamps_refused_alike_online_and_offline(tmp_path: Path, value: Any,
         parse_timestamp_ms(value, check_range=True)
     msg = online(value)
     assert isinstance(msg, str) and said in msg
-    for fmt in ("jsonl", "csv"):
+    # (a newline inside a value is no CSV cell: that file would hold another line)
+    for fmt in ("jsonl",) if isinstance(value, str) and "\n" in value else ("jsonl", "csv"):
         why = offline(tmp_path, value, fmt)
         assert isinstance(why, str) and "field 'timestamp'" in why and said in why
 

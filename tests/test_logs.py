@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +53,47 @@ def test_plain_lines_are_never_wrapped(tmp_path: Path):
 def test_unknown_format_is_refused():
     with pytest.raises(ValueError, match="json"):
         logs.handler("xml")
+
+
+@pytest.mark.parametrize("missing", ["torch", "sklearn"])
+def test_training_commands_without_the_extras_say_how_to_get_them(tmp_path: Path, missing: str):
+    """Issue 9: on `make run`'s base install, train ended in a 40-line traceback."""
+    code = (f"import sys; sys.modules[{missing!r}] = None\n"
+            "from app.cli import main\n"
+            f"sys.argv = ['seqguard', 'train', '--events', {str(TAOBAO_100)!r}, '--format', 'taobao',"
+            f" '--epochs', '1', '--out', {str(tmp_path / 'run')!r}]\n"
+            "main()\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"needs the training extras ({missing} is not installed)" in res.stderr and "make venv" in res.stderr
+
+
+def test_serve_in_json_mode_writes_only_json_lines(tmp_path: Path):
+    """Issue 9: with SEQGUARD_LOG_FORMAT=json, `seqguard serve` still wrote plain lines of its
+    own (embedded Redis, listening) and uvicorn's: a log shipper needs one format."""
+    from e2e.e2e_support import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEQGUARD_")}
+    env |= {"SEQGUARD_LOG_FORMAT": "json", "SEQGUARD_LOG_LEVEL": "INFO", "SEQGUARD_INFERENCE_THREADS": "1",
+            "SEQGUARD_REDIS_DATA_DIR": str(tmp_path / "redis"), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "listening on" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+        lines += rest.splitlines()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    records = [json.loads(line) for line in lines if line.strip()]  # every line a JSON object
+    said = [r["message"] for r in records]
+    assert f"listening on http://127.0.0.1:{port}" in said
+    assert any(m.startswith("embedded Redis (append-only) at") for m in said)
+    assert proc.returncode == 0

@@ -31,7 +31,7 @@ from starlette.types import Receive, Scope, Send
 from app.backfill import FirstAnswers, Scores, score_events
 from app.decisions import decide
 from app.deps import AppState, StateDep, require
-from app.errors import PayloadTooLarge, RequestTimeout, ServiceUnavailable, json_path
+from app.errors import PayloadTooLarge, ProblemError, RequestTimeout, ServiceUnavailable, json_path
 from app.events import Events
 from app.routes import JSON, media_type
 from app.routes.events import body_chunks, read_body
@@ -40,6 +40,7 @@ from app.scorer import OnnxModel
 
 router = APIRouter(tags=["scoring"])
 NDJSON = "application/x-ndjson"
+BOM = b"\xef\xbb\xbf"
 #: Events per chunk of an NDJSON stream.
 CHUNK_EVENTS = 20_000
 log = logging.getLogger("seqguard.batch")
@@ -170,17 +171,25 @@ async def _ndjson(request: Request, state: StateDep, update_windows: bool) -> St
     if errors:  # nothing streamed yet: a proper 422 naming every bad line of the first chunk
         raise RequestValidationError(errors)
     history = state.bundle.spec.history
+    if update_windows:  # before the answer starts: a store failure is still a proper 503
+        await _append(state, first)
 
     async def stream() -> AsyncIterator[bytes]:
         nonlocal line_no
         tails: dict[str, list[dict[str, Any]]] = {}
         seen = FirstAnswers()  # the stream's first answers: repeats across chunks
-        chunk, finished = first, done
+        chunk, finished, stored = first, done, True
         while chunk:
             context = [e for r in chunk for e in tails.get(r["user_id"], ())] if tails else []
             context = list({id(e): e for e in context}.values())  # once per user, not per event
-            if update_windows:
-                await _append(state, chunk)
+            if update_windows and not stored:
+                try:
+                    await _append(state, chunk)
+                except ServiceUnavailable as exc:  # the answer has started: the problem is its last line
+                    log.warning("window store unavailable during an NDJSON /batch-score stream; ended it")
+                    yield _error_line(exc)
+                    return
+            stored = False
             scores = await _score(state, context + chunk, answered_from=len(context), seen=seen)
             tail = scores[len(context):]  # keeps the repeats' duplicate flags
             yield await asyncio.get_running_loop().run_in_executor(
@@ -192,8 +201,7 @@ async def _ndjson(request: Request, state: StateDep, update_windows: bool) -> St
                 chunk, bad, finished, read = await _chunk(lines, line_no, executor)
             except (PayloadTooLarge, RequestTimeout) as exc:
                 # The answer has started: the problem goes in the stream, as its last line.
-                yield orjson.dumps({"error": {"type": exc.type, "title": exc.title, "status": exc.status,
-                                              "detail": exc.detail}}) + b"\n"
+                yield _error_line(exc)
                 return
             line_no += read
             for err in bad:  # after the first chunk: reported in the stream, line by line
@@ -201,6 +209,12 @@ async def _ndjson(request: Request, state: StateDep, update_windows: bool) -> St
                 yield orjson.dumps({"error": problem}) + b"\n"
 
     return _ReadingStreamingResponse(stream(), media_type=NDJSON)
+
+
+def _error_line(exc: ProblemError) -> bytes:
+    """The last line of a stream that a problem ended after its answer had started."""
+    return orjson.dumps({"error": {"type": exc.type, "title": exc.title, "status": exc.status,
+                                   "detail": exc.detail}}) + b"\n"
 
 
 def _encode_lines(records: list[dict[str, Any]], scores: Scores, thresholds: dict[str, float]) -> bytes:
@@ -235,6 +249,8 @@ async def _lines(pieces: AsyncIterator[bytes], *, max_line: int, max_body: int) 
     pending_size = total = 0
     n = 0
     async for piece in pieces:
+        if total == 0 and piece.startswith(BOM):  # a leading UTF-8 BOM, as every text input
+            piece = piece[len(BOM):]
         total += len(piece)
         if total > max_body:
             raise PayloadTooLarge(f"NDJSON body exceeds the limit of {max_body} bytes")
@@ -253,6 +269,9 @@ async def _lines(pieces: AsyncIterator[bytes], *, max_line: int, max_body: int) 
             pending_size += len(piece) - start
             if pending_size > max_line:
                 raise PayloadTooLarge(f"NDJSON line {n} exceeds the limit of {max_line} bytes")
+        # One piece (up to ~64 KiB, so up to 64Ki blank lines) at a time: pieces already
+        # received come back without a pause, and other requests must get the loop between.
+        await asyncio.sleep(0)
     line = b"".join(pending)
     if line.strip():
         yield line

@@ -18,12 +18,16 @@ import sys
 import threading
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import orjson
 import pytest
+import redis
+
+from app.windows import user_keys
 
 from .e2e_support import T0, LiveServer, TestClient, event, parse_metrics
 
@@ -134,6 +138,26 @@ def test_a_stalled_head_gets_408_and_the_connection_closed(server: LiveServer, s
         status, headers, body = split_answer(read_all(sock))  # returns: the server closed it
     assert status == 408 and headers["content-type"] == PROBLEM and headers["connection"] == "close"
     assert orjson.loads(body)["type"].endswith("/request-timeout")
+
+
+@pytest.mark.parametrize("head", [
+    b"X-Filler: " + b"a" * 70_000,  # whole heads, ended: the read that ends a head counts too
+    b"X-Filler: " + b"a" * 100_000,
+    b"".join(b"X-H%d: %s\r\n" % (i, b"b" * 100) for i in range(1_000)).rstrip(b"\r\n"),
+], ids=["70k", "100k", "1000-headers"])
+def test_a_complete_head_over_the_limit_gets_431(server: LiveServer, head: bytes) -> None:
+    with connect(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n" + head + b"\r\n\r\n")
+        status, headers, _ = split_answer(read_all(sock))
+    assert status == 431 and headers["content-type"] == PROBLEM
+
+
+def test_a_head_under_the_limit_is_served(server: LiveServer) -> None:
+    with connect(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\nX-Filler: " + b"a" * 60_000
+                     + b"\r\n\r\n")
+        status, _, _ = split_answer(read_all(sock))
+    assert status == 200
 
 
 def test_a_huge_head_gets_431(server: LiveServer) -> None:
@@ -262,3 +286,64 @@ def test_the_service_sets_the_gil_switch_interval(make_client: Callable[..., Tes
         assert r.status_code == 200 and [x["event_id"] for x in r.json()["results"]] == ["g1", "g2"]
     finally:
         sys.setswitchinterval(previous)
+
+
+def test_a_store_failure_mid_stream_ends_it_with_a_503_line(server: LiveServer, redis_server: str) -> None:
+    """NDJSON with update_windows: Redis refuses writes after the first chunk was stored and
+    answered. The answer has started, so its last line is the 503 problem (never a crash
+    that cuts the stream off with no word, and no traceback in the log)."""
+    run = uuid.uuid4().hex[:8]  # users of this run alone: the Redis outlives it
+    first = [event(f"sf-{i}", f"sf-{run}-{i % 50}", T0 + i) for i in range(20_000)]
+    rest = [event(f"sf-late-{i}", f"sf-{run}-0", T0 + 30_000 + i) for i in range(50)]
+    r = redis.Redis.from_url(redis_server)
+
+    def body() -> Iterator[bytes]:
+        yield b"".join(orjson.dumps(e) + b"\n" for e in first)
+        for _ in range(300):  # the first chunk is stored before its answer starts
+            if r.hexists(user_keys(f"sf-{run}-49").ids, "sf-19999"):  # the last event of the chunk
+                break
+            threading.Event().wait(0.1)
+        r.config_set("maxmemory", 1)  # full: every write refused from now on
+        yield b"".join(orjson.dumps(e) + b"\n" for e in rest)
+
+    try:
+        res = httpx.post(server.url + "/batch-score?update_windows=true", content=body(),
+                         headers={"content-type": "application/x-ndjson"}, timeout=120)
+    finally:
+        r.config_set("maxmemory", 0)
+    lines = [orjson.loads(x) for x in res.content.splitlines()]
+    assert res.status_code == 200 and len(lines) == 20_001, lines[-2:]
+    assert [x["event_id"] for x in lines[:-1]] == [e["event_id"] for e in first]
+    problem = lines[-1]["error"]
+    assert problem["status"] == 503 and "may have been stored" in problem["detail"]
+    assert "Traceback" not in server.log() and "unexpected error" not in server.log()
+
+
+def test_an_ndjson_body_stalling_after_streaming_ends_with_a_408_line(server: LiveServer) -> None:
+    """Past the first chunk, a body that stalls (1 s here) ends the answered stream with the
+    408 problem as its last line: never a stream cut off mid-message."""
+    from app.routes.batch import CHUNK_EVENTS
+
+    lines = [orjson.dumps(event(f"st{i}", f"u{i % 50}", T0 + i)) + b"\n" for i in range(CHUNK_EVENTS)]
+    stop = threading.Event()
+    with connect(server) as sock:
+        def write() -> None:
+            with contextlib.suppress(OSError):
+                sock.sendall(b"POST /batch-score HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+                             b"Content-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n")
+                for i in range(0, len(lines), 500):
+                    piece = b"".join(lines[i: i + 500])
+                    sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+                stop.wait(30)  # then nothing: the body stalls
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        try:
+            status, _, body = split_answer(read_all(sock))
+        finally:
+            stop.set()
+            writer.join()
+    assert status == 200
+    out = [orjson.loads(x) for x in dechunk(body).splitlines()]
+    assert [o["event_id"] for o in out[:-1]] == [f"st{i}" for i in range(CHUNK_EVENTS)]
+    assert out[-1]["error"]["status"] == 408
