@@ -58,7 +58,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest JSON body of /events (413 past it).")
     max_events_per_request: int = Field(1000, ge=1, le=10000, description="Most events in one /events body.")
     batch_max_events: int = Field(100_000, ge=1, description="Largest JSON body of /batch-score, in events.")
-    batch_max_body_bytes: int = Field(64 << 20, ge=1024, description="Largest JSON body of /batch-score.")
+    batch_max_body_bytes: int = Field(64 << 20, ge=1024,
+                                      description="Largest body of /batch-score (JSON, or an NDJSON stream).")
     retry_after_s: int = Field(1, ge=1, description="Retry-After of 503 answers.")
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins; empty: CORS off.")
     batch_max_line_bytes: int = Field(64 << 10, ge=1024, description="Longest line of an NDJSON /batch-score "

@@ -77,7 +77,8 @@ def reasons(window: Sequence[dict[str, Any]], surprise: np.ndarray, top: int = 5
     order = np.lexsort((-np.arange(len(surprise)), -surprise))[:top]
     return [
         {"event_id": events[i].get("event_id"), "event_type": events[i]["event_type"],
-         "timestamp": events[i]["timestamp"], "surprise": round(float(surprise[i]), 4)}
+         "timestamp": events[i]["timestamp"],
+         "surprise": round(max(float(surprise[i]), 0.0), 4)}  # float error must not show as -0.0
         for i in order.tolist()
     ]
 
