@@ -35,6 +35,20 @@ AliasOpt = Annotated[list[str] | None, typer.Option(
 UNKNOWN_SHARE_WARN = 0.01
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"seqguard {version('seqguard')}")
+        raise typer.Exit()
+
+
+@cli.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """seqguard: real-time anomaly scoring of user event sequences."""
+
+
 #: Top-level modules of the `train` extra: `train`, `export` and `evaluate` need them.
 TRAINING_EXTRAS = {"torch", "onnx", "onnxscript", "sklearn", "pyod", "matplotlib", "pandas"}
 
@@ -56,7 +70,8 @@ def _friendly(fn: F) -> F:
             _say(f"this command needs the training extras ({top} is not installed): run `make venv` (PyTorch "
                  "CPU, ONNX, scikit-learn, ...); `make run` installs only what the service needs", logging.ERROR)
             raise typer.Exit(2) from None
-        except (BundleError, EmbeddedRedisError, FileNotFoundError, FileExistsError, ValueError) as e:
+        except (BundleError, EmbeddedRedisError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                PermissionError, ValueError) as e:
             _say(str(e), logging.ERROR)
             raise typer.Exit(2) from None
 
@@ -79,9 +94,12 @@ def train(
     fmt: FormatOpt = "auto",
     inject: InjectOpt = "all",
     arch: Annotated[str, typer.Option("--arch", help="transformer|gru|lstm")] = "transformer",
-    window: Annotated[int, typer.Option("--window", min=4, max=1024)] = 64,
-    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 12,
-    seed: Annotated[int, typer.Option("--seed")] = 7,
+    window: Annotated[int, typer.Option("--window", min=4, max=1024,
+                                        help="Events the detector sees: the window ending at each event.")] = 64,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Most passes over the training users "
+                                                                  "(early stopping may end sooner).")] = 12,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the split, the injection and the weights: "
+                                                     "the same seed and data give the same model.")] = 7,
     calibration: Annotated[str, typer.Option("--calibration", help="auto|platt|isotonic|tail")] = "auto",
     fpr_unit: Annotated[str, typer.Option("--fpr-unit", help="What the review/block false-positive targets count: "
                                                              "event (normal events flagged; every canonical type held "
@@ -100,6 +118,15 @@ def train(
     aliases = parse_alias_pairs(alias or ())
     if fpr_unit not in ("event", "user"):
         raise ValueError(f"--fpr-unit {fpr_unit!r}: expected event or user")
+    # Checked before the data is loaded and the model trained, not after.
+    if arch not in ("transformer", "gru", "lstm"):
+        raise ValueError(f"--arch {arch!r}: expected transformer, gru or lstm")
+    if calibration not in ("auto", "platt", "isotonic", "tail"):
+        raise ValueError(f"--calibration {calibration!r}: expected auto, platt, isotonic or tail")
+    try:  # a run directory that cannot be written fails now
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create the run directory ({e.strerror})") from None
     for path in events:  # every file, before the first is loaded (a long load, then a typo)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
@@ -215,9 +242,11 @@ def score(
 def serve(
     bundle: Annotated[Path | None, typer.Option("--bundle", help="Bundle directory (default: shipped).")] = None,
     redis_url: Annotated[str | None, typer.Option("--redis-url", help="Redis URL (default: embedded).")] = None,
-    host: Annotated[str | None, typer.Option("--host")] = None,
-    port: Annotated[int | None, typer.Option("--port")] = None,
-    workers: Annotated[int | None, typer.Option("--workers", min=1)] = None,
+    host: Annotated[str | None, typer.Option("--host", help="Address to listen on (SEQGUARD_HOST; "
+                                                            "default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="TCP port (SEQGUARD_PORT; default 8000).")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Worker processes (SEQGUARD_WORKERS; "
+                                                                         "one per core on a CPU host).")] = None,
     alias: AliasOpt = None,
 ) -> None:
     """Serve the scoring API (uvicorn, uvloop, httptools). Flags override SEQGUARD_* settings."""

@@ -192,3 +192,34 @@ def test_score_reads_the_one_timestamp_grammar(tmp_path):
     assert [r["event_id"] for r in got] == ["e0"]
     assert "looks like epoch seconds; send milliseconds (1511596870000)" in said
     assert "1 malformed" in said
+
+
+def test_version():
+    res = runner.invoke(cli, ["--version"])
+    assert res.exit_code == 0 and res.output.startswith("seqguard ")
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["--calibration", "foo"], "--calibration 'foo': expected auto, platt, isotonic or tail"),
+    (["--arch", "cnn"], "--arch 'cnn': expected transformer, gru or lstm"),
+    (["--out", "/proc/seqguard-run"], "--out /proc/seqguard-run: cannot create the run directory"),
+])
+def test_train_refuses_bad_arguments_before_it_loads_or_trains(tmp_path, args, said):
+    """Issue 9: --calibration foo trained to the end, then failed."""
+    base = ["train", "--events", TAOBAO_100, "--format", "taobao", "--epochs", "1"]
+    if "--out" not in args:
+        base += ["--out", tmp_path / "run"]
+    out = fails(*base, *args)
+    assert said in out
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_every_option_of_train_and_serve_says_what_it_is_for():
+    for command in ("train", "serve"):
+        res = runner.invoke(cli, [command, "--help"], env={"COLUMNS": "250"})  # one line per option
+        text = " ".join(res.output.split())
+        for option, words in {"train": [("--window", "Events the detector sees"), ("--epochs", "Most passes"),
+                                        ("--seed", "same seed and data give the same model")],
+                              "serve": [("--host", "Address to listen on"), ("--port", "TCP port"),
+                                        ("--workers", "Worker processes")]}[command]:
+            assert option in text and words in text, (command, option)
