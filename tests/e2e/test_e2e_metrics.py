@@ -166,3 +166,17 @@ def test_unknown_event_types_counted_bounded_and_warned_once(
     assert sum("'login' is unknown" in w for w in warned) == 1
     assert all("out-of-vocabulary id" in w and "SEQGUARD_EVENT_ALIASES" in w for w in warned)
     assert not [r for r in caplog.records if user in r.getMessage()]  # never a user id
+
+
+def test_docs_pages_are_counted_under_their_routes(client: TestClient) -> None:
+    """Issue 9: /docs, /openapi.json and /redoc were counted as route="unmatched"."""
+    before = parse_metrics(client.get("/metrics").text)
+    for path in ("/docs", "/openapi.json", "/redoc"):
+        assert client.get(path).status_code == 200
+    after = parse_metrics(client.get("/metrics").text)
+    for path in ("/docs", "/openapi.json", "/redoc"):
+        grew = (metric(after, "seqguard_requests_total", route=path, status="200")
+                - metric(before, "seqguard_requests_total", route=path, status="200"))
+        assert grew == 1, path
+    assert (metric(after, "seqguard_requests_total", route="unmatched", status="200")
+            == metric(before, "seqguard_requests_total", route="unmatched", status="200"))
