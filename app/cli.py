@@ -339,6 +339,9 @@ def replay(
 
     if fmt not in FORMAT_HELP.split("|"):
         raise ValueError(f"--format {fmt!r}: expected one of {FORMAT_HELP.replace('|', ', ')}")
+    if not events.is_file():
+        raise FileNotFoundError(f"{events}: no such file")
+    _check_reachable(url)
     cfg = ReplayConfig(url=url, events=events, format=fmt, rate=rate, bulk=bulk, concurrency=concurrency,
                        api_key=api_key, limit=limit, duration_s=duration, loop=loop, tag=tag, retries=retries,
                        engine=engine)
@@ -417,6 +420,25 @@ def _settings(factory: Callable[[], Any]) -> Any:
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     """A SIGTERM is how a service is asked to stop: once stopped, exit 0 (cleanly)."""
     raise SystemExit(0)
+
+
+def _check_reachable(url: str) -> None:
+    """Refuse, in one line, a service that does not answer ``GET /healthz``.
+
+    Raises:
+        ValueError: connection refused, unknown host or timeout, saying which.
+    """
+    import httpx
+
+    try:
+        httpx.get(url.rstrip("/") + "/healthz", timeout=5.0)
+    except httpx.ConnectError as e:
+        raise ValueError(f"cannot connect to {url}: {e or 'connection refused'} (is `seqguard serve` running "
+                         "there?)") from None
+    except httpx.TimeoutException:
+        raise ValueError(f"{url} did not answer GET /healthz within 5 s") from None
+    except httpx.TransportError as e:
+        raise ValueError(f"cannot reach {url}: {e}") from None
 
 
 def _listening(url: str) -> None:

@@ -223,3 +223,14 @@ def test_every_option_of_train_and_serve_says_what_it_is_for():
                               "serve": [("--host", "Address to listen on"), ("--port", "TCP port"),
                                         ("--workers", "Worker processes")]}[command]:
             assert option in text and words in text, (command, option)
+
+
+def test_replay_against_a_closed_port_says_connection_refused(tmp_path):
+    """Issue 9: it reported "5 in 0 requests" and nan latencies, and never why."""
+    import socket
+
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = fails("replay", "--url", f"http://127.0.0.1:{port}", "--events", TAOBAO_100, "--limit", "5")
+    assert f"cannot connect to http://127.0.0.1:{port}" in out and "Connection refused" in out
