@@ -234,3 +234,9 @@ def test_replay_against_a_closed_port_says_connection_refused(tmp_path):
         port = s.getsockname()[1]
     out = fails("replay", "--url", f"http://127.0.0.1:{port}", "--events", TAOBAO_100, "--limit", "5")
     assert f"cannot connect to http://127.0.0.1:{port}" in out and "Connection refused" in out
+
+
+def test_serve_given_a_run_directory_says_to_export_it(tmp_path):
+    (tmp_path / "run.json").write_text("{}")
+    out = fails("serve", "--bundle", tmp_path, "--port", "8791")
+    assert "no bundle.json" in out and "seqguard export" in out
