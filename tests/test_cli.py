@@ -236,7 +236,9 @@ def test_replay_against_a_closed_port_says_connection_refused(tmp_path):
     assert f"cannot connect to http://127.0.0.1:{port}" in out and "Connection refused" in out
 
 
-def test_serve_given_a_run_directory_says_to_export_it(tmp_path):
+def test_serve_given_a_run_directory_says_to_export_it(tmp_path, monkeypatch):
+    for name in ("SEQGUARD_BUNDLE", "SEQGUARD_PORT"):  # serve sets them in os.environ: undone after the test
+        monkeypatch.setenv(name, "unset-by-the-test")
     (tmp_path / "run.json").write_text("{}")
     out = fails("serve", "--bundle", tmp_path, "--port", "8791")
     assert "no bundle.json" in out and "seqguard export" in out
