@@ -22,7 +22,7 @@ from app.embedded_redis import EmbeddedRedis
 from app.metrics import Metrics, mark_process_dead
 from app.middleware import DirectRoutes, LingeringClose, RequestMetrics
 from app.redis_client import connect, durability_warning, read_durability
-from app.routes import batch, events, meta
+from app.routes import batch, events, meta, users
 from app.scorer import OnnxModel
 from app.settings import Settings
 from app.vocabulary import alias_warnings
@@ -112,7 +112,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     problems = errors.Problems(retry_after_s=settings.retry_after_s)
     errors.install(app, problems)
-    for router in (events.router, batch.router, meta.router):
+    for router in (events.router, batch.router, meta.router, users.router):
         app.include_router(router)
     openapi.install(app, settings)
     # POST /events, included above without a prefix or router dependencies.

@@ -402,6 +402,34 @@ class WindowStore:
             _reraise(exc)
         return [_decode_window(members, uid) for uid, members in zip(user_ids, replies, strict=True)]
 
+    async def stored(self, user_id: str) -> dict[str, Any]:
+        """Everything the store holds about one user, for an access request: every kept event
+        of the window (oldest first, up to ``keep``) and the event ids its idempotency records
+        remember, with the arrival time (epoch ms) of each. One round trip.
+
+        Raises: ``redis`` errors (the caller answers 503).
+        """
+        keys = user_keys(user_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrange(keys.window, 0, -1)
+            pipe.zrange(keys.id_times, 0, -1, withscores=True)
+            members, id_times = await pipe.execute()
+        return {"events": _decode_window(members, user_id),
+                "event_ids": [{"event_id": (e.decode() if isinstance(e, bytes) else e), "arrived_ms": int(t)}
+                              for e, t in id_times]}
+
+    async def forget(self, user_id: str) -> int:
+        """Erase one user: every key of theirs (window, arrival counter, idempotency records)
+        in one command, and their answers not yet saved in this process. Returns the number of
+        Redis keys removed (0: nothing was stored). Erasing twice is harmless.
+
+        Raises: ``redis`` errors (the caller answers 503; nothing was removed, or all of it:
+        ``DEL`` of keys in one slot is atomic).
+        """
+        for key in [k for k in self._unsaved if k[0] == user_id]:
+            self._unsaved.pop(key, None)
+        return int(await self.redis.delete(*user_keys(user_id)))
+
     async def ping(self) -> bool:
         """True when Redis answers."""
         try:

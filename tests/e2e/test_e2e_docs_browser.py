@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                                 reason="needs chromium and chromium-driver (apt-get install chromium chromium-driver)")
 
 OPERATIONS = {("POST", "/events"), ("POST", "/batch-score"), ("GET", "/healthz"), ("GET", "/readyz"),
-              ("GET", "/model")}
+              ("GET", "/model"), ("GET", "/users/{user_id}/window"), ("DELETE", "/users/{user_id}")}
 WAIT_S = 60  # generous: two shared cores, a cold browser
 
 
