@@ -15,6 +15,7 @@ from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import orjson
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -307,6 +308,65 @@ def serve(
         metrics_dir.close()
         if embedded is not None:
             embedded.stop()
+
+
+@cli.command()
+@_friendly
+def info(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory (e.g. app/bundles/default).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print bundle.json's summary as JSON instead.")] = False,
+) -> None:
+    """What a bundle is: version, architecture, vocabulary, thresholds and how they were
+    chosen, calibration, evaluation summary, parity, training data."""
+    from app.bundle import load_bundle
+
+    b = load_bundle(bundle)
+    m = b.meta
+    t, chosen = m["thresholds"], m["thresholds"].get("chosen", {})
+    arch = m["architecture"]
+    summary: dict[str, Any] = {
+        "model_version": b.version, "created_at": m.get("created_at"), "schema_version": m.get("schema_version"),
+        "architecture": {k: arch.get(k) for k in ("arch", "window", "d_model", "n_layers", "n_heads", "parameters",
+                                                   "surprise")},
+        "supervised": m.get("supervised"), "calibration": m["calibration"].get("kind"),
+        "event_types": list(b.spec.event_types), "aliases": len(b.spec.aliases),
+        "thresholds": {"review": t["review"], "block": t["block"], "unit": t.get("unit", "event"),
+                       **{k: {x: chosen[k].get(x) for x in ("target_fpr", "validation_fpr", "validation_user_fpr",
+                                                            "set_by")} for k in ("review", "block") if k in chosen}},
+        "evaluation": {"detector": (m.get("evaluation") or {}).get("detectors", {}).get(f"seqguard-{b.arch}"),
+                       "real_traffic": (m.get("evaluation") or {}).get("real_traffic")},
+        "parity": {k: {"max_abs_diff": v.get("max_abs_diff"), "n_windows": v.get("n_windows")}
+                   for k, v in m.get("parity", {}).items()},
+        "training_data": [f.get("name") for f in m.get("training_data", {}).get("files", [])],
+    }
+    if as_json:
+        typer.echo(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
+        return
+    out = Console(soft_wrap=True)
+    a = summary["architecture"]
+    out.print(f"[bold]{b.version}[/bold]  created {summary['created_at']}  (bundle schema {summary['schema_version']})")
+    out.print(f"architecture: {a['arch']}, window {a['window']}, d_model {a['d_model']}, {a['n_layers']} layers, "
+              f"{a['parameters']:,} parameters; surprise {a['surprise']}; "
+              f"{'supervised' if summary['supervised'] else 'self-supervised'}, calibration {summary['calibration']}")
+    out.print(f"event types: {', '.join(summary['event_types'])} (+{summary['aliases']} aliases; the rest: unknown)",
+              highlight=False)
+    th = summary["thresholds"]
+    for k in ("review", "block"):
+        row = th.get(k) if isinstance(th.get(k), dict) else {}
+        reached = row.get("validation_user_fpr") if th["unit"] == "user" else row.get("validation_fpr")
+        out.print(f"{k}: {t[k]:.6g}  target {th['unit']} FPR {row.get('target_fpr')}, validation "
+                  f"{reached if reached is None else f'{reached:.4%}'}, set by {row.get('set_by')}", highlight=False)
+    if det := summary["evaluation"]["detector"]:
+        out.print(f"evaluation (injected scenarios, test users): ROC-AUC {det['roc_auc']:.4f}, recall at 1% FPR "
+                  f"{det['recall_at_1pct_fpr']:.3f}")
+    if rt := summary["evaluation"]["real_traffic"]:
+        out.print(f"held-out real users ({rt['users']:,} users, {rt['events']:,} events): flagged "
+                  f"{rt['flagged_share']:.3%}, blocked {rt['blocked_share']:.3%}, users blocked "
+                  f"{rt['users_blocked_share']:.3%}")
+    for k, v in summary["parity"].items():
+        out.print(f"parity {k}: max |PyTorch − ONNX Runtime| {v['max_abs_diff']:.2e} on {v['n_windows']} windows")
+    if summary["training_data"]:
+        out.print(f"trained on: {', '.join(summary['training_data'])}", highlight=False)
 
 
 @cli.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 from pathlib import Path
 
 import orjson
@@ -13,6 +14,7 @@ from typer.testing import CliRunner
 from app.cli import cli
 
 runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def fails(*args: str | Path) -> str:
@@ -22,7 +24,7 @@ def fails(*args: str | Path) -> str:
     return " ".join(res.output.split())  # unwrap the console's line folding
 
 
-@pytest.mark.parametrize("command", ["train", "export", "evaluate", "score"])
+@pytest.mark.parametrize("command", ["train", "export", "evaluate", "score", "serve", "replay", "info"])
 def test_every_command_has_help(command):
     res = runner.invoke(cli, [command, "--help"])
     assert res.exit_code == 0 and "Usage" in res.output
@@ -242,3 +244,23 @@ def test_serve_given_a_run_directory_says_to_export_it(tmp_path, monkeypatch):
     (tmp_path / "run.json").write_text("{}")
     out = fails("serve", "--bundle", tmp_path, "--port", "8791")
     assert "no bundle.json" in out and "seqguard export" in out
+
+
+def test_info_tells_what_a_bundle_is():
+    """Issue 9: `seqguard info BUNDLE`."""
+    meta = json.loads((ROOT / "app/bundles/default/bundle.json").read_text())
+    res = runner.invoke(cli, ["info", str(ROOT / "app/bundles/default")])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert meta["model_version"] in text and "view, cart, purchase, favorite" in text
+    assert f"review: {meta['thresholds']['review']:.6g}" in text and f"block: {meta['thresholds']['block']:.6g}" in text
+    assert "held-out real users" in text and "parity fp32" in text
+    res = runner.invoke(cli, ["info", str(ROOT / "app/bundles/default"), "--json"])
+    summary = json.loads(res.output)
+    assert summary["model_version"] == meta["model_version"]
+    assert summary["thresholds"]["block"]["target_fpr"] == meta["thresholds"]["chosen"]["block"]["target_fpr"]
+    assert summary["evaluation"]["real_traffic"] == meta["evaluation"]["real_traffic"]
+
+
+def test_info_on_a_directory_without_a_bundle(tmp_path):
+    assert "no bundle.json" in fails("info", tmp_path)

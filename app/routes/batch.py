@@ -56,6 +56,10 @@ _ENCODE_SLICE = 2000
 )
 async def batch_score(request: Request, state: StateDep, update_windows: QueryFlag = False) -> Any:
     """Score a backfill: JSON {"events": [...]} or an NDJSON stream of events."""
+    if "explain" in request.query_params:  # refused, never silently ignored
+        raise RequestValidationError([{
+            "type": "unsupported", "loc": ("query", "explain"), "input": request.query_params["explain"],
+            "msg": "explain is answered by POST /events only; /batch-score gives probabilities and decisions"}])
     if media_type(request, (JSON, NDJSON)) == NDJSON:
         return await _ndjson(request, state, update_windows)
     body = await read_body(request, state.settings.batch_max_body_bytes)

@@ -228,3 +228,11 @@ def test_json_or_no_declared_type_is_accepted(client: TestClient, declared: str 
     assert client.post("/events", content=orjson.dumps(e), headers=headers).status_code == 200
     r = client.post("/batch-score", content=orjson.dumps({"events": [e]}), headers=headers)
     assert r.status_code == 200 and len(r.json()["results"]) == 1
+
+
+@pytest.mark.parametrize("flag", ["true", "false"])
+def test_explain_on_batch_score_is_refused_not_ignored(client: TestClient, flag: str) -> None:
+    """Issue 9: /batch-score?explain=true was silently ignored."""
+    body = problem(client.post(f"/batch-score?explain={flag}", json={"events": [event("x1", "u1", T0)]}), 422)
+    assert paths(body) == {"query.explain"}
+    assert "POST /events" in body["errors"][0]["message"]
