@@ -249,6 +249,11 @@ def serve(
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="Worker processes (SEQGUARD_WORKERS; "
                                                                          "one per core on a CPU host).")] = None,
     alias: AliasOpt = None,
+    review: Annotated[float | None, typer.Option("--review", min=0.0, max=1.0, help=(
+        "Review threshold instead of the bundle's (SEQGUARD_REVIEW_THRESHOLD); `seqguard info` shows the "
+        "bundle's and the validation FPR it was chosen at."))] = None,
+    block: Annotated[float | None, typer.Option("--block", min=0.0, max=1.0, help=(
+        "Block threshold instead of the bundle's (SEQGUARD_BLOCK_THRESHOLD); not below the review one."))] = None,
 ) -> None:
     """Serve the scoring API (uvicorn, uvloop, httptools). Flags override SEQGUARD_* settings."""
     import contextlib
@@ -265,7 +270,8 @@ def serve(
 
     aliases = json.dumps(parse_alias_pairs(alias)) if alias else None
     for name, value in (("BUNDLE", bundle), ("REDIS_URL", redis_url), ("HOST", host), ("PORT", port),
-                        ("WORKERS", workers), ("EVENT_ALIASES", aliases)):
+                        ("WORKERS", workers), ("EVENT_ALIASES", aliases), ("REVIEW_THRESHOLD", review),
+                        ("BLOCK_THRESHOLD", block)):
         if value is not None:
             os.environ[f"SEQGUARD_{name}"] = str(value)
     settings = _settings(Settings)  # validates the environment before anything starts

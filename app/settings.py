@@ -122,7 +122,7 @@ class Settings(BaseSettings):
     def _safe(self) -> Settings:
         if (self.review_threshold is not None and self.block_threshold is not None
                 and self.review_threshold > self.block_threshold):
-            raise ValueError("review_threshold must not exceed block_threshold")
+            raise ValueError("SEQGUARD_REVIEW_THRESHOLD (--review) must not exceed SEQGUARD_BLOCK_THRESHOLD (--block)")
         if self.queue_size < self.max_events_per_request:
             raise ValueError("queue_size must hold at least max_events_per_request windows")
         if self.environment == "prod":

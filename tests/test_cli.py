@@ -264,3 +264,11 @@ def test_info_tells_what_a_bundle_is():
 
 def test_info_on_a_directory_without_a_bundle(tmp_path):
     assert "no bundle.json" in fails("info", tmp_path)
+
+
+def test_serve_takes_threshold_flags_and_checks_them(monkeypatch):
+    for name in ("SEQGUARD_REVIEW_THRESHOLD", "SEQGUARD_BLOCK_THRESHOLD", "SEQGUARD_PORT"):
+        monkeypatch.setenv(name, "0.5" if "THRESHOLD" in name else "8792")  # undone after the test
+    out = fails("serve", "--review", "0.9", "--block", "0.5", "--port", "8792")
+    assert "SEQGUARD_REVIEW_THRESHOLD (--review) must not exceed SEQGUARD_BLOCK_THRESHOLD (--block)" in out
+    assert "--review" in fails("serve", "--review", "1.5")  # out of [0, 1], refused by the flag itself
