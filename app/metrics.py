@@ -61,6 +61,7 @@ from prometheus_client import (
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from app.processes import pid_alive
 from app.vocabulary import printable
 
 #: The classic text format, which every Prometheus version reads.
@@ -335,16 +336,6 @@ _LIVE_FILE = re.compile(r"^gauge_live[a-z]+_(\d+)\.db$")
 _OWNED_PREFIX = "seqguard-metrics-"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def sweep_dead_processes(path: str | os.PathLike[str]) -> list[int]:
     """:func:`mark_process_dead` for every process whose live-gauge files are in ``path``
     but which is no longer running (a worker SIGKILLed before it could say so); the pids.
@@ -353,7 +344,7 @@ def sweep_dead_processes(path: str | os.PathLike[str]) -> list[int]:
     with contextlib.suppress(FileNotFoundError):
         for name in os.listdir(path):
             m = _LIVE_FILE.match(name)
-            if m is not None and not _pid_alive(int(m.group(1))):
+            if m is not None and not pid_alive(int(m.group(1))):
                 dead.add(int(m.group(1)))
     for pid in dead:
         multiprocess.mark_process_dead(pid, str(path))
@@ -381,7 +372,7 @@ def multiproc_dir(workers: int, *, tmp: str | os.PathLike[str] | None = None) ->
     base = Path(tmp if tmp is not None else tempfile.gettempdir())
     for stale in base.glob(_OWNED_PREFIX + "*"):
         pid = stale.name[len(_OWNED_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)) and stale.is_dir() and stale.stat().st_uid == os.getuid():
+        if pid.isdigit() and not pid_alive(int(pid)) and stale.is_dir() and stale.stat().st_uid == os.getuid():
             shutil.rmtree(stale, ignore_errors=True)
     root = Path(tempfile.mkdtemp(prefix=f"{_OWNED_PREFIX}{os.getpid()}-", dir=base))
     os.environ[MULTIPROC_ENV] = str(root)

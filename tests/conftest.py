@@ -64,3 +64,36 @@ def redis_url(redis_server: str) -> str:
     with redis.Redis.from_url(redis_server) as client:
         client.flushall()
     return redis_server
+
+
+# ---------------------------------------------------------------------------------------
+# The service in process: TestClient(create_app(Settings(...))), lifespan run (model load,
+# warm-up, Redis pool, batcher), on the flushed session Redis. Used by tests/ and tests/e2e/.
+# ---------------------------------------------------------------------------------------
+from collections.abc import Callable  # noqa: E402
+from contextlib import ExitStack  # noqa: E402
+from typing import Any  # noqa: E402
+
+from e2e.e2e_support import TestClient  # noqa: E402
+
+
+@pytest.fixture
+def make_client(redis_url: str) -> Iterator[Callable[..., TestClient]]:
+    """Factory of started TestClients on the flushed session Redis (keyword arguments
+    override Settings; ``redis_url=`` points one elsewhere)."""
+    from app.main import create_app
+    from app.settings import Settings
+
+    with ExitStack() as stack:
+
+        def make(**overrides: Any) -> TestClient:
+            settings = Settings(**{"redis_url": redis_url, "inference_threads": 1} | overrides)
+            return stack.enter_context(TestClient(create_app(settings)))
+
+        yield make
+
+
+@pytest.fixture
+def client(make_client: Callable[..., TestClient]) -> TestClient:
+    """The service with default settings on an empty Redis."""
+    return make_client()

@@ -10,11 +10,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import redis
+from e2e.e2e_support import gone, wait_for
 
 from app.embedded_redis import (
     AOF_NAME,
@@ -124,25 +124,18 @@ def test_acknowledged_writes_are_in_the_aof(tmp_path: Path) -> None:
             assert member.encode() in aof.read_bytes()
 
 
-def _wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 def test_aof_syncer_fsyncs_every_interval_and_follows_a_rewritten_aof(tmp_path: Path) -> None:
     with EmbeddedRedis(tmp_path, fsync_interval_s=0.02) as server, redis.Redis.from_url(server.url) as client:
         syncer = server.syncer
         assert syncer is not None
-        _wait_for(lambda: syncer.syncs >= 3)
+        wait_for(lambda: syncer.syncs >= 3)
         aof = tmp_path / AOF_NAME
         inode = aof.stat().st_ino
         client.set("k", "v")
         client.bgrewriteaof()  # renames a new file over the AOF
-        _wait_for(lambda: aof.stat().st_ino != inode and client.info("persistence")["aof_rewrite_in_progress"] == 0)
+        wait_for(lambda: aof.stat().st_ino != inode and client.info("persistence")["aof_rewrite_in_progress"] == 0)
         after = syncer.syncs
-        _wait_for(lambda: syncer.syncs >= after + 3)  # the new file, opened anew each time
+        wait_for(lambda: syncer.syncs >= after + 3)  # the new file, opened anew each time
         assert syncer.running
     assert not syncer.running and server.syncer is None, "stop() ends the syncer"
 
@@ -193,10 +186,10 @@ def test_aof_syncer_reports_a_failing_fsync_once_and_its_recovery(tmp_path: Path
     syncer = AofSyncer(data_dir, interval_s=0.01)
     with caplog.at_level(logging.WARNING, logger="seqguard"):
         syncer.start()
-        _wait_for(lambda: syncer.failures >= 5)
+        wait_for(lambda: syncer.failures >= 5)
         data_dir.unlink()
         data_dir.mkdir()
-        _wait_for(lambda: syncer.syncs >= 1)
+        wait_for(lambda: syncer.syncs >= 1)
         syncer.stop()
     messages = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert len(messages) == 2, messages
@@ -205,18 +198,6 @@ def test_aof_syncer_reports_a_failing_fsync_once_and_its_recovery(tmp_path: Path
 
 
 # ------------------------------------------------------------------ supervision (issue 8)
-
-
-def _gone(pid: int) -> bool:
-    """The process ended (a zombie that nobody reaped yet counts as ended)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def test_a_killed_server_is_restarted_on_its_port_with_its_data(tmp_path: Path,
@@ -228,8 +209,8 @@ def test_a_killed_server_is_restarted_on_its_port_with_its_data(tmp_path: Path,
         with redis.Redis.from_url(server.url) as client:
             client.set("k", "v")
         os.kill(first, signal.SIGKILL)
-        _wait_for(lambda: not _ping(port) and not server.running)  # down: the supervisor waits restart_delay_s
-        _wait_for(lambda: server.running and server.restarts == 1, 30)
+        wait_for(lambda: not _ping(port) and not server.running)  # down: the supervisor waits restart_delay_s
+        wait_for(lambda: server.running and server.restarts == 1, 30)
         assert server.port == port and server.pid not in (None, first)
         with redis.Redis.from_url(server.url) as client:
             assert client.get("k") == b"v"  # the append-only file brought it back
@@ -237,7 +218,7 @@ def test_a_killed_server_is_restarted_on_its_port_with_its_data(tmp_path: Path,
         again = server.pid
         assert again is not None
         os.kill(again, signal.SIGKILL)  # and again
-        _wait_for(lambda: server.running and server.restarts == 2, 30)
+        wait_for(lambda: server.running and server.restarts == 2, 30)
         with redis.Redis.from_url(server.url) as client:
             assert client.mget("k", "k2") == [b"v", b"v2"]
     messages = [(r.levelname, r.getMessage()) for r in caplog.records]
@@ -252,7 +233,7 @@ def test_stopped_server_stays_stopped(tmp_path: Path) -> None:
     server = EmbeddedRedis(tmp_path, restart_delay_s=0.05).start()
     pid, port = server.pid, server.port
     server.stop(kill=True)
-    assert pid is not None and _gone(pid)
+    assert pid is not None and gone(pid)
     time.sleep(0.5)  # ten restart delays: a supervisor still running would have restarted it
     assert not server.running and not _ping(port) and server.restarts == 0
 
@@ -297,7 +278,7 @@ def test_the_server_dies_with_the_process_that_started_it(tmp_path: Path) -> Non
     owner, pid, port = _owner(tmp_path, "pdeathsig")
     owner.kill()  # SIGKILL: no finally, no atexit
     owner.communicate()
-    _wait_for(lambda: _gone(pid), 30)  # SIGTERM from the kernel: Redis's graceful shutdown
+    wait_for(lambda: gone(pid), 30)  # SIGTERM from the kernel: Redis's graceful shutdown
     with EmbeddedRedis(tmp_path, port=port) as server, redis.Redis.from_url(server.url) as client:
         assert client.get("written-by") == b"the first owner"
 
@@ -308,12 +289,12 @@ def test_an_orphaned_server_is_stopped_and_its_data_dir_taken_over(tmp_path: Pat
     owner.kill()
     owner.communicate()
     try:
-        assert not _gone(pid) and _ping(port)  # orphaned, still holding the lock
+        assert not gone(pid) and _ping(port)  # orphaned, still holding the lock
         with caplog.at_level(logging.WARNING, logger="seqguard"), EmbeddedRedis(tmp_path) as server, \
                 redis.Redis.from_url(server.url) as client:
-            assert _gone(pid) and server.pid != pid
+            assert gone(pid) and server.pid != pid
             assert client.get("written-by") == b"the first owner"
         assert any(f"orphaned embedded redis-server (pid {pid})" in r.getMessage() for r in caplog.records)
     finally:
-        if not _gone(pid):
+        if not gone(pid):
             os.kill(pid, signal.SIGKILL)

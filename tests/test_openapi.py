@@ -7,22 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import re
-import warnings
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
 from typing import Any
 
 import pytest
-from starlette.exceptions import StarletteDeprecationWarning
+from e2e.e2e_support import TestClient
 
-from app.main import create_app
 from app.openapi import ASSETS, SECURITY_SCHEME
 from app.schemas import BatchScoreRequest, EventIn, EventsBatch
-from app.settings import Settings
-
-with warnings.catch_warnings():  # Starlette asks for httpx2 over httpx; the venv has httpx
-    warnings.simplefilter("ignore", StarletteDeprecationWarning)
-    from fastapi.testclient import TestClient
 
 PROBLEM = "application/problem+json"
 T0 = 1_700_000_000_000
@@ -37,22 +29,6 @@ def bearer(key: str) -> dict[str, str]:
 
 def event(eid: str, user: str = "u1", ts: int = T0, **fields: Any) -> dict[str, Any]:
     return {"event_id": eid, "user_id": user, "event_type": "pv", "timestamp": ts, **fields}
-
-
-@pytest.fixture
-def make_client(redis_url: str) -> Iterator[Callable[..., TestClient]]:
-    with ExitStack() as stack:
-
-        def make(**overrides: Any) -> TestClient:
-            settings = Settings(**{"redis_url": redis_url, "inference_threads": 1} | overrides)
-            return stack.enter_context(TestClient(create_app(settings)))
-
-        yield make
-
-
-@pytest.fixture
-def client(make_client: Callable[..., TestClient]) -> TestClient:
-    return make_client()
 
 
 def operations(doc: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import httpx
 import orjson
 import pytest
 import redis
-from e2e.e2e_support import T0, LiveServer, TestClient, event, metric, parse_metrics, window_len
+from e2e.e2e_support import T0, LiveServer, TestClient, event, gone, metric, parse_metrics, wait_for, window_len
 
 from app.embedded_redis import AOF_NAME, EmbeddedRedis
 from app.main import create_app
@@ -23,25 +22,6 @@ from app.settings import Settings
 from app.windows import user_keys
 
 MAY_BE_STORED = "may have been stored"
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-def gone(pid: int) -> bool:
-    """The process ended (an unreaped zombie counts as ended)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 @pytest.fixture

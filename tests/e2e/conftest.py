@@ -2,8 +2,7 @@
 bundle (real ONNX Runtime) and a real Redis (the session's embedded redis-server, flushed
 per test, or a server of the test's own that it can stop and restart).
 
-- ``make_client(**settings)``: ``TestClient(create_app(Settings(...)))`` entered as a
-  context manager, so the lifespan runs (model load, warm-up, Redis pool, batcher).
+- ``make_client(**settings)`` and ``client`` (tests/conftest.py): the app in process.
 - ``live_server(redis_url, workers=N)``: ``python -m app.cli serve`` on a free loopback
   port, for what only a real server shows (several workers, Redis dying under it).
 """
@@ -12,18 +11,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from app.bundle import DEFAULT_BUNDLE, load_bundle
-from app.main import create_app
 from app.metrics import MULTIPROC_ENV
-from app.settings import Settings
 
-from .e2e_support import LiveServer, TestClient
+from .e2e_support import LiveServer
 
 
 @pytest.fixture(scope="session")
@@ -38,25 +34,6 @@ def bundle_meta() -> dict[str, Any]:
 def _single_process_metrics() -> None:
     # The in-process apps use a registry of their own; multiprocess mode is for `serve --workers`.
     assert not os.environ.get(MULTIPROC_ENV), f"unset {MULTIPROC_ENV} to run the e2e tests"
-
-
-@pytest.fixture
-def make_client(redis_url: str) -> Iterator[Callable[..., TestClient]]:
-    """Factory of started TestClients on the flushed session Redis (keyword arguments
-    override Settings; ``redis_url=`` points one elsewhere)."""
-    with ExitStack() as stack:
-
-        def make(**overrides: Any) -> TestClient:
-            settings = Settings(**{"redis_url": redis_url, "inference_threads": 1} | overrides)
-            return stack.enter_context(TestClient(create_app(settings)))
-
-        yield make
-
-
-@pytest.fixture
-def client(make_client: Callable[..., TestClient]) -> TestClient:
-    """The service with default settings on an empty Redis."""
-    return make_client()
 
 
 @pytest.fixture
