@@ -26,6 +26,7 @@ venv: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check app model_export tests
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 
 test: lint browser
@@ -62,4 +63,4 @@ run: $(BASE)
 	$(VENV)/bin/seqguard serve
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache .import_linter_cache

@@ -17,7 +17,7 @@ the first occurrence's scores and ``duplicate`` set, as ``POST /events`` answers
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -126,6 +126,7 @@ def score_events(
     *,
     chunk_len: int = 512,
     batch_tokens: int = 32768,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Scores:
     """Score every event on its own last W events (at or before it in time); a repeat of an
     earlier (user_id, event_id) joins no window and gets the first one's scores.
@@ -136,11 +137,13 @@ def score_events(
     events : any order; rows are grouped by user and time-sorted internally.
     chunk_len : longest chunk, context included (> W - 1).
     batch_tokens : chunk rows × padded length per ONNX Runtime call.
+    on_progress : called after each ONNX Runtime call with (events scored, events to score).
     """
     first = first_occurrences(events)
     repeat = first != np.arange(len(events))
     if repeat.any():
-        kept = score_events(model, events.take(~repeat), chunk_len=chunk_len, batch_tokens=batch_tokens)
+        kept = score_events(model, events.take(~repeat), chunk_len=chunk_len, batch_tokens=batch_tokens,
+                            on_progress=on_progress)
         at = np.cumsum(~repeat) - 1  # row -> its place among the kept rows
         return Scores(kept.probability[at[first]], kept.surprise[at[first]], repeat)
     window = model.bundle.spec.window
@@ -167,6 +170,7 @@ def score_events(
 
     p_sorted = np.empty(n, np.float32)
     s_sorted = np.empty(n, np.float32)
+    done = 0
     for t in np.unique(padded):
         sel = np.flatnonzero(padded == t)
         rows_per_call = max(1, batch_tokens // int(t))
@@ -178,6 +182,9 @@ def score_events(
             keep = rows >= seg_start[b, None]
             p_sorted[rows[keep]] = p[keep]
             s_sorted[rows[keep]] = s[keep]
+            if on_progress is not None:
+                done += int(np.count_nonzero(keep))
+                on_progress(done, n)
     prob[order] = p_sorted
     surprise[order] = s_sorted
     return Scores(prob, surprise)

@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from enum import StrEnum
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -19,15 +20,94 @@ import orjson
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
-cli = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+
+def _flags_as_flags(params: list[Any]) -> list[Any]:
+    """Flags without a type: typer 0.29's rich help prints ``<bool>`` after each (``--fp16
+    <bool>``, ``--help <bool>``), as if it took a value."""
+    for p in params:
+        if isinstance(p, TyperOption) and p.is_flag and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    """A command whose help shows flags as flags, and whose bad option values (a choice
+    not offered, a number out of range, a missing option) are one line and exit code 2,
+    like every other input error here, instead of typer's usage panel."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_as_flags(super().get_params(ctx))
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except typer.BadParameter as e:
+            _say(e.format_message().replace("Value error, ", "", 1), logging.ERROR)  # pydantic's prefix
+            raise typer.Exit(2) from None
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_as_flags(super().get_params(ctx))
+
+
+cli = typer.Typer(cls=_Group, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="seqguard: real-time anomaly scoring of user event sequences.")
 err = Console(stderr=True, soft_wrap=True)  # never folds a path or message at 80 columns
 F = TypeVar("F", bound=Callable[..., Any])
 
-FORMAT_HELP = "auto|taobao|retailrocket|rees46|csv|jsonl|parquet"
+
+# Choices: typer validates them and lists them in --help. The values are the loaders' and
+# the trainer's own (tests/test_cli.py holds them to model_export's tuples).
+class Format(StrEnum):
+    """Event file formats (``model_export.data.FORMATS``)."""
+
+    auto = "auto"
+    taobao = "taobao"
+    retailrocket = "retailrocket"
+    rees46 = "rees46"
+    csv = "csv"
+    jsonl = "jsonl"
+    parquet = "parquet"
+
+
+class Arch(StrEnum):
+    """Detector architectures (``model_export.model.ARCHS``)."""
+
+    transformer = "transformer"
+    gru = "gru"
+    lstm = "lstm"
+
+
+class Calibration(StrEnum):
+    """Calibrations (``model_export.model.Calibration.KINDS``; auto: fisher with labels, else tail)."""
+
+    auto = "auto"
+    platt = "platt"
+    isotonic = "isotonic"
+    tail = "tail"
+    fisher = "fisher"
+
+
+class FprUnit(StrEnum):
+    """What the false-positive targets count."""
+
+    event = "event"
+    user = "user"
+
+
+class Engine(StrEnum):
+    """HTTP clients of ``seqguard replay``."""
+
+    httpx = "httpx"
+    raw = "raw"
+
+
 EventsOpt = Annotated[Path, typer.Option("--events", help="Event log (CSV, JSONL, Parquet; .gz ok).")]
-FormatOpt = Annotated[str, typer.Option("--format", help=FORMAT_HELP)]
+FormatOpt = Annotated[Format, typer.Option("--format", help="Format of the event log; auto tells it from the file's "
+                                                            "name and first line.")]
 InjectOpt = Annotated[str, typer.Option("--inject", help="Scenarios to inject: all, none or NAME,...")]
 AliasOpt = Annotated[list[str] | None, typer.Option(
     "--alias", metavar="NAME=TYPE",
@@ -86,26 +166,32 @@ def _logging(verbose: bool = False) -> None:
     logs.setup(logging.DEBUG if verbose else logging.INFO, os.environ.get("SEQGUARD_LOG_FORMAT", "auto"))
 
 
-@cli.command()
+@cli.command(cls=_Command)
 @_friendly
 def train(
     events: Annotated[list[Path], typer.Option("--events", help="Event log(s) (CSV, JSONL, Parquet; .gz ok); "
                                                                 "repeat to train on several, split by user.")],
     out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
-    fmt: FormatOpt = "auto",
+    fmt: FormatOpt = Format.auto,
     inject: InjectOpt = "all",
-    arch: Annotated[str, typer.Option("--arch", help="transformer|gru|lstm")] = "transformer",
+    arch: Annotated[Arch, typer.Option("--arch", help="Detector: a causal Transformer, a GRU or an LSTM.")
+                    ] = Arch.transformer,
     window: Annotated[int, typer.Option("--window", min=4, max=1024,
                                         help="Events the detector sees: the window ending at each event.")] = 64,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Most passes over the training users "
                                                                   "(early stopping may end sooner).")] = 12,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the split, the injection and the weights: "
                                                      "the same seed and data give the same model.")] = 7,
-    calibration: Annotated[str, typer.Option("--calibration", help="auto|platt|isotonic|tail")] = "auto",
-    fpr_unit: Annotated[str, typer.Option("--fpr-unit", help="What the review/block false-positive targets count: "
-                                                             "event (normal events flagged; every canonical type held "
-                                                             "to 2x the target) or user (normal users ever flagged).")
-                        ] = "event",
+    calibration: Annotated[Calibration, typer.Option(
+        "--calibration", help="How scores become probabilities; auto: fisher (the supervised score fused with the "
+                              "recent surprise) when training has labels (injected scenarios or a label column), "
+                              "else tail.")
+    ] = Calibration.auto,
+    fpr_unit: Annotated[FprUnit, typer.Option("--fpr-unit", help="What the review/block false-positive targets count: "
+                                                                 "event (normal events flagged; every canonical type "
+                                                                 "held to 2x the target) or user (normal users ever "
+                                                                 "flagged).")
+                        ] = FprUnit.event,
     unknown_type_rate: Annotated[float, typer.Option(
         "--unknown-type-rate", min=0.0, max=0.5,
         help="Share of normal training events shown with an unknown event type, so that a type the model never "
@@ -117,13 +203,6 @@ def train(
     from app.vocabulary import alias_warnings, parse_alias_pairs
 
     aliases = parse_alias_pairs(alias or ())
-    if fpr_unit not in ("event", "user"):
-        raise ValueError(f"--fpr-unit {fpr_unit!r}: expected event or user")
-    # Checked before the data is loaded and the model trained, not after.
-    if arch not in ("transformer", "gru", "lstm"):
-        raise ValueError(f"--arch {arch!r}: expected transformer, gru or lstm")
-    if calibration not in ("auto", "platt", "isotonic", "tail"):
-        raise ValueError(f"--calibration {calibration!r}: expected auto, platt, isotonic or tail")
     try:  # a run directory that cannot be written fails now
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -133,14 +212,12 @@ def train(
             raise FileNotFoundError(f"{path}: no such file")
     _warn(alias_warnings(aliases))  # new types are fine here: the model learns them
     _logging()
-    from model_export.data import FORMATS
     from model_export.scenarios import parse_inject
     from model_export.train import TrainConfig, run
 
-    _check_format(fmt, FORMATS)
-    cfg = TrainConfig(arch=arch, window=window, epochs=epochs, seed=seed, calibration=calibration, aliases=aliases,
-                      fpr_unit=fpr_unit, unknown_type_rate=unknown_type_rate)
-    summary = run(events, fmt, parse_inject(inject), cfg, out)
+    cfg = TrainConfig(arch=arch.value, window=window, epochs=epochs, seed=seed, calibration=calibration.value,
+                      aliases=aliases, fpr_unit=fpr_unit.value, unknown_type_rate=unknown_type_rate)
+    summary = run(events, fmt.value, parse_inject(inject), cfg, out, progress=_bars())
     t = summary["thresholds"]
     key = "validation_user_fpr" if fpr_unit == "user" else "validation_fpr"
     reached = {k: t["chosen"][k][key] for k in ("review", "block")}
@@ -149,7 +226,7 @@ def train(
               f"{reached['block']:.4%})")
 
 
-@cli.command()
+@cli.command(cls=_Command)
 @_friendly
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `seqguard train`.")],
@@ -160,21 +237,24 @@ def export(
 ) -> None:
     """Export a trained run as a bundle: ONNX, bundle.json (parity included), report/."""
     _logging()
+    from app import progress
     from model_export.export import export as do_export
 
-    meta = do_export(run_dir, out, fp16=fp16, evaluate=report, force=force)
+    with progress.bars(_bars()) as shown:
+        meta = do_export(run_dir, out, fp16=fp16, evaluate=report, force=force,
+                         on_step=progress.stepper(shown, "export", before="load the run"))
     p = meta["parity"]["fp32"]
     err.print(f"bundle {meta['model_version']} in {out}; fp32 parity max |diff| {p['max_abs_diff']:.2e} "
               f"on {p['n_windows']} held-out windows")
 
 
-@cli.command()
+@cli.command(cls=_Command)
 @_friendly
 def evaluate(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
     events: EventsOpt,
     out: Annotated[Path, typer.Option("--out", help="Report directory to write.")],
-    fmt: FormatOpt = "auto",
+    fmt: FormatOpt = Format.auto,
     inject: InjectOpt = "all",
     alias: AliasOpt = None,
 ) -> None:
@@ -185,23 +265,25 @@ def evaluate(
     aliases = parse_alias_pairs(alias or ())
     _check_aliases(load_bundle(bundle).spec, aliases)
     _logging()
-    from model_export.data import FORMATS
+    from app import progress
     from model_export.evaluate import evaluate_file
     from model_export.scenarios import parse_inject
 
-    _check_format(fmt, FORMATS)
-    summary = evaluate_file(bundle, events, fmt, parse_inject(inject), out, aliases=aliases)
+    names = parse_inject(inject)
+    with progress.bars(_bars()) as shown:
+        on_step = progress.stepper(shown, "evaluate", before=f"load, split and inject {events.name}")
+        summary = evaluate_file(bundle, events, fmt.value, names, out, aliases=aliases, on_step=on_step)
     err.print(f"report written to {out}")
     Console(soft_wrap=True).print_json(data=summary)  # stdout: `seqguard evaluate ... > summary.json`
 
 
-@cli.command()
+@cli.command(cls=_Command)
 @_friendly
 def score(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
     events: EventsOpt,
     out: Annotated[Path, typer.Option("--out", help="Results JSONL (one object per input event).")],
-    fmt: FormatOpt = "auto",
+    fmt: FormatOpt = Format.auto,
     threads: Annotated[int, typer.Option("--threads", help="ONNX Runtime threads (0 = all cores).")] = 0,
     alias: AliasOpt = None,
 ) -> None:
@@ -210,21 +292,22 @@ def score(
 
     aliases = parse_alias_pairs(alias or ())
     _logging()
+    from app import progress
     from app.backfill import score_events, write_results
     from app.bundle import load_bundle
     from app.scorer import OnnxModel
-    from model_export.data import FORMATS, read_events
+    from model_export.data import read_events
 
-    _check_format(fmt, FORMATS)
     t0 = time.perf_counter()
     loaded = load_bundle(bundle)
     _check_aliases(loaded.spec, aliases)
     model = OnnxModel(loaded.with_aliases(aliases), threads=threads)
     spec = model.bundle.spec
     # The file is read through the model's own table (the bundle's, with --alias on top).
-    ev, report = read_events(events, fmt, dedupe=False, sort=False, aliases=spec.aliases)
+    ev, report = read_events(events, fmt.value, dedupe=False, sort=False, aliases=spec.aliases)
     t1 = time.perf_counter()
-    scores = score_events(model, ev)
+    with progress.bars(_bars()) as shown:
+        scores = score_events(model, ev, on_progress=progress.counter(shown, "score", total=len(ev)))
     t2 = time.perf_counter()
     n = write_results(out, ev, scores, model.bundle.thresholds)
     t3 = time.perf_counter()
@@ -238,7 +321,7 @@ def score(
     _report_unknown_types(spec.unknown_types(ev), len(ev), spec.event_types)
 
 
-@cli.command()
+@cli.command(cls=_Command)
 @_friendly
 def serve(
     bundle: Annotated[Path | None, typer.Option("--bundle", help="Bundle directory (default: shipped).")] = None,
@@ -316,7 +399,7 @@ def serve(
             embedded.stop()
 
 
-@cli.command()
+@cli.command(cls=_Command)
 @_friendly
 def info(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory (e.g. app/bundles/default).")],
@@ -375,12 +458,12 @@ def info(
         out.print(f"trained on: {', '.join(summary['training_data'])}", highlight=False)
 
 
-@cli.command()
+@cli.command(cls=_Command)
 @_friendly
 def replay(
     url: Annotated[str, typer.Option("--url", help="Base URL of the service, e.g. http://127.0.0.1:8000.")],
     events: EventsOpt,
-    fmt: FormatOpt = "auto",
+    fmt: FormatOpt = Format.auto,
     rate: Annotated[float, typer.Option("--rate", min=0, help="Events per second (0 = as fast as possible).")] = 0.0,
     bulk: Annotated[int, typer.Option("--bulk", min=1, max=1000, help="Events per request (1 = single).")] = 1,
     concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="Requests in flight.")] = 16,
@@ -394,8 +477,9 @@ def replay(
                                                    "traffic).")] = "",
     retries: Annotated[int, typer.Option("--retries", min=0, help="Retries of a 503 (after Retry-After).")] = 5,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the summary as JSON here.")] = None,
-    engine: Annotated[str, typer.Option("--engine", help="HTTP client: httpx, or raw (a minimal HTTP/1.1 "
-                                                         "client, for load tests on the same machine).")] = "httpx",
+    engine: Annotated[Engine, typer.Option("--engine", help="HTTP client: httpx, or raw (a minimal HTTP/1.1 "
+                                                            "client, for load tests on the same machine).")
+                      ] = Engine.httpx,
 ) -> None:
     """Replay an event log against a running service, as a storefront would; exit 1 if any request failed."""
     import orjson
@@ -403,14 +487,12 @@ def replay(
 
     from app.replay import ReplayConfig, Replayer, summary_table
 
-    if fmt not in FORMAT_HELP.split("|"):
-        raise ValueError(f"--format {fmt!r}: expected one of {FORMAT_HELP.replace('|', ', ')}")
     if not events.is_file():
         raise FileNotFoundError(f"{events}: no such file")
     _check_reachable(url)
-    cfg = ReplayConfig(url=url, events=events, format=fmt, rate=rate, bulk=bulk, concurrency=concurrency,
+    cfg = ReplayConfig(url=url, events=events, format=fmt.value, rate=rate, bulk=bulk, concurrency=concurrency,
                        api_key=api_key, limit=limit, duration_s=duration, loop=loop, tag=tag, retries=retries,
-                       engine=engine)
+                       engine=engine.value)
     stats = Replayer(cfg, console=err).run_sync()
     summary = stats.summary()
     Console().print(summary_table(summary, cfg))
@@ -522,9 +604,10 @@ def _say(message: str, level: int = logging.INFO) -> None:
         err.print(("[red]error:[/red] " if level >= logging.ERROR else "") + escape(message), highlight=False)
 
 
-def _check_format(fmt: str, formats: tuple[str, ...]) -> None:
-    if fmt not in formats:
-        raise ValueError(f"--format {fmt!r}: expected one of {', '.join(formats)}")
+def _bars() -> bool:
+    """Whether progress bars may be drawn: with rich logs (``SEQGUARD_LOG_FORMAT`` auto, the
+    default) on a terminal; never into plain or JSON logs, a file or a pipe."""
+    return os.environ.get("SEQGUARD_LOG_FORMAT", "auto") == "auto" and err.is_terminal
 
 
 def main() -> None:

@@ -13,7 +13,6 @@ from fastapi import Depends, Request
 
 from app.batching import MicroBatcher
 from app.bundle import Bundle
-from app.embedded_redis import EmbeddedRedis
 from app.errors import Forbidden, Unauthorized
 from app.metrics import Metrics
 from app.scorer import OnnxModel
@@ -33,13 +32,13 @@ class AppState:
     store: WindowStore
     batcher: MicroBatcher
     thresholds: dict[str, float]
-    embedded: EmbeddedRedis | None = None
     #: Backfills run here, one at a time, beside the online batcher's own thread.
     batch_executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="backfill"))
 
     def user_ref(self, user_id: str) -> str:
-        """What logs say instead of a user id: a keyed hash, stable within a deployment."""
+        """What the audit log of the privacy routes (app/routes/users.py) says instead of a
+        user id: a keyed hash (``user_hash_key``), stable within a deployment."""
         key = self.settings.user_hash_key.encode()
         return hmac.new(key, user_id.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
 

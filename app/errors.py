@@ -70,7 +70,8 @@ class UnsupportedMediaType(ProblemError):
 
 
 class RequestTimeout(ProblemError):
-    """The client sent its body too slowly (``body_read_timeout_s``, ``body_timeout_s``).
+    """The client sent its body too slowly (``body_read_timeout_s``, ``body_timeout_s``,
+    ``body_min_rate_bytes_s`` after ``body_min_rate_grace_s``).
     The connection is closed after the answer."""
 
     status, slug, title = 408, "request-timeout", "Request timeout"

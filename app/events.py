@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
@@ -139,6 +140,17 @@ send milliseconds (1511596870000)
     if check_range and (why := implausible_time(ms)):
         raise TimestampError("timestamp_range", why)
     return ms
+
+
+def format_rfc3339_ms(ms: int) -> str:
+    """Epoch milliseconds as an RFC 3339 date-time in UTC, to the millisecond: the text
+    :func:`parse_timestamp_ms` reads back to ``ms``.
+
+    >>> format_rfc3339_ms(1511596870000), format_rfc3339_ms(946684800123)
+    ('2017-11-25T08:01:10.000Z', '2000-01-01T00:00:00.123Z')
+    """
+    seconds, millis = divmod(ms, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
 
 
 def implausible_time(ms: int) -> str | None:

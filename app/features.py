@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from app.events import Events, finalise_hash
 from app.vocabulary import DEFAULT_ALIASES, build_aliases, canonical_names
@@ -326,11 +327,10 @@ def _lagged(x: np.ndarray, k: int, fill: Any) -> np.ndarray:
     padded = np.empty(len(x) + k, dtype=x.dtype)
     padded[:k] = fill
     padded[k:] = x
-    # Lag j + 1 is ``padded[k - 1 - j:][:N]``: each row a contiguous slice, every read
-    # inside ``padded``. A read-only view, no copy.
-    step = padded.strides[0]
-    return np.lib.stride_tricks.as_strided(padded[k - 1 :], shape=(k, len(x)), strides=(-step, step),
-                                           writeable=False)
+    # Lag j + 1 is ``padded[k - 1 - j:][:N]``: the k windows of length N over
+    # ``padded[:-1]``, last first. A read-only view, no copy; sliding_window_view checks
+    # the bounds that a hand-written as_strided would leave to us.
+    return sliding_window_view(padded[:-1], len(x))[::-1]
 
 
 def _quantile_edges(x: np.ndarray, n_buckets: int, always: tuple[float, ...] = ()) -> tuple[float, ...]:

@@ -15,7 +15,10 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import IO
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 FORMATS = ("auto", "plain", "json")
 PLAIN = "%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -41,7 +44,11 @@ def handler(fmt: str = "auto", stream: IO[str] | None = None) -> logging.Handler
         from rich.console import Console
         from rich.logging import RichHandler
 
-        return RichHandler(console=Console(file=stream), show_path=False)
+        rich = RichHandler(console=Console(file=stream), show_path=False)
+        # Its own columns say the time and level: the message alone (setup's basicConfig
+        # would otherwise give it "INFO:seqguard.scorer:" in front, the level twice).
+        rich.setFormatter(logging.Formatter("%(message)s"))
+        return rich
     h = logging.StreamHandler(stream)
     if fmt == "json":
         from pythonjsonlogger.json import JsonFormatter
@@ -54,6 +61,15 @@ def handler(fmt: str = "auto", stream: IO[str] | None = None) -> logging.Handler
     else:
         h.setFormatter(_UTCFormatter(PLAIN))
     return h
+
+
+def console() -> Console | None:
+    """The rich console the logs are written to (``auto`` on a terminal), else ``None``.
+    A progress bar drawn on it (app/progress.py) keeps the records above the bar; on
+    another console they would be written over it."""
+    from rich.logging import RichHandler
+
+    return next((h.console for h in logging.getLogger().handlers if isinstance(h, RichHandler)), None)
 
 
 def setup(level: int | str = logging.INFO, fmt: str = "auto", stream: IO[str] | None = None) -> None:

@@ -84,7 +84,6 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.seqguard = AppState(
             settings=settings, bundle=bundle, model=model, metrics=metrics, redis=redis, store=store,
             batcher=batcher, thresholds=thresholds,
-            embedded=embedded,
         )
         log.info("serving %s (%s, window %d) on %s; thresholds review %.4g block %.4g",
                  bundle.version, bundle.arch, bundle.window, model.provider, thresholds["review"],

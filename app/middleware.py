@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import time
 
 from fastapi import Request
@@ -15,11 +16,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import CLIENT_CLOSED, Problems
 
+log = logging.getLogger("seqguard.errors")
+
 
 class RequestMetrics:
     """Counts and times every HTTP request by route template and status. A request whose
     client went away before its answer was complete counts as 499 (client closed request),
-    whatever the application made of it."""
+    whatever the application made of it: a disconnect the application saw (a dropped
+    upload, a stream abandoned halfway), a failed send, or a client that sent its whole
+    body and left while it was answered. For the last the server says nothing (uvicorn
+    drops what is sent on a closed connection), so once the body has been read to its end
+    the middleware looks for a disconnect without waiting (:func:`_disconnected`): at once,
+    and again just before the answer's last part goes out."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -31,22 +39,44 @@ class RequestMetrics:
         started = time.perf_counter()
         status = 500
         complete = gone = False
+        headers = dict(scope.get("headers") or ())
+        # Whether the body has been read to its end (a request declaring none has none to read).
+        body_read = headers.get(b"content-length", b"0") == b"0" and b"transfer-encoding" not in headers
+
+        def looked(message_type: str) -> None:
+            nonlocal gone
+            if not gone and _disconnected(receive):
+                gone = True
+                log.debug("client closed the connection after its request to %s %s, before the %s",
+                          scope.get("method"), getattr(scope.get("route"), "path", "an unmatched route"), message_type)
 
         async def receive_watching() -> Message:
-            nonlocal gone
+            nonlocal gone, body_read
             message = await receive()
             # Servers also answer "disconnect" once the answer is complete: only before counts.
             if message["type"] == "http.disconnect" and not complete:
                 gone = True
+            elif message["type"] == "http.request" and not message.get("more_body", False):
+                body_read = True
+                # A look now, while the answer is worked on: uvicorn stops reading a socket
+                # while it holds body the application has not asked for (flow control), and
+                # reads on (so sees the client close) only once asked for more.
+                looked("answer")
             return message
 
         async def send_status(message: Message) -> None:
-            nonlocal status, complete
+            nonlocal status, complete, gone
             if message["type"] == "http.response.start":
                 status = message["status"]
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                if body_read:
+                    looked("answer was sent")
                 complete = True
-            await send(message)
+            try:
+                await send(message)
+            except OSError:
+                gone = True
+                raise
 
         try:
             await self.app(scope, receive_watching, send_status)
@@ -57,6 +87,32 @@ class RequestMetrics:
                 # The route template, never the raw path: bounded label values.
                 label = getattr(route, "path", None) or "unmatched"
                 state.metrics.track_request(label, CLIENT_CLOSED if gone else status, time.perf_counter() - started)
+
+
+def _disconnected(receive: Receive) -> bool:
+    """Whether ``receive`` has an ``http.disconnect`` ready, found without waiting.
+
+    Called once the body has been read to its end, when all a server has left to give is
+    that message (or, for a request without a body, its one empty body message first).
+    The call is run up to its first suspension and closed there: the message is taken only
+    when it is already there, and nothing is left waiting. Unlike Starlette's
+    ``Request.is_disconnected`` (a cancelled scope), it costs no trip through the event
+    loop before the answer goes out.
+    """
+    for _ in range(2):
+        call = receive().__await__()
+        try:
+            next(call)
+        except StopIteration as ready:
+            message: Message = ready.value
+        else:  # suspended: nothing there yet
+            call.close()
+            return False
+        if message["type"] == "http.disconnect":
+            return True
+        if message["type"] != "http.request" or message.get("more_body", False):
+            return False
+    return False
 
 
 class LingeringClose:

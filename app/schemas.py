@@ -22,6 +22,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    PlainValidator,
     Strict,
     StringConstraints,
     Tag,
@@ -40,22 +41,33 @@ MAX_EVENTS = 1000
 BATCH_MAX_EVENTS = 100_000
 
 
+class Rfc3339Ms(int):
+    """Epoch milliseconds of a timestamp sent as an RFC 3339 date-time: an ``int`` like any
+    other (records, the window store keep only the number), that remembers the form it
+    came in, so that an answer can give times back in it (``reasons``)."""
+
+    __slots__ = ()
+
+
 def _timestamp_ms(value: Any) -> int:
     """``events.parse_timestamp_ms`` with its plausible window: the one grammar of every
-    path, its errors as pydantic errors of the same type and message."""
+    path, its errors as pydantic errors of the same type and message. A date-time string
+    gives an :class:`Rfc3339Ms`; a number or a string of digits, a plain ``int``."""
     try:
-        return parse_timestamp_ms(value, check_range=True)
+        ms = parse_timestamp_ms(value, check_range=True)
     except TimestampError as e:
         raise PydanticCustomError(e.kind, str(e)) from None
+    return Rfc3339Ms(ms) if isinstance(value, str) and not value.isdigit() else ms
 
 
 EventId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
 UserId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 EventType = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 OptionalStr = Annotated[str, StringConstraints(max_length=128)] | None
+# Plain: the function's int (an Rfc3339Ms kept as such) is the value; it only returns ints.
 TimestampMs = Annotated[
     int,
-    BeforeValidator(_timestamp_ms),
+    PlainValidator(_timestamp_ms),
     WithJsonSchema(
         {"anyOf": [{"type": "string", "format": "date-time"},
                    {"type": "integer", "minimum": PLAUSIBLE_MS[0], "exclusiveMaximum": PLAUSIBLE_MS[1],
@@ -88,6 +100,11 @@ class EventIn(BaseModel):
     @property
     def timestamp_ms(self) -> int:
         return self.timestamp
+
+    @property
+    def timestamp_rfc3339(self) -> bool:
+        """Whether ``timestamp`` came as an RFC 3339 date-time (else as epoch milliseconds)."""
+        return type(self.timestamp) is Rfc3339Ms
 
 
 def _check_count(value: Any, info: ValidationInfo, default: int) -> Any:
@@ -140,7 +157,10 @@ class Reason(BaseModel):
 
     event_id: str
     event_type: str
-    timestamp: int = Field(description="epoch milliseconds")
+    timestamp: int | Annotated[str, WithJsonSchema({"type": "string", "format": "date-time"})] = Field(
+        description="the event's time, in the form of the timestamp of the request's event being scored: epoch "
+                    "milliseconds (an integer) if that timestamp was a number (or a string of digits), an RFC 3339 "
+                    "date-time in UTC to the millisecond (2017-11-25T08:01:10.000Z) if it was a date-time string")
     surprise: float
 
 
@@ -196,7 +216,8 @@ class ModelInfo(BaseModel):
     window: int
     thresholds: Thresholds
     provider: str = Field(description="execution provider in use, e.g. CUDAExecutionProvider")
-    fp16: bool = False
+    fp16: bool = Field(False, description="the session runs model.fp16.onnx")
+    model_file: str = Field(description="the bundle's model file the session runs: model.onnx or model.fp16.onnx")
     created_at: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict, description="architecture hyperparameters")
     evaluation: dict[str, Any] = Field(default_factory=dict, description="the bundle's evaluation summary")

@@ -24,9 +24,11 @@ class OnnxModel:
     bundle: Bundle
     threads: int = 0  # 0 = ONNX Runtime's default (one per core)
     prefer_cuda: bool = True
-    fp16: bool = False
+    fp16: bool = False  # asked for: model.fp16.onnx where the bundle has one, on any provider
     session: ort.InferenceSession = field(init=False)
     provider: str = field(init=False)
+    #: The bundle's model file this session runs (``model.onnx`` or ``model.fp16.onnx``).
+    model_file: str = field(init=False)
 
     def __post_init__(self) -> None:
         opts = ort.SessionOptions()
@@ -38,6 +40,7 @@ class OnnxModel:
         wanted = [CUDA, CPU] if self.prefer_cuda and CUDA in ort.get_available_providers() else [CPU]
         use_fp16 = self.fp16 and (self.bundle.path / "model.fp16.onnx").is_file()
         path = self.bundle.model_path(fp16=use_fp16)
+        self.model_file = path.name
         # onnxruntime-gpu logs a failed CUDA load as an error of its own; it is not one for
         # us (CPU is a supported fallback), so it is reported once below, in our words.
         ort.set_default_logger_severity(4)
@@ -51,6 +54,11 @@ class OnnxModel:
         if CUDA in wanted and self.provider != CUDA:
             _say_cpu_fallback_once()
         log.info("model %s (%s) on %s", self.bundle.version, path.name, self.provider)
+
+    @property
+    def runs_fp16(self) -> bool:
+        """Whether the session runs ``model.fp16.onnx`` (``fp16`` asked for and the bundle has one)."""
+        return self.model_file == "model.fp16.onnx"
 
     @property
     def device(self) -> str:

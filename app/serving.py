@@ -7,8 +7,8 @@ connects and sends nothing, or trickles its headers a byte at a time, holds a co
 ``header_timeout_s`` to arrive (from the connection's start, or from the first byte of a
 later request) and ``max_header_bytes`` of room; past either it answers 408 or 431
 (problem+json) and closes. Slow bodies are the routes' business (``body_read_timeout_s``,
-``body_timeout_s``: 408), and idle keep-alive connections close after
-``keep_alive_timeout_s``. :func:`http_options` gives uvicorn all of them.
+``body_timeout_s``, ``body_min_rate_bytes_s``: 408), and idle keep-alive connections close
+after ``keep_alive_timeout_s``. :func:`http_options` gives uvicorn all of them.
 
 **Workers.**
 uvicorn's own multi-worker mode binds one socket in the parent and shares it: all workers

@@ -24,7 +24,8 @@ class Settings(BaseSettings):
     # Model
     bundle: Path | None = Field(None, description="Bundle directory; default: the shipped bundle.")
     prefer_cuda: bool = Field(True, description="Use the CUDA execution provider when it loads.")
-    fp16: bool = Field(False, description="Serve model.fp16.onnx on CUDA when the bundle has one.")
+    fp16: bool = Field(False, description="Serve model.fp16.onnx when the bundle has one, on whichever "
+                                    "provider loads (meant for CUDA; GET /model names the file that runs).")
     inference_threads: int = Field(1, ge=0, description="ONNX Runtime intra-op threads per worker (0 = all cores).")
     review_threshold: float | None = Field(None, ge=0, le=1, description="Override the bundle's review threshold.")
     block_threshold: float | None = Field(None, ge=0, le=1, description="Override the bundle's block threshold.")
@@ -73,7 +74,14 @@ class Settings(BaseSettings):
     body_read_timeout_s: float = Field(30.0, gt=0, description="Longest wait for the next piece of a request "
                                        "body (any body form); then 408.")
     body_timeout_s: float = Field(120.0, gt=0, description="Longest time to read a whole JSON body; then 408. "
-                                  "NDJSON streams have no total limit, only body_read_timeout_s.")
+                                  "NDJSON streams have no total limit: body_min_rate_bytes_s bounds them.")
+    body_min_rate_bytes_s: int = Field(1024, ge=0, description="Slowest a request body (any form) may arrive: "
+                                       "one that falls body_min_rate_grace_s behind this rate is cut with 408 "
+                                       "(time the server spends on what it read does not count). 0: no minimum.")
+    body_min_rate_grace_s: float = Field(30.0, gt=0, description="How far behind body_min_rate_bytes_s a body may "
+                                         "fall, from its start or at any later time (a byte buys 1/rate s, up to "
+                                         "this much). Default: body_read_timeout_s's, so that a stall that one "
+                                         "allows is never cut.")
     linger_max_bytes: int = Field(16 << 20, ge=0, description="After answering before the body was read (413, "
                                   "401, ...), read and discard up to this much of it so the answer reaches "
                                   "clients that send the whole body first; 0: close at once.")
@@ -87,8 +95,10 @@ class Settings(BaseSettings):
         default_factory=dict,
         description='SHA-256 hex of each API key → its scopes, as JSON: {"<sha256>": ["events"]}. Empty: no auth.',
     )
-    user_hash_key: str = Field("seqguard", description="Key of the hash that replaces user ids in logs.")
-    environment: Literal["dev", "prod"] = Field("dev", description="prod refuses to start without API keys.")
+    user_hash_key: str = Field("seqguard", description="Key of the keyed hash (HMAC-SHA-256) that stands for a user "
+                               "id in the privacy routes' audit log (user_hash); prod needs a secret one.")
+    environment: Literal["dev", "prod"] = Field("dev", description="prod refuses to start without API keys or with "
+                                                "the default user_hash_key.")
     log_level: str = Field("INFO", description="Python log level.")
     log_format: Literal["auto", "plain", "json"] = Field(
         "auto", description="auto: rich on a terminal, else plain lines; plain: one line per record, never "

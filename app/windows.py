@@ -384,24 +384,6 @@ class WindowStore:
 
     # ------------------------------------------------------------------- reads
 
-    async def window(self, user_id: str, limit: int | None = None) -> list[dict[str, Any]]:
-        """The user's current window (the last ``limit`` events, default ``history``), oldest first."""
-        return (await self.windows([user_id], limit))[0]
-
-    async def windows(self, user_ids: Sequence[str], limit: int | None = None) -> list[list[dict[str, Any]]]:
-        """Current windows of several users, in one round trip."""
-        n = self.history if limit is None else limit
-        if n < 1 or not user_ids:
-            return [[] for _ in user_ids]
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for uid in user_ids:
-                    pipe.zrange(user_keys(uid).window, -n, -1)
-                replies = await pipe.execute()
-        except rexc.ResponseError as exc:
-            _reraise(exc)
-        return [_decode_window(members, uid) for uid, members in zip(user_ids, replies, strict=True)]
-
     async def stored(self, user_id: str) -> dict[str, Any]:
         """Everything the store holds about one user, for an access request: every kept event
         of the window (oldest first, up to ``keep``) and the event ids its idempotency records
@@ -429,13 +411,6 @@ class WindowStore:
         for key in [k for k in self._unsaved if k[0] == user_id]:
             self._unsaved.pop(key, None)
         return int(await self.redis.delete(*user_keys(user_id)))
-
-    async def ping(self) -> bool:
-        """True when Redis answers."""
-        try:
-            return bool(await self.redis.ping())
-        except (rexc.RedisError, OSError):
-            return False
 
     # ---------------------------------------------------------------- internals
 

@@ -19,6 +19,7 @@ from sklearn import metrics as skm
 from app.decisions import decide
 from app.events import Events
 from app.features import FeatureSpec, group_starts
+from app.progress import OnStep, Steps
 from app.vocabulary import CANONICAL, canonical_names
 from model_export.calibrate import threshold_at_fpr
 from model_export.report import bundle_card, write_report
@@ -338,12 +339,13 @@ def user_level(events: Events, user_scores: dict[str, np.ndarray], *, detector: 
 
 
 def evaluate_bundle(bundle_dir: Path, prep: Any, out_dir: Path, *,
-                    aliases: Mapping[str, str] | None = None) -> dict[str, Any]:
+                    aliases: Mapping[str, str] | None = None, on_step: OnStep | None = None) -> dict[str, Any]:
     """Score the test users of ``prep`` with the exported bundle (ONNX Runtime, the batch
     engine) and the baselines (fitted on training users, thresholds on validation users),
     and the test users' real traffic with the bundle; write the report; return the
     summary stored in ``bundle.json``. ``aliases`` (NAME → TYPE) widen the bundle's table
-    of event type names (:meth:`app.bundle.Bundle.with_aliases`)."""
+    of event type names (:meth:`app.bundle.Bundle.with_aliases`). ``on_step`` is told
+    each step as it begins (:class:`app.progress.Steps`)."""
     from app.backfill import score_events
     from app.bundle import load_bundle
     from app.scorer import OnnxModel
@@ -354,9 +356,13 @@ def evaluate_bundle(bundle_dir: Path, prep: Any, out_dir: Path, *,
     model = OnnxModel(bundle)
     train, val, test = (prep.splits[k] for k in ("train", "val", "test"))
     fpr = bundle.meta["training"]["train_config"]["fpr_targets"]
+    baselines = default_baselines(seed=0, window=bundle.window)
+    steps = Steps(len(baselines) + 4, on_step)
+    steps.begin(f"score the test users (seqguard-{bundle.arch})")
     detectors = [Scored(f"seqguard-{bundle.arch}", score_events(model, test).probability,
                         bundle.thresholds)]
-    for base in default_baselines(seed=0, window=bundle.window):
+    for base in baselines:
+        steps.begin(f"baseline {base.name}")
         base.fit(train)
         v = base.score(val)
         normal = v if val.label is None else v[val.label == 0]
@@ -365,16 +371,20 @@ def evaluate_bundle(bundle_dir: Path, prep: Any, out_dir: Path, *,
     label = test.label if test.label is not None else np.zeros(len(test), np.int8)
     comparison = compare(label, test.scenario, test.scenarios, detectors)
 
+    steps.begin("per-user rules")
     rules = user_rule_scores(test)
     per_user = {d.name: user_max(test.user, d.score, test.n_users) for d in detectors} | rules
     comparison["user_level"] = user_level(test, per_user, detector=detectors[0].name,
                                           rules={r: USER_RULES[r] for r in rules}, min_events=3)
+    steps.begin("real traffic of the test users")
     real, source = real_test_events(prep)
     rt = real_traffic(real, score_events(model, real).probability, bundle.thresholds, bundle.spec)
     comparison["real_traffic"] = {"source": source, **rt}
 
+    steps.begin("report")
     write_report(out_dir, comparison, label=label, scenario=test.scenario,
                  scenario_names=test.scenarios, detectors=detectors, model_card=bundle_card(bundle, model.provider))
+    steps.end()
     keys = ("roc_auc", "pr_auc", "recall_at_1pct_fpr", "roc_auc_mean_over_scenarios")
     return {
         "split": "test users",
@@ -391,10 +401,12 @@ def evaluate_bundle(bundle_dir: Path, prep: Any, out_dir: Path, *,
 
 
 def evaluate_file(bundle_dir: Path, events_path: Path, fmt: str, inject_names: list[str],
-                  out_dir: Path, *, aliases: Mapping[str, str] | None = None) -> dict[str, Any]:
+                  out_dir: Path, *, aliases: Mapping[str, str] | None = None,
+                  on_step: OnStep | None = None) -> dict[str, Any]:
     """`seqguard evaluate`: split a log by user the way training did, inject, evaluate.
     ``aliases`` (NAME → TYPE, e.g. ``--alias``) go on top of the training run's own, both
-    to read the log and to score it."""
+    to read the log and to score it. ``on_step``: :func:`evaluate_bundle`'s, once the log
+    is split and injected."""
     from app.bundle import load_bundle
     from model_export.train import TrainConfig, prepare
 
@@ -402,4 +414,4 @@ def evaluate_file(bundle_dir: Path, events_path: Path, fmt: str, inject_names: l
     cfg = TrainConfig.from_dict(tc)
     cfg.aliases = {**cfg.aliases, **(aliases or {})}
     prep = prepare(events_path, fmt, inject_names, cfg)
-    return evaluate_bundle(bundle_dir, prep, out_dir, aliases=aliases)
+    return evaluate_bundle(bundle_dir, prep, out_dir, aliases=aliases, on_step=on_step)

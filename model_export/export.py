@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from app.bundle import SCHEMA_VERSION
 from app.features import FEATURES
+from app.progress import OnStep, Steps
 from model_export import parity
 from model_export.model import Detector
 from model_export.train import TrainConfig, load_prepared, load_run, prepare
@@ -80,8 +81,10 @@ def to_fp16(src: Path, dst: Path) -> None:
 
 
 def export(run_dir: Path, out: Path, *, fp16: bool = False, evaluate: bool = True,
-           parity_windows: int = 512, force: bool = False) -> dict[str, Any]:
-    """Write the bundle ``out/`` from ``run_dir``; returns its ``bundle.json``.
+           parity_windows: int = 512, force: bool = False, on_step: OnStep | None = None) -> dict[str, Any]:
+    """Write the bundle ``out/`` from ``run_dir``; returns its ``bundle.json``. ``on_step``
+    is told each step as it begins, after the run is loaded (ONNX export, parity checks,
+    fp16 conversion, report: :class:`app.progress.Steps`).
 
     The bundle is built in a sibling directory and moved into place whole, so an export
     that fails (parity beyond tolerance, an interrupt) leaves ``out`` as it was, and one
@@ -98,7 +101,8 @@ def export(run_dir: Path, out: Path, *, fp16: bool = False, evaluate: bool = Tru
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        meta = _build_bundle(Path(run_dir), staging, fp16=fp16, evaluate=evaluate, parity_windows=parity_windows)
+        meta = _build_bundle(Path(run_dir), staging, fp16=fp16, evaluate=evaluate, parity_windows=parity_windows,
+                             steps=Steps(2 + (2 if fp16 else 0) + (1 if evaluate else 0), on_step))
         if out.is_dir():
             shutil.rmtree(out)
         elif out.exists():
@@ -110,7 +114,8 @@ def export(run_dir: Path, out: Path, *, fp16: bool = False, evaluate: bool = Tru
     return meta
 
 
-def _build_bundle(run_dir: Path, out: Path, *, fp16: bool, evaluate: bool, parity_windows: int) -> dict[str, Any]:
+def _build_bundle(run_dir: Path, out: Path, *, fp16: bool, evaluate: bool, parity_windows: int,
+                  steps: Steps) -> dict[str, Any]:
     model, run = load_run(run_dir)
     cfg = TrainConfig.from_dict(run["train_config"])
     prep = load_prepared(run_dir, run)
@@ -124,13 +129,17 @@ def _build_bundle(run_dir: Path, out: Path, *, fp16: bool, evaluate: bool, parit
 
     out.mkdir(parents=True, exist_ok=True)
     onnx_path = out / "model.onnx"
+    steps.begin("export to ONNX")
     to_onnx(model, onnx_path)
+    steps.begin("parity check (fp32)")
     windows = parity.held_out_windows(prep.features["test"], prep.splits["test"].user,
                                       parity_windows, cfg.window, cfg.seed)
     checks = {"fp32": parity.check(model, onnx_path, windows, parity.FP32_TOLERANCE)}
     if fp16:
         fp16_path = out / "model.fp16.onnx"
+        steps.begin("fp16 conversion")
         to_fp16(onnx_path, fp16_path)
+        steps.begin("parity check (fp16)")
         checks["fp16"] = parity.check(model, fp16_path, windows, tolerance=None)
 
     meta: dict[str, Any] = {
@@ -156,9 +165,11 @@ def _build_bundle(run_dir: Path, out: Path, *, fp16: bool, evaluate: bool, parit
     if evaluate:
         from model_export.evaluate import evaluate_bundle
 
+        steps.begin("evaluation report")
         summary = evaluate_bundle(out, prep, out / "report")
         meta["evaluation"] = summary
         _write(out / "bundle.json", meta)
+    steps.end()
     return meta
 
 

@@ -26,6 +26,14 @@ line with a hard rule (the observed log key is among the top g predictions); the
 form is its smooth, ranking version, and summing −log p over features is Fisher's method
 of combining p-values. ``"nll"`` is the plain next-event negative log-likelihood.
 
+Recent surprise (``ModelConfig.surprise_span`` = K > 1): the mean surprise of the event
+and the K-1 events before it. One surprising event is common in ordinary shopping; a run
+of them is what a pattern nobody taught looks like (a brushing ring's purchases, a
+takeover's carts), so the supervised calibration fuses the two (``Calibration`` kind
+``fisher``) and the probability rises with either. For the window semantics to hold
+exactly, the encoder then sees W-K+1 events (its receptive field shrinks by K-1), so
+each of the K surprises still depends only on the event's own last W events.
+
 Novel event types (``ModelConfig.novel_types``): event type ids that training never showed
 as a next event are impossible, their logit held at ``NOVEL_LOGIT`` below the others. A
 softmax only learns that a class never occurs slowly (its probability decays with the
@@ -74,6 +82,7 @@ class ModelConfig:
     targets: tuple[str, ...] = TARGETS
     surprise: str = "midp"  # midp | nll (see the module docstring)
     novel_types: tuple[int, ...] = ()  # event type ids impossible as a next event (see the module docstring)
+    surprise_span: int = 1  # K: recent surprise = mean over the event and its K-1 before (1 = the event's own)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -88,6 +97,14 @@ class ModelConfig:
         self.novel_types = tuple(int(i) for i in self.novel_types)
         if any(not 0 <= i < self.cardinalities[0] for i in self.novel_types):
             raise ValueError(f"novel_types must be event type ids below {self.cardinalities[0]}")
+        if not 1 <= self.surprise_span <= self.window - 2:
+            raise ValueError(f"surprise_span must be in [1, window - 2], got {self.surprise_span}")
+
+    @property
+    def context(self) -> int:
+        """Events the encoder sees at each position, the event included (W - K + 1): with
+        the K surprises averaged, every output depends on the last W events exactly."""
+        return self.window - self.surprise_span + 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -190,7 +207,7 @@ class Block(nn.Module):
 class TransformerEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        bands = layer_bands(cfg.window, cfg.n_layers)
+        bands = layer_bands(cfg.context, cfg.n_layers)
         self.blocks = nn.ModuleList(
             Block(cfg.d_model, cfg.n_heads, cfg.d_ff, b, cfg.dropout) for b in bands
         )
@@ -203,14 +220,14 @@ class TransformerEncoder(nn.Module):
 
 
 class RecurrentEncoder(nn.Module):
-    """GRU/LSTM over the W-1 events ending at each position (exact window semantics)."""
+    """GRU/LSTM over the ``context - 1`` events ending at each position (exact window semantics)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         rnn = nn.GRU if cfg.arch == "gru" else nn.LSTM
         self.rnn = rnn(cfg.d_model, cfg.d_model, num_layers=cfg.n_layers, batch_first=True,
                        dropout=cfg.dropout if cfg.n_layers > 1 else 0.0)
-        self.span = cfg.window - 1
+        self.span = cfg.context - 1
         self.ln = nn.LayerNorm(cfg.d_model)
 
     def forward(self, x: Tensor, valid: Tensor, pad: Tensor) -> Tensor:
@@ -265,9 +282,25 @@ class Detector(nn.Module):
         else:
             surprise = total_nll
         logit = self.anomaly_head(torch.cat([h, nll, total_nll[..., None]], dim=-1)).squeeze(-1)
-        prob = self.calibration(logit, surprise) * valid
-        return {"anomaly_probability": prob, "surprise": surprise, "logit": logit, "nll": nll,
-                "total_nll": total_nll}
+        recent = recent_mean(surprise, valid, self.cfg.surprise_span)
+        prob = self.calibration(logit, surprise, recent) * valid
+        return {"anomaly_probability": prob, "surprise": surprise, "recent_surprise": recent, "logit": logit,
+                "nll": nll, "total_nll": total_nll}
+
+
+def recent_mean(x: Tensor, valid: Tensor, span: int) -> Tensor:
+    """Mean of ``x`` (B, T) over each position and the ``span - 1`` valid positions before
+    it (fewer at a sequence's start) → (B, T), 0 at padding. A sum of at most ``span``
+    terms (a convolution, not a running cumulative sum), so its float error does not
+    grow with the sequence: a batch chunk of 512 events and a single window agree."""
+    if span == 1:
+        return x * valid
+    v = valid.to(x.dtype)[:, None, :]  # (B, 1, T)
+    ones = torch.ones(1, 1, span, dtype=x.dtype, device=x.device)
+    t = x.shape[1]
+    total = F.conv1d(F.pad(x[:, None, :] * v, (span - 1, 0)), ones)[:, 0, :t]
+    count = F.conv1d(F.pad(v, (span - 1, 0)), ones)[:, 0, :t]
+    return total / count.clamp_min(1.0) * v[:, 0]
 
 
 def _midp_surprise(logp: Tensor, observed: Tensor) -> Tensor:
@@ -284,10 +317,14 @@ class Calibration(nn.Module):
 
     kinds: ``platt`` sigmoid(a·logit + b); ``isotonic`` piecewise-linear on the logit;
     ``tail`` piecewise-linear on the surprise (its distribution function under normal
-    data, for models trained without labels); ``identity`` sigmoid(logit) before fitting.
+    data, for models trained without labels); ``fisher`` sigmoid(a·(L(logit) + R(recent
+    surprise)) + b), where L and R are −log of each score's survival function under
+    normal data (Fisher's method of combining p-values, Fisher 1925), so the
+    probability rises with either score and neither can hide the other; ``identity``
+    sigmoid(logit) before fitting.
     """
 
-    KINDS = ("identity", "platt", "isotonic", "tail")
+    KINDS = ("identity", "platt", "isotonic", "tail", "fisher")
 
     def __init__(self) -> None:
         super().__init__()
@@ -295,32 +332,52 @@ class Calibration(nn.Module):
         self.register_buffer("ab", torch.tensor([1.0, 0.0]))
         self.register_buffer("knots_x", torch.zeros(2))
         self.register_buffer("knots_y", torch.tensor([0.0, 1.0]))
+        self.register_buffer("logit_x", torch.zeros(2))
+        self.register_buffer("logit_y", torch.zeros(2))
+        self.register_buffer("recent_x", torch.zeros(2))
+        self.register_buffer("recent_y", torch.zeros(2))
 
     def set(self, kind: str, *, ab: tuple[float, float] = (1.0, 0.0),
-            knots_x: list[float] | None = None, knots_y: list[float] | None = None) -> None:
+            knots_x: list[float] | None = None, knots_y: list[float] | None = None,
+            logit_x: list[float] | None = None, logit_y: list[float] | None = None,
+            recent_x: list[float] | None = None, recent_y: list[float] | None = None) -> None:
         if kind not in self.KINDS:
             raise ValueError(f"calibration kind must be one of {self.KINDS}")
         self.kind = kind
         self.ab = torch.tensor(ab, dtype=torch.float32)
-        if knots_x is not None and knots_y is not None:
-            self.knots_x = torch.tensor(knots_x, dtype=torch.float32)
-            self.knots_y = torch.tensor(knots_y, dtype=torch.float32)
+        for name, value in (("knots_x", knots_x), ("knots_y", knots_y), ("logit_x", logit_x),
+                            ("logit_y", logit_y), ("recent_x", recent_x), ("recent_y", recent_y)):
+            if value is not None:
+                setattr(self, name, torch.tensor(value, dtype=torch.float32))
+
+    def restore(self, described: dict[str, Any]) -> None:
+        """Set from what :meth:`describe` returned (a run's ``model.pt``)."""
+        self.set(described["kind"], ab=(described.get("a", 1.0), described.get("b", 0.0)),
+                 **{k: described.get(k) for k in ("knots_x", "knots_y", "logit_x", "logit_y", "recent_x", "recent_y")})
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind}
-        if self.kind == "platt":
+        if self.kind in ("platt", "fisher"):
             out["a"], out["b"] = (float(v) for v in self.ab)
         if self.kind in ("isotonic", "tail"):
             out["input"] = "logit" if self.kind == "isotonic" else "surprise"
             out["knots_x"] = [float(v) for v in self.knots_x]
             out["knots_y"] = [float(v) for v in self.knots_y]
+        if self.kind == "fisher":
+            out["input"] = "logit and recent surprise"
+            for name in ("logit_x", "logit_y", "recent_x", "recent_y"):
+                out[name] = [float(v) for v in getattr(self, name)]
         return out
 
-    def forward(self, logit: Tensor, surprise: Tensor) -> Tensor:
+    def forward(self, logit: Tensor, surprise: Tensor, recent: Tensor | None = None) -> Tensor:
         if self.kind == "identity":
             return torch.sigmoid(logit)
         if self.kind == "platt":
             return torch.sigmoid(self.ab[0] * logit + self.ab[1])
+        if self.kind == "fisher":
+            combined = piecewise_linear(logit, self.logit_x, self.logit_y) + piecewise_linear(
+                surprise if recent is None else recent, self.recent_x, self.recent_y)
+            return torch.sigmoid(self.ab[0] * combined + self.ab[1])
         x = logit if self.kind == "isotonic" else surprise
         return piecewise_linear(x, self.knots_x, self.knots_y)
 

@@ -58,10 +58,12 @@ def check(model: Detector, onnx_path: Path, windows: np.ndarray, tolerance: floa
     if tolerance is not None:
         cal = model.calibration.describe()
         slope = lipschitz(cal)
-        source = ref["surprise"] if cal["kind"] == "tail" else ref["logit"]
+        sources = {"tail": ("surprise",), "fisher": ("logit", "recent_surprise")}.get(cal["kind"], ("logit",))
+        # each input's float error, as large as the surprise's own tolerance allows
+        size = sum(np.maximum(1.0, np.abs(ref[k].numpy()[valid])) for k in sources)
         allowed = {
             "surprise": tolerance * np.maximum(1.0, np.abs(ref["surprise"].numpy()[valid])),
-            "anomaly_probability": tolerance + slope * tolerance * np.maximum(1.0, np.abs(source.numpy()[valid])),
+            "anomaly_probability": tolerance + slope * tolerance * size,
         }
         worst = {k: float((diff[k] / allowed[k]).max()) if diff[k].size else 0.0 for k in OUTPUTS}
         result |= {"tolerance": tolerance, "calibration_lipschitz": slope,

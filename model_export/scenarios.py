@@ -531,18 +531,32 @@ def _repeat_views(ctx: _Ctx, rng: np.random.Generator, rows: np.ndarray | None) 
 
 def _quick_funnel(ctx: _Ctx, rng: np.random.Generator, rows: np.ndarray | None) -> tuple:
     """(Brushing look-alike) view → (cart) → purchase of 1–3 items within minutes, a
-    checkout burst (several carted items bought in the same second), or a purchase first
-    and then browsing, as a user we first see at checkout."""
+    checkout burst (several carted items bought in the same second), a purchase first
+    and then browsing, as a user we first see at checkout, or a comparison: views of a
+    few items of one category, then a purchase of another item of it that the log never
+    showed (over half of real Taobao purchases after some history are of an item the
+    user's earlier events never touched: seen on another device, in the cart from
+    before, a variant), sometimes two such purchases seconds apart."""
     items = rng.choice(ctx.popular, _int(rng, (1, 3)))
     kind = rng.random()
-    if kind < 0.25 and len(items) > 1:  # cart them all, then one checkout (or one each)
+    if kind < 0.2 and len(items) > 1:  # cart them all, then one checkout (or one each)
         role = [CART] * len(items) + [BUY] * len(items)
         apart = rng.uniform(20.0, 180.0, len(items) - 1) if rng.random() < 0.5 else np.zeros(len(items) - 1)
         gaps = [*rng.uniform(10.0, 120.0, len(items)), *apart]
         return np.array(role), np.concatenate([items, items]), np.array(gaps)
-    if kind < 0.5:  # bought, then browsing on, mostly in the same category
+    cat = ctx.ev.category_id
+    if kind < 0.45:  # compared a few, bought one (or two) the log never showed
+        near = ctx.popular if cat is None else ctx.popular[cat[ctx.popular] == cat[items[0]]]
+        near = near if near.size > 1 else ctx.popular
+        viewed = rng.choice(near, _int(rng, (1, 6)))
+        bought = rng.choice(near, 2 if rng.random() < 0.25 else 1)
+        role = np.r_[np.full(len(viewed), VIEW), np.full(len(bought), BUY)]
+        gaps = np.r_[np.exp(rng.uniform(np.log(2.0), np.log(60.0), len(viewed) - 1)),
+                     np.exp(rng.uniform(np.log(10.0), np.log(300.0), 1)),
+                     rng.uniform(2.0, 60.0, len(bought) - 1)]
+        return role, np.r_[viewed, bought], gaps
+    if kind < 0.65:  # bought, then browsing on, mostly in the same category
         m = _int(rng, (2, 8))
-        cat = ctx.ev.category_id
         near = ctx.popular if cat is None else ctx.popular[cat[ctx.popular] == cat[items[0]]]
         browse = np.r_[items[:1], rng.choice(near if near.size else ctx.popular, m)]
         return np.r_[BUY, np.full(m, VIEW)], browse, rng.uniform(10.0, 300.0, m)

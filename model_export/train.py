@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import orjson
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sklearn.metrics import average_precision_score
 from torch.nn import functional as F
 
 from app.events import Events
 from app.features import FeatureSpec, group_starts
+from app.progress import bars as _progress
 from app.vocabulary import CANONICAL, build_aliases, canonical_names
 from model_export.calibrate import choose_thresholds, fit_calibration
 from model_export.data import read_events, split_by_user
@@ -53,7 +53,8 @@ class TrainConfig:
     dropout: float = 0.1
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
     fpr_targets: dict[str, float] = field(default_factory=lambda: {"review": 0.01, "block": 0.001})
-    calibration: str = "auto"  # auto | platt | isotonic | tail
+    calibration: str = "auto"  # auto | platt | isotonic | tail | fisher (auto: fisher with labels, tail without)
+    surprise_span: int | None = None  # events in the recent surprise (model.recent_mean; None: window // 4)
     threads: int = 0  # 0 = torch default
     fpr_unit: str = "event"  # event | user: what the fpr_targets count (see calibrate.choose_thresholds)
     crops_per_user: int = 2  # mid-history crops of each long training/validation user
@@ -358,7 +359,9 @@ def train_model(prep: Prepared, cfg: TrainConfig, progress: bool = True) -> tupl
     rng = np.random.default_rng(cfg.seed)
     mcfg = ModelConfig(cardinalities=prep.spec.cardinalities, arch=cfg.arch, window=cfg.window,
                        d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                       d_ff=cfg.d_ff, dropout=cfg.dropout, novel_types=novel_types(prep, cfg))
+                       d_ff=cfg.d_ff, dropout=cfg.dropout, novel_types=novel_types(prep, cfg),
+                       surprise_span=(max(1, cfg.window // 4) if cfg.surprise_span is None else cfg.surprise_span)
+                       if prep.supervised else 1)
     model = Detector(mcfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     train = prep.splits["train"]
@@ -445,7 +448,7 @@ def score_splits(
 ) -> dict[str, dict[str, np.ndarray]]:
     """Per-event logit, surprise and probability of each named split (PyTorch, exact windows)."""
     out = {}
-    keys = ("logit", "surprise", "anomaly_probability")
+    keys = ("logit", "surprise", "recent_surprise", "anomaly_probability")
     for name in names:
         x, _, m = make_chunks(prep.features[name], prep.splits[name].user, None, 256, model.cfg.window)
         res: dict[str, list[np.ndarray]] = {k: [np.empty(0, np.float32)] * x.shape[0] for k in keys}
@@ -501,8 +504,10 @@ def run(events_paths: Path | Sequence[Path], fmt: str, inject_names: list[str], 
     model, info = train_model(prep, cfg, progress)
     val = score_splits(model, prep)["val"]
     y_val = prep.splits["val"].label if prep.supervised else None
-    kind = cfg.calibration if cfg.calibration != "auto" else ("platt" if prep.supervised else "tail")
-    fit_calibration(model.calibration, kind, logit=val["logit"], surprise=val["surprise"], label=y_val)
+    kind = cfg.calibration if cfg.calibration != "auto" else (
+        ("fisher" if model.cfg.surprise_span > 1 else "platt") if prep.supervised else "tail")
+    fit_calibration(model.calibration, kind, logit=val["logit"], surprise=val["surprise"], label=y_val,
+                    recent=val["recent_surprise"])
     prob = score_splits(model, prep)["val"]["anomaly_probability"]
     thresholds = _thresholds(prep, cfg, prob)
     out.mkdir(parents=True, exist_ok=True)
@@ -525,7 +530,8 @@ def run(events_paths: Path | Sequence[Path], fmt: str, inject_names: list[str], 
 def _thresholds(prep: Prepared, cfg: TrainConfig, prob: np.ndarray) -> dict[str, Any]:
     """Review and block on the validation users' normal events (``prob`` in row order of
     the validation split): per ``cfg.fpr_unit``, every canonical type held to twice the
-    target (event unit); the user unit counts users with no anomalous event."""
+    target on the real users' events (event unit; look-alikes count in the overall rate
+    only); the user unit counts users with no anomalous event."""
     val = prep.splits["val"]
     label = val.label if val.label is not None else np.zeros(len(val), np.int8)
     types = np.asarray(canonical_names(val.event_types, prep.spec.aliases), dtype=object)[val.event_type]
@@ -534,8 +540,9 @@ def _thresholds(prep: Prepared, cfg: TrainConfig, prob: np.ndarray) -> dict[str,
         tainted = np.zeros(val.n_users, bool)
         tainted[val.user[label != 0]] = True
         normal &= ~tainted[val.user]
+    real = None if val.scenario is None else (val.scenario == 0)[normal]
     return choose_thresholds(prob[normal], cfg.fpr_targets, event_types=types[normal], users=val.user[normal],
-                             unit=cfg.fpr_unit, constrained_types=CANONICAL)
+                             unit=cfg.fpr_unit, constrained_types=CANONICAL, constrain_on=real)
 
 
 def load_run(run_dir: Path) -> tuple[Detector, dict[str, Any]]:
@@ -553,8 +560,7 @@ def load_run(run_dir: Path) -> tuple[Detector, dict[str, Any]]:
     ckpt = torch.load(run_dir / "model.pt", weights_only=False)
     model = Detector(ModelConfig.from_dict(ckpt["config"]))
     cal = ckpt["calibration"]
-    model.calibration.set(cal["kind"], ab=(cal.get("a", 1.0), cal.get("b", 0.0)),
-                          knots_x=cal.get("knots_x"), knots_y=cal.get("knots_y"))
+    model.calibration.restore(cal)
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), summary
 
@@ -588,11 +594,9 @@ def with_unknown_types(features: np.ndarray, label: np.ndarray | None, rate: flo
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
+    """SHA-256 hex digest of a file's bytes, read in blocks."""
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _loss(model: Detector, x: np.ndarray, y: np.ndarray, m: np.ndarray, supervised: bool,
@@ -616,8 +620,3 @@ def _pos_weight(label: np.ndarray | None) -> float:
         return 1.0
     pos = float(label.sum())
     return float(min(10.0, (label.size - pos) / pos))
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), disable=not enabled)

@@ -13,6 +13,7 @@ from app.events import Events
 from app.features import group_starts, last_windows
 from app.scorer import OnnxModel
 from model_export.data import read_events
+from model_export.parity import FP32_TOLERANCE
 from model_export.scenarios import inject
 
 
@@ -134,7 +135,10 @@ def test_repeats_among_many_users_and_chunks(model, events):
     for chunk_len in (w + 1, 512):
         s = score_events(model, doubled, chunk_len=chunk_len)
         assert s.is_duplicate().tolist() == [False] * len(ev) + [True] * len(again)
-        assert np.abs(s.probability[: len(ev)] - base.probability).max() <= 1e-5
+        # other chunkings pad to other lengths: float rounding, through the calibration map's
+        # slope, within the tolerance the export holds ONNX Runtime to (model_export/parity.py)
+        assert np.abs(s.probability[: len(ev)] - base.probability).max() <= FP32_TOLERANCE
+        assert np.abs(s.surprise[: len(ev)] - base.surprise).max() <= FP32_TOLERANCE
         assert (s.probability[len(ev):] == s.probability[again]).all()
     lines = [orjson.loads(x) for x in result_lines(doubled, s, model.bundle.thresholds)]
     assert [x.get("duplicate", False) for x in lines] == s.is_duplicate().tolist()

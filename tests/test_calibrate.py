@@ -49,6 +49,24 @@ def test_without_the_constraint_purchases_exceed_it():
     assert t["chosen"]["review"]["set_by"] == "overall"
 
 
+def test_per_type_bounds_count_the_real_events_only():
+    """Look-alike purchases the model scores low must not let real purchases pass their
+    bound: with ``constrain_on`` (the real events), real purchases hold twice the target
+    although, all purchases counted, they would not."""
+    score, types = _skewed()
+    rng = np.random.default_rng(5)
+    easy = np.full(3000, "purchase", dtype=object)  # look-alikes: normal, and scored low
+    score, types = np.r_[score, rng.random(3000) * 0.01], np.r_[types, easy]
+    real = np.r_[np.ones(score.size - 3000, bool), np.zeros(3000, bool)]
+    diluted = choose_thresholds(score, TARGETS, event_types=types, constrained_types=TYPES)
+    held = choose_thresholds(score, TARGETS, event_types=types, constrained_types=TYPES, constrain_on=real)
+    real_purchases = score[real & (types == "purchase")]
+    assert np.mean(real_purchases >= diluted["review"]) > 2 * TARGETS["review"]
+    for name, fpr in TARGETS.items():
+        assert np.mean(real_purchases >= held[name]) <= 2 * fpr
+        assert held["chosen"][name]["per_type_constrained_on"]["purchase"]["events"] == real_purchases.size
+
+
 def test_types_too_rare_to_resolve_are_reported_not_constrained():
     score, types = _skewed(n=20_000)
     types[:30] = "remove_from_cart"  # 30 events cannot resolve 2 x 0.1%
@@ -103,3 +121,26 @@ def test_tail_map_on_tied_surprise_has_bounded_slope():
 def test_lipschitz_of_each_kind():
     assert lipschitz({"kind": "platt", "a": -8.0, "b": 1.0}) == 2.0
     assert lipschitz({"kind": "tail", "knots_x": [0.0, 1.0, 1.5], "knots_y": [0.0, 0.5, 1.0]}) == 1.0
+    # fisher: the sigmoid's slope times the steeper of the two maps
+    fisher = {"kind": "fisher", "a": 2.0, "b": -1.0, "logit_x": [0.0, 1.0], "logit_y": [0.0, 3.0],
+              "recent_x": [0.0, 2.0, 2.5], "recent_y": [0.0, 1.0, 3.0]}
+    assert lipschitz(fisher) == 2.0 / 4.0 * 4.0
+
+
+def test_fisher_map_rises_with_either_score_and_bounds_its_slope():
+    """The fused probability: −log survival of the logit and of the recent surprise under
+    normal events, summed, then Platt; knots at least MIN_KNOT_SPACING apart."""
+    rng = np.random.default_rng(3)
+    label = (rng.random(20_000) < 0.05).astype(np.int8)
+    logit = rng.normal(size=label.size) + 4 * label
+    recent = np.abs(rng.normal(size=label.size)) + 1.5 * label
+    cal = Calibration()
+    d = fit_calibration(cal, "fisher", logit=logit, surprise=recent, recent=recent, label=label)
+    assert d["kind"] == "fisher" and d["a"] > 0
+    for xs in (d["logit_x"], d["recent_x"]):
+        assert np.diff(xs).min() >= MIN_KNOT_SPACING - 1e-9
+    # 1% of normal logits lie above their 99th percentile: −log(0.01) ≈ 4.6 there
+    q99 = float(np.quantile(logit[label == 0], 0.99))
+    assert float(np.interp(q99, d["logit_x"], d["logit_y"])) == pytest.approx(np.log(100), abs=0.1)
+    with pytest.raises(ValueError, match="recent"):
+        fit_calibration(Calibration(), "fisher", logit=logit, surprise=recent, label=label)

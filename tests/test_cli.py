@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from pathlib import Path
 
 import orjson
@@ -147,7 +148,7 @@ def test_train_checks_every_file_and_option_before_loading_any(tmp_path):
     out = fails("train", "--events", TAOBAO_100, "--events", tmp_path / "nope.jsonl", "--out", tmp_path / "run")
     assert "nope.jsonl: no such file" in out and "kept" not in out  # the first file was not loaded
     out = fails("train", "--events", TAOBAO_100, "--fpr-unit", "bogus", "--out", tmp_path / "run")
-    assert "--fpr-unit 'bogus': expected event or user" in out and "kept" not in out
+    assert "'--fpr-unit': 'bogus' is not one of 'event', 'user'" in out and "kept" not in out
 
 
 def score_jsonl(tmp_path: Path, name: str, data: bytes) -> tuple[list[dict], str]:
@@ -202,8 +203,8 @@ def test_version():
 
 
 @pytest.mark.parametrize(("args", "said"), [
-    (["--calibration", "foo"], "--calibration 'foo': expected auto, platt, isotonic or tail"),
-    (["--arch", "cnn"], "--arch 'cnn': expected transformer, gru or lstm"),
+    (["--calibration", "foo"], "'--calibration': 'foo' is not one of 'auto', 'platt', 'isotonic', 'tail'"),
+    (["--arch", "cnn"], "'--arch': 'cnn' is not one of 'transformer', 'gru', 'lstm'"),
     (["--out", "/proc/seqguard-run"], "--out /proc/seqguard-run: cannot create the run directory"),
 ])
 def test_train_refuses_bad_arguments_before_it_loads_or_trains(tmp_path, args, said):
@@ -272,3 +273,74 @@ def test_serve_takes_threshold_flags_and_checks_them(monkeypatch):
     out = fails("serve", "--review", "0.9", "--block", "0.5", "--port", "8792")
     assert "SEQGUARD_REVIEW_THRESHOLD (--review) must not exceed SEQGUARD_BLOCK_THRESHOLD (--block)" in out
     assert "--review" in fails("serve", "--review", "1.5")  # out of [0, 1], refused by the flag itself
+
+
+COMMANDS = ["train", "export", "evaluate", "score", "serve", "replay", "info"]
+FORMATS = "auto|taobao|retailrocket|rees46|csv|jsonl|parquet"
+
+
+def help_text(*command: str) -> str:
+    res = runner.invoke(cli, [*command, "--help"], env={"COLUMNS": "250"})  # one line per option
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+@pytest.mark.parametrize(("command", "choices"), [
+    ("train", [("--format", FORMATS), ("--arch", "transformer|gru|lstm"), ("--calibration", "auto|platt|isotonic|tail|fisher"),
+               ("--fpr-unit", "event|user")]),
+    ("evaluate", [("--format", FORMATS)]),
+    ("score", [("--format", FORMATS)]),
+    ("replay", [("--format", FORMATS), ("--engine", "httpx|raw")]),
+])
+def test_help_lists_every_choice(command, choices):
+    """Issue 9: --format's choices were a hand-typed help string, cut short in --help."""
+    lines = help_text(command).splitlines()
+    for option, listed in choices:
+        assert any(f"{option} " in line and f"<{listed}>" in line for line in lines), (command, option)
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["score", "app/bundles/default", "--events", str(TAOBAO_100), "--out", "r.jsonl", "--format", "xml"],
+     "error: Invalid value for '--format': 'xml' is not one of 'auto', 'taobao', 'retailrocket', 'rees46', 'csv', "
+     "'jsonl', 'parquet'."),
+    (["replay", "--url", "http://127.0.0.1:9", "--events", str(TAOBAO_100), "--format", "Taobao"],
+     "error: Invalid value for '--format': 'Taobao' is not one of 'auto', 'taobao', 'retailrocket', 'rees46', 'csv', "
+     "'jsonl', 'parquet'."),
+    (["replay", "--url", "http://127.0.0.1:9", "--events", str(TAOBAO_100), "--engine", "curl"],
+     "error: Invalid value for '--engine': 'curl' is not one of 'httpx', 'raw'."),
+    (["train", "--events", str(TAOBAO_100), "--out", "run", "--window", "2"],
+     "error: Invalid value for '--window': Input should be greater than or equal to 4"),
+])
+def test_a_bad_option_value_is_one_line_and_exit_2(args, said, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(cli, args, env={"COLUMNS": "250"})
+    assert res.exit_code == 2, res.output
+    assert [line for line in res.output.splitlines() if line.strip()] == [said]
+    assert not list(tmp_path.iterdir())  # refused before anything ran
+
+
+def test_choices_are_the_pipeline_s_own():
+    """The command line's choices are the values the loaders and the trainer take."""
+    from app.cli import Arch, Calibration, Format
+    from model_export.data import FORMATS as LOADER_FORMATS
+    from model_export.model import ARCHS
+    from model_export.model import Calibration as Calibrator
+
+    assert tuple(Format) == LOADER_FORMATS and "|".join(Format) == FORMATS
+    assert tuple(Arch) == ARCHS
+    assert tuple(Calibration) == ("auto", *(k for k in Calibrator.KINDS if k != "identity"))
+
+
+@pytest.mark.parametrize("command", [[], *([c] for c in COMMANDS)])
+def test_flags_read_as_flags_in_help(command):
+    """Issue 9: typer printed `<bool>` after every flag (`--fp16 <bool>`), as if it took a value."""
+    text = help_text(*command)
+    assert "<bool>" not in text
+    assert re.search(r"--help\s+Show this message and exit\.", text)
+
+
+def test_export_flags_in_help():
+    text = help_text("export")
+    assert re.search(r"--fp16\s+Also write model\.fp16\.onnx for GPUs\.", text)
+    assert re.search(r"--report\s+--no-report\s+Evaluate into out/report\. \[default: report\]", text)
+    assert re.search(r"--force\s+Replace OUT when it is not empty\.", text)

@@ -4,6 +4,7 @@ through the batch engine, which gives what POST /events gives for the same histo
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -114,3 +115,28 @@ def test_the_shipped_report_meets_the_real_traffic_targets():
     assert rt["users_blocked_share"] <= 0.005
     assert rt["worst_type_flagged_share"] <= 0.03
     assert rt["unknown_type_share"] == 0.0
+
+
+def held_out_per_type() -> dict[str, dict]:
+    """The shipped report's held-out real traffic, per canonical type seen."""
+    metrics = json.loads((load_bundle().path / "report" / "metrics.json").read_text(encoding="utf-8"))
+    return {t: r for t, r in metrics["real_traffic"]["per_type"].items() if r["events"]}
+
+
+def test_no_canonical_type_of_held_out_real_traffic_is_over_its_budget():
+    """Issue 7: every canonical type at most 3% flagged and 0.3% blocked on the held-out
+    real users (purchases below)."""
+    seen = held_out_per_type()
+    assert {"view", "cart", "favorite", "purchase"} <= set(seen)
+    for name, r in seen.items():
+        assert r["flagged_share"] <= 0.03, name
+        if name != "purchase":
+            assert r["blocked_share"] <= 0.003, name
+
+
+@pytest.mark.xfail(strict=True, reason="issue 7, open: 2 of 604 held-out purchases blocked (0.33%), "
+                                       "the target is at most 0.3% (1 of 604); docs/QUALITY.md")
+def test_held_out_purchases_are_blocked_at_most_0_3_percent():
+    """Issue 7's purchase budget, not met by the shipped bundle: strict, so the day a bundle
+    meets it this test fails until the mark goes."""
+    assert held_out_per_type()["purchase"]["blocked_share"] <= 0.003

@@ -6,6 +6,7 @@ tests/e2e/test_e2e_slow_clients.py."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -103,27 +104,104 @@ def test_a_stalled_body_times_out_with_408() -> None:
         asyncio.run(read(gone, read_timeout_s=10))
 
 
-class Wire:
-    """A client's side of one request: the body as messages, what the app sends back."""
+def paced(piece: bytes, every_s: float, pieces: int = 1 << 30) -> Receive:
+    """A client sending ``piece`` every ``every_s`` seconds, ``pieces`` times."""
+    sent = 0
 
-    def __init__(self, body_parts: list[bytes], *, then_disconnect: bool = False) -> None:
+    async def receive() -> Message:
+        nonlocal sent
+        await asyncio.sleep(every_s)
+        sent += 1
+        return {"type": "http.request", "body": piece, "more_body": sent < pieces}
+
+    return receive
+
+
+def test_a_body_under_the_minimum_rate_times_out_after_the_grace() -> None:
+    """A piece every 20 ms keeps the per-piece timeout quiet, but 10 bytes a piece is 500
+    bytes/s: cut once the grace (0.2 s) and what its bytes bought (1/2000 s each) are spent."""
+    async def read() -> tuple[float, str]:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(RequestTimeout) as info:
+            await collect(body_chunks(Request(http_scope(), paced(b"x" * 10, 0.02)), read_timeout_s=10,
+                                      min_rate_bytes_s=2000, min_rate_grace_s=0.2))
+        return asyncio.get_running_loop().time() - started, info.value.detail or ""
+
+    took, detail = asyncio.run(read())
+    assert detail == "the body arrived at under 2000 bytes/s for longer than 0.2 s"
+    # 0.2 s of grace + 500 B/s x t / 2000 B/s = t: cut at about 0.27 s (pieces come each 20 ms).
+    assert 0.2 < took < 1.0, took
+
+
+def test_a_fast_start_buys_no_more_than_the_grace() -> None:
+    """10 kB at once, then a trickle: averaged from the start it would pass for 5 s (10 kB at
+    2,000 bytes/s), but the time bought is capped at the grace: cut within about 0.2 s."""
+    sent = 0
+
+    async def receive() -> Message:
+        nonlocal sent
+        sent += 1
+        if sent > 1:
+            await asyncio.sleep(0.02)
+        return {"type": "http.request", "body": b"x" * (10_000 if sent == 1 else 1), "more_body": True}
+
+    async def read() -> float:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(RequestTimeout, match=r"under 2000 bytes/s for longer than 0\.2 s"):
+            await collect(body_chunks(Request(http_scope(), receive), read_timeout_s=10, min_rate_bytes_s=2000,
+                                      min_rate_grace_s=0.2))
+        return asyncio.get_running_loop().time() - started
+
+    assert 0.15 < asyncio.run(read()) < 1.0
+
+
+def test_a_body_at_the_minimum_rate_or_faster_is_never_cut() -> None:
+    async def read(receive: Receive, pause_s: float = 0.0) -> int:
+        size = 0
+        async for piece in body_chunks(Request(http_scope(), receive), read_timeout_s=10, min_rate_bytes_s=2500,
+                                       min_rate_grace_s=0.1):
+            size += len(piece)
+            await asyncio.sleep(pause_s)
+        return size
+
+    # 5,000 bytes/s for 0.8 s, twice the minimum: well past the grace, never cut.
+    assert asyncio.run(read(paced(b"x" * 100, 0.02, pieces=40))) == 4000
+    # Pieces that are there at once, but the reader works 0.05 s on each (a chunk being
+    # scored): 2,000 bytes/s by the wall clock, yet the client was never waited for.
+    assert asyncio.run(read(paced(b"x" * 100, 0.0, pieces=20), pause_s=0.05)) == 2000
+
+
+class Wire:
+    """A client's side of one request: the body as messages, what the app sends back.
+
+    ``then_disconnect``: the client goes away during the upload (the last part says more
+    is coming); ``then_leave``: it sends the whole body, then goes away. Once the answer is
+    complete, ``receive`` answers ``http.disconnect``, as servers (uvicorn) do.
+    """
+
+    def __init__(self, body_parts: list[bytes], *, then_disconnect: bool = False, then_leave: bool = False) -> None:
         self.messages: list[Message] = [
             {"type": "http.request", "body": p, "more_body": i < len(body_parts) - 1 or then_disconnect}
             for i, p in enumerate(body_parts)]
-        if then_disconnect:
+        if then_disconnect or then_leave:
             self.messages.append({"type": "http.disconnect"})
         self.read = 0
+        self.answered = False
         self.sent: list[tuple[Message, int]] = []  # each message sent, with the body messages read by then
 
     async def receive(self) -> Message:
         if self.read < len(self.messages):
             self.read += 1
             return self.messages[self.read - 1]
+        if self.answered:
+            return {"type": "http.disconnect"}
         await asyncio.sleep(3600)  # a client that sends nothing more
         raise AssertionError("unreachable")
 
     async def send(self, message: Message) -> None:
         self.sent.append((message, self.read))
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.answered = True
 
 
 def answer_413_at_once() -> Callable[[Scope, Receive, Send], Awaitable[None]]:
@@ -177,10 +255,11 @@ class _App:
         self.state = type("S", (), {"seqguard": _State()})()
 
 
-def counted(app: Callable[[Scope, Receive, Send], Awaitable[None]], wire: Wire) -> dict[str, float]:
+def counted(app: Callable[[Scope, Receive, Send], Awaitable[None]], wire: Wire,
+            headers: list[tuple[bytes, bytes]] | None = None) -> dict[str, float]:
     """Run ``app`` under RequestMetrics; seqguard_requests_total by status."""
     holder = _App()
-    scope = http_scope([(b"content-length", b"1000")]) | {"app": holder}
+    scope = http_scope([(b"content-length", b"1000")] if headers is None else headers) | {"app": holder}
     asyncio.run(RequestMetrics(app)(scope, wire.receive, wire.send))
     text = holder.state.seqguard.metrics.render()[0].decode()
     return {line.split('status="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
@@ -213,6 +292,52 @@ def test_a_client_gone_mid_upload_counts_as_499() -> None:
         await send({"type": "http.response.body", "body": b"ok"})
         await receive()  # servers answer "disconnect" once the answer is complete: not a 499
 
+    assert counted(completes, Wire([b"x"])) == {"200": 1.0}
+
+
+async def answers_after_the_body(scope: Scope, receive: Receive, send: Send) -> None:
+    """Reads the whole body, then answers 200 (in two parts), as the routes do."""
+    await Request(scope, receive).body()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"o", "more_body": True})
+    await send({"type": "http.response.body", "body": b"k"})
+
+
+def test_a_client_gone_after_its_whole_upload_counts_as_499(caplog: pytest.LogCaptureFixture) -> None:
+    """It sent all of its body and left while the answer was worked on: the server drops
+    the answer unsent (uvicorn says nothing), and the request is a 499, not a 200, logged
+    at debug level."""
+    wire = Wire([b"x" * 10, b"y" * 10], then_leave=True)
+    with caplog.at_level(logging.DEBUG, logger="seqguard.errors"):
+        assert counted(answers_after_the_body, wire) == {"499": 1.0}
+    assert wire.read == 3  # the body, then the disconnect, found without waiting
+    [rec] = caplog.records
+    assert rec.levelno == logging.DEBUG and "client closed the connection after its request" in rec.getMessage()
+    # The same client, still there: a 200, and nothing read that was not there.
+    assert counted(answers_after_the_body, Wire([b"x" * 10, b"y" * 10])) == {"200": 1.0}
+    # Without a body (a GET): the same look finds the client gone.
+    assert counted(answers_after_the_body, Wire([b""], then_leave=True), headers=[]) == {"499": 1.0}
+    assert counted(answers_after_the_body, Wire([b""]), headers=[]) == {"200": 1.0}
+
+
+def test_a_failed_send_counts_as_499() -> None:
     wire = Wire([b"x"])
-    wire.messages.append({"type": "http.disconnect"})
-    assert counted(completes, wire) == {"200": 1.0}
+
+    async def send_fails(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            raise ConnectionResetError("gone")
+        await wire.send(message)
+
+    holder = _App()
+    scope = http_scope() | {"app": holder}
+    with pytest.raises(ConnectionResetError):
+        asyncio.run(RequestMetrics(answers_after_the_body)(scope, wire.receive, send_fails))
+    assert 'status="499"' in holder.state.seqguard.metrics.render()[0].decode()
+
+
+def test_an_answer_given_before_the_body_was_read_takes_none_of_it() -> None:
+    """The last look for a disconnect is taken only once the body has been read: an early
+    answer (413) must leave the unread body to the lingering close."""
+    wire = Wire([b"x" * 100] * 5)
+    assert counted(answer_413_at_once(), wire, headers=[(b"content-length", b"500")]) == {"413": 1.0}
+    assert wire.read == 0

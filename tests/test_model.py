@@ -27,11 +27,21 @@ def random_ids(b: int, t: int, seed: int = 0) -> torch.Tensor:
     return torch.stack([torch.randint(1, c, (b, t), generator=g) for c in CARD], dim=-1)
 
 
+def fused(model: Detector) -> Detector:
+    """``model`` with a fisher calibration, so its probability depends on the recent surprise."""
+    knots = [0.0, 1.0, 30.0]
+    model.calibration.set("fisher", ab=(1.0, -2.0), logit_x=[-3.0, 0.0, 3.0], logit_y=[0.0, 1.0, 2.0],
+                          recent_x=knots, recent_y=[0.0, 0.5, 3.0])
+    return model
+
+
+@pytest.mark.parametrize("span", [1, 4])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_long_pass_equals_each_events_own_window(arch):
+def test_long_pass_equals_each_events_own_window(arch, span):
     torch.manual_seed(0)
     w = 12
-    model = Detector(ModelConfig(cardinalities=CARD, arch=arch, window=w, d_model=32)).eval()
+    model = fused(Detector(ModelConfig(cardinalities=CARD, arch=arch, window=w, d_model=32, surprise_span=span)))
+    model.eval()
     ids = random_ids(1, 40)
     with torch.no_grad():
         full = model(ids)
@@ -40,15 +50,39 @@ def test_long_pass_equals_each_events_own_window(arch):
             padded = torch.cat([torch.zeros(1, w - own.shape[1], len(CARD), dtype=torch.long), own], 1)
             for x in (own, padded):
                 out = model(x)
-                for k in ("anomaly_probability", "surprise"):
+                for k in ("anomaly_probability", "surprise", "recent_surprise"):
                     assert abs(float(out[k][0, -1] - full[k][0, t])) < 1e-5, (arch, t, k)
 
 
+def test_recent_surprise_is_the_mean_of_the_last_k_events():
+    torch.manual_seed(0)
+    model = Detector(ModelConfig(cardinalities=CARD, window=12, d_model=16, surprise_span=4)).eval()
+    ids = random_ids(2, 20)
+    ids[0, :5] = 0  # left padding
+    with torch.no_grad():
+        out = model(ids)
+    s, valid = out["surprise"].numpy(), (ids[..., 0] != 0).numpy()
+    for b in range(2):
+        for t in range(20):
+            w = valid[b, max(0, t - 3): t + 1]
+            want = s[b, max(0, t - 3): t + 1][w].mean() if valid[b, t] else 0.0
+            assert float(out["recent_surprise"][b, t]) == pytest.approx(want, abs=1e-5)
+
+
+def test_surprise_span_narrows_the_encoder_so_the_window_still_holds():
+    cfg = ModelConfig(cardinalities=CARD, window=64, surprise_span=16)
+    assert cfg.context == 49 and sum(b - 1 for b in layer_bands(cfg.context, cfg.n_layers)) + 1 == 48
+    with pytest.raises(ValueError, match="surprise_span"):
+        ModelConfig(cardinalities=CARD, window=8, surprise_span=7)
+
+
+@pytest.mark.parametrize("span", [1, 4])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_output_ignores_events_older_than_the_window(arch):
+def test_output_ignores_events_older_than_the_window(arch, span):
     torch.manual_seed(1)
     w = 10
-    model = Detector(ModelConfig(cardinalities=CARD, arch=arch, window=w, d_model=16)).eval()
+    model = fused(Detector(ModelConfig(cardinalities=CARD, arch=arch, window=w, d_model=16, surprise_span=span)))
+    model.eval()
     a = random_ids(1, 30, seed=1)
     b = a.clone()
     b[:, :20] = random_ids(1, 20, seed=2)  # change everything but the last w events
@@ -126,17 +160,24 @@ def test_piecewise_linear_is_monotone_and_flat_outside():
     assert float(piecewise_linear(torch.tensor([2.0]), kx, ky)[0]) == pytest.approx(0.7)
 
 
-@pytest.mark.parametrize("kind", ["platt", "isotonic", "tail"])
+@pytest.mark.parametrize("kind", ["platt", "isotonic", "tail", "fisher"])
 def test_calibration_is_monotone_in_the_raw_score(kind):
     rng = np.random.default_rng(0)
     label = (rng.random(4000) < 0.1).astype(np.int8)
     logit = rng.normal(size=4000) + 3 * label
     surprise = np.abs(rng.normal(size=4000)) + 2 * label
     cal = Calibration()
-    fit_calibration(cal, kind, logit=logit, surprise=surprise, label=None if kind == "tail" else label)
+    fit_calibration(cal, kind, logit=logit, surprise=surprise, label=None if kind == "tail" else label,
+                    recent=surprise)
     grid = torch.linspace(-6, 8, 500)
-    p = cal(grid, grid)
+    p = cal(grid, grid, grid)
     assert bool((p[1:] >= p[:-1] - 1e-7).all())
+    if kind == "fisher":  # in each input alone, the other held
+        for fixed in (-2.0, 0.5, 3.0):
+            c = torch.full_like(grid, fixed)
+            for q in (cal(grid, c, c), cal(c, grid, grid)):
+                assert bool((q[1:] >= q[:-1] - 1e-7).all())
+            assert float(cal(c[:1], torch.tensor([6.0]), torch.tensor([6.0]))[0]) > float(cal(c[:1], c[:1], c[:1])[0])
     assert float(p.min()) >= 0.0 and float(p.max()) <= 1.0
     if kind == "tail":  # the distribution function of normal surprise
         q99 = float(np.quantile(surprise, 0.99))

@@ -75,6 +75,27 @@ def test_request_bodies_are_the_models_the_routes_validate_with(client: TestClie
     assert "HTTPValidationError" not in schemas  # FastAPI's 422 body is not what the service answers
 
 
+def test_reasons_give_times_as_the_document_says_in_both_forms(client: TestClient) -> None:
+    """Issue 9: a reason's time is in the form of the scored event's timestamp, and the
+    document says so; answers in either form validate against it."""
+    import jsonschema_rs
+
+    doc = client.get("/openapi.json").json()
+    timestamp = doc["components"]["schemas"]["Reason"]["properties"]["timestamp"]
+    assert timestamp["anyOf"] == [{"type": "integer"}, {"type": "string", "format": "date-time"}]
+    assert "form of the timestamp of the request's event being scored" in timestamp["description"]
+    answer = doc["paths"]["/events"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    valid = jsonschema_rs.validator_for(answer | {"components": doc["components"]}, validate_formats=True)
+    client.post("/events", json=event("e0", ts="2023-11-14T22:13:20Z"))
+    for eid, ts, kind in (("e1", T0 + 1000, int), ("e2", "2023-11-14T22:13:22Z", str)):
+        for body, results in ((event(eid, ts=ts), lambda r: [r]), ({"events": [event(f"{eid}b", ts=ts)]},
+                                                                       lambda r: r["results"])):
+            r = client.post("/events?explain=true", json=body)
+            assert r.status_code == 200, r.text
+            valid.validate(r.json())
+            assert {type(x["timestamp"]) for res in results(r.json()) for x in res["reasons"]} == {kind}
+
+
 def test_limits_in_the_document_follow_the_settings(make_client: Callable[..., TestClient]) -> None:
     doc = make_client(max_events_per_request=50, batch_max_events=70).get("/openapi.json").json()
     assert doc["components"]["schemas"]["EventsBatch"]["properties"]["events"]["maxItems"] == 50

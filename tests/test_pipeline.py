@@ -26,6 +26,8 @@ def test_bundle_has_everything_the_contract_lists(trained):
     assert 0.0 < b.thresholds["review"] <= b.thresholds["block"] <= 1.0
     assert meta["thresholds"]["chosen"]["on"].startswith("validation")
     assert meta["parity"]["fp32"]["max_abs_diff"] <= 1e-4
+    # labels (injected scenarios): the supervised score fused with the recent surprise
+    assert meta["calibration"]["kind"] == "fisher" and meta["parity"]["fp32"]["max_diff_over_allowed"]
     assert "fp16" in meta["parity"] and (bundle_dir / "model.fp16.onnx").is_file()
     assert meta["training_data"]["sha256"] and "path" not in meta["training_data"]
     for name in REPORT_FILES:

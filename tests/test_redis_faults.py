@@ -4,11 +4,14 @@ what the service leaves in Redis (nothing raw about a user, a small record per e
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
@@ -91,12 +94,20 @@ def test_a_stalled_store_answers_503_that_the_event_may_be_stored_and_a_retry_is
 
 
 def test_a_killed_embedded_redis_is_restarted_and_the_service_recovers(service: Callable[..., TestClient],
-                                                                        tmp_path: Path) -> None:
+                                                                        tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="seqguard")
     client = service(redis_url=None, redis_data_dir=tmp_path / "redis", redis_maxmemory="32mb")
     first = client.post("/events", json=event("e1", "u1", T0)).json()
     assert first["window_size"] == 1
-    embedded = client.app.state.seqguard.embedded  # type: ignore[attr-defined]
-    pid, port = embedded.pid, embedded.port
+    # Where the embedded Redis listens, as the service's log says, and its pid, as Redis says.
+    started = [m for r in caplog.records if (m := re.search(r"embedded Redis \(append-only\) at (\S+), data in",
+                                                            r.getMessage()))]
+    assert len(started) == 1
+    url = started[0][1]
+    port = urlsplit(url).port
+    with redis.Redis.from_url(url) as r:
+        pid = int(r.info("server")["process_id"])
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: gone(pid), what="redis-server to die")
     statuses = []
@@ -107,8 +118,16 @@ def test_a_killed_embedded_redis_is_restarted_and_the_service_recovers(service: 
 
     wait_for(ready, what="/readyz to answer 200 again")
     assert set(statuses) <= {200, 503}
-    wait_for(lambda: embedded.restarts == 1, what="the supervisor to count the restart")  # it answers first
-    assert embedded.port == port and embedded.pid != pid
+    back = re.compile(rf"the embedded Redis is back \(redis-server pid (\d+), restart 1\) on 127\.0\.0\.1:{port};")
+
+    def said_back() -> re.Match[str] | None:
+        return next((m for r in caplog.records if (m := back.search(r.getMessage()))), None)
+
+    wait_for(lambda: said_back() is not None, what="the supervisor to log the restart")  # it answers first
+    with redis.Redis.from_url(url) as r:  # the same port, a new redis-server
+        new_pid = int(r.info("server")["process_id"])
+    said = said_back()
+    assert said is not None and new_pid != pid and new_pid == int(said[1])
     # The same data dir: the acknowledged event is back, the replay recognised, the window grows.
     assert client.post("/events", json=event("e1", "u1", T0)).json()["duplicate"] is True
     second = client.post("/events", json=event("e2", "u1", T0 + 1000, "cart"))

@@ -2,8 +2,9 @@
 
 JSON bodies are answered as JSON; NDJSON (``application/x-ndjson``) streams (up to
 ``batch_max_body_bytes``, lines up to ``batch_max_line_bytes``) are scored in chunks and
-answered as an NDJSON stream, one line per input line, in input order. A limit crossed
-before the answer starts is a 413 (a slow body a 408); after, the stream's last line is
+answered as an NDJSON stream in input order: a result per valid line and, past the first
+chunk, the error lines of each invalid one where it stood. A limit crossed before the
+answer starts is a 413 (a slow body a 408); after, the stream's last line is
 ``{"error": {problem}}``. Parsing and encoding run in the backfill thread, off the loop.
 Each event is scored on the events of the same request at or before it (equal
 timestamps: input order), exactly as if they had arrived online one by one; live windows
@@ -16,6 +17,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -168,49 +170,51 @@ async def _ndjson(request: Request, state: StateDep, update_windows: bool) -> St
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > settings.batch_max_body_bytes:
         raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {settings.batch_max_body_bytes}")
-    pieces = body_chunks(request, read_timeout_s=settings.body_read_timeout_s)
+    pieces = body_chunks(request, read_timeout_s=settings.body_read_timeout_s,
+                         min_rate_bytes_s=settings.body_min_rate_bytes_s,
+                         min_rate_grace_s=settings.body_min_rate_grace_s)
     lines = _lines(pieces, max_line=settings.batch_max_line_bytes, max_body=settings.batch_max_body_bytes)
     executor = state.batch_executor
-    first, errors, done, line_no = await _chunk(lines, 0, executor)
-    if errors:  # nothing streamed yet: a proper 422 naming every bad line of the first chunk
-        raise RequestValidationError(errors)
+    first = await _chunk(lines, 0, executor)
+    if first.errors:  # nothing streamed yet: a proper 422 naming every bad line of the first chunk
+        raise RequestValidationError(first.errors)
     history = state.bundle.spec.history
     if update_windows:  # before the answer starts: a store failure is still a proper 503
-        await _append(state, first)
+        await _append(state, first.records)
 
     async def stream() -> AsyncIterator[bytes]:
-        nonlocal line_no
         tails: dict[str, list[dict[str, Any]]] = {}
         seen = FirstAnswers()  # the stream's first answers: repeats across chunks
-        chunk, finished, stored = first, done, True
-        while chunk:
-            context = [e for r in chunk for e in tails.get(r["user_id"], ())] if tails else []
-            context = list({id(e): e for e in context}.values())  # once per user, not per event
+        chunk, stored = first, True
+        loop = asyncio.get_running_loop()
+        while True:
+            records = chunk.records
             if update_windows and not stored:
                 try:
-                    await _append(state, chunk)
+                    await _append(state, records)
                 except ServiceUnavailable as exc:  # the answer has started: the problem is its last line
                     log.warning("window store unavailable during an NDJSON /batch-score stream; ended it")
                     yield _error_line(exc)
                     return
             stored = False
-            scores = await _score(state, context + chunk, answered_from=len(context), seen=seen)
-            tail = scores[len(context):]  # keeps the repeats' duplicate flags
-            yield await asyncio.get_running_loop().run_in_executor(
-                executor, _encode_lines, chunk, tail, state.thresholds)
-            _carry(tails, [r for r, d in zip(context + chunk, scores.is_duplicate(), strict=True) if not d], history)
-            if finished:
-                break
+            if records:
+                context = [e for r in records for e in tails.get(r["user_id"], ())] if tails else []
+                context = list({id(e): e for e in context}.values())  # once per user, not per event
+                scores = await _score(state, context + records, answered_from=len(context), seen=seen)
+                tail = scores[len(context):]  # keeps the repeats' duplicate flags
+                yield await loop.run_in_executor(executor, _encode_lines, chunk, tail, state.thresholds)
+                _carry(tails, [r for r, d in zip(context + records, scores.is_duplicate(), strict=True) if not d],
+                       history)
+            elif chunk.errors:  # a chunk of invalid lines only: still answered, line by line
+                yield _encode_errors(chunk.errors)
+            if chunk.finished:
+                return
             try:
-                chunk, bad, finished, read = await _chunk(lines, line_no, executor)
+                chunk = await _chunk(lines, chunk.next_line, executor)
             except (PayloadTooLarge, RequestTimeout) as exc:
                 # The answer has started: the problem goes in the stream, as its last line.
                 yield _error_line(exc)
                 return
-            line_no += read
-            for err in bad:  # after the first chunk: reported in the stream, line by line
-                problem = {"line": err["loc"][1], "path": json_path(err["loc"]), "message": err["msg"]}
-                yield orjson.dumps({"error": problem}) + b"\n"
 
     return _ReadingStreamingResponse(stream(), media_type=NDJSON)
 
@@ -221,8 +225,31 @@ def _error_line(exc: ProblemError) -> bytes:
                                    "detail": exc.detail}}) + b"\n"
 
 
-def _encode_lines(records: list[dict[str, Any]], scores: Scores, thresholds: dict[str, float]) -> bytes:
-    return b"".join(orjson.dumps(r) + b"\n" for r in _results(records, scores, thresholds))
+def _encode_errors(errors: list[dict[str, Any]]) -> bytes:
+    """The ``{"error": {"line", "path", "message"}}`` lines of invalid input lines (after the
+    first chunk, where the answer has started)."""
+    return b"".join(orjson.dumps({"error": {"line": e["loc"][1], "path": json_path(e["loc"]), "message": e["msg"]}})
+                    + b"\n" for e in errors)
+
+
+def _encode_lines(chunk: _Chunk, scores: Scores, thresholds: dict[str, float]) -> bytes:
+    """A chunk's answer lines in input order: each valid line's result, and the error
+    lines of each invalid one where that line was."""
+    results = [orjson.dumps(r) + b"\n" for r in _results(chunk.records, scores, thresholds)]
+    if not chunk.errors:
+        return b"".join(results)
+    out: list[bytes] = []
+    errors, k = chunk.errors, 0
+    for line, result in zip(chunk.lines, results, strict=True):
+        start = k
+        while k < len(errors) and errors[k]["loc"][1] < line:
+            k += 1
+        if k > start:
+            out.append(_encode_errors(errors[start:k]))
+        out.append(result)
+    if k < len(errors):
+        out.append(_encode_errors(errors[k:]))
+    return b"".join(out)
 
 
 class _ReadingStreamingResponse(StreamingResponse):
@@ -281,10 +308,21 @@ async def _lines(pieces: AsyncIterator[bytes], *, max_line: int, max_body: int) 
         yield line
 
 
-async def _chunk(lines: AsyncIterator[bytes], first_line: int, executor: Executor,
-                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], bool, int]:
-    """Up to CHUNK_EVENTS lines from ``first_line`` on, parsed off the event loop: their
-    valid events, the errors of the invalid ones, whether the stream ended, lines read."""
+@dataclass(frozen=True, slots=True)
+class _Chunk:
+    """Up to CHUNK_EVENTS lines of a stream, parsed: the valid lines' events and their line
+    numbers (``lines``, ascending), the errors of the invalid ones (in line order), whether
+    the stream ended with it, and the number of the line after it."""
+
+    records: list[dict[str, Any]]
+    lines: list[int]
+    errors: list[dict[str, Any]]
+    finished: bool
+    next_line: int
+
+
+async def _chunk(lines: AsyncIterator[bytes], first_line: int, executor: Executor) -> _Chunk:
+    """Up to CHUNK_EVENTS lines from ``first_line`` on, parsed off the event loop."""
     raw: list[bytes] = []
     finished = True
     async for line in lines:
@@ -292,19 +330,22 @@ async def _chunk(lines: AsyncIterator[bytes], first_line: int, executor: Executo
         if len(raw) >= CHUNK_EVENTS:
             finished = False
             break
-    records, errors = await asyncio.get_running_loop().run_in_executor(executor, _parse_lines, raw, first_line)
-    return records, errors, finished, len(raw)
+    records, numbers, errors = await asyncio.get_running_loop().run_in_executor(
+        executor, _parse_lines, raw, first_line)
+    return _Chunk(records, numbers, errors, finished, first_line + len(raw))
 
 
-def _parse_lines(raw: list[bytes], first_line: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _parse_lines(raw: list[bytes], first_line: int) -> tuple[list[dict[str, Any]], list[int], list[dict[str, Any]]]:
     events: list[Any] = []
+    numbers: list[int] = []
     errors: list[dict[str, Any]] = []
     for n, line in enumerate(raw, first_line):
         try:
             events.append(parse_event_line(line, n))
+            numbers.append(n)
         except RequestValidationError as e:
             errors.extend(e.errors())
-    return to_records(events), errors
+    return to_records(events), numbers, errors
 
 
 def _carry(tails: dict[str, list[dict[str, Any]]], records: list[dict[str, Any]], history: int) -> None:

@@ -17,6 +17,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from app.batching import QueueFull
 from app.deps import AppState, authorize
 from app.errors import PayloadTooLarge, RequestTimeout, ServiceUnavailable
+from app.events import format_rfc3339_ms
 from app.routes import json_response, media_type
 from app.schemas import ScoreResult, ScoreResults, parse_events, query_flag, to_records
 
@@ -25,27 +26,45 @@ log = logging.getLogger("seqguard.events")
 
 
 async def body_chunks(request: Request, *, read_timeout_s: float, total_timeout_s: float | None = None,
-                      ) -> AsyncIterator[bytes]:
+                      min_rate_bytes_s: float = 0.0, min_rate_grace_s: float = 0.0) -> AsyncIterator[bytes]:
     """The request body piece by piece, as it arrives.
 
     Raises :class:`RequestTimeout` (408) when the next piece takes longer than
-    ``read_timeout_s`` or the whole body longer than ``total_timeout_s`` (seconds), and
+    ``read_timeout_s``, the whole body longer than ``total_timeout_s`` (seconds), or the
+    body falls more than ``min_rate_grace_s`` seconds behind a steady ``min_rate_bytes_s``
+    (so any stretch longer than the grace must average at least that rate), and
     Starlette's ``ClientDisconnect`` when the client goes away (counted as 499).
+
+    The rate rule is Apache mod_reqtimeout's ``MinRate`` (each byte received buys
+    ``1 / rate`` s), with the time bought capped at the grace: a client cannot bank a fast
+    start and trickle for hours after it. Only the time spent waiting here for the body
+    counts, not the time the caller works on what it got (the server reads nothing then:
+    a backfill's chunk being scored must not count against its client).
     """
     loop = asyncio.get_running_loop()
     deadline = None if total_timeout_s is None else loop.time() + total_timeout_s
+    behind_left = min_rate_grace_s if min_rate_bytes_s > 0 else float("inf")  # seconds the body may still lose
     pieces = request.stream().__aiter__()
     while True:
-        wait = read_timeout_s if deadline is None else min(read_timeout_s, deadline - loop.time())
+        total_left = float("inf") if deadline is None else deadline - loop.time()
+        wait = min(read_timeout_s, total_left, behind_left)
+        started = loop.time()
         try:
             async with asyncio.timeout(max(wait, 0.0)):
                 chunk = await anext(pieces)
         except StopAsyncIteration:
             return
         except TimeoutError:
-            whole = deadline is not None and loop.time() >= deadline
-            raise RequestTimeout(f"the body was not received within {total_timeout_s:g} s" if whole else
-                                 f"no part of the body arrived for {read_timeout_s:g} s") from None
+            if total_left <= wait:
+                detail = f"the body was not received within {total_timeout_s:g} s"
+            elif behind_left <= wait:
+                detail = (f"the body arrived at under {min_rate_bytes_s:g} bytes/s for longer than "
+                          f"{min_rate_grace_s:g} s")
+            else:
+                detail = f"no part of the body arrived for {read_timeout_s:g} s"
+            raise RequestTimeout(detail) from None
+        if min_rate_bytes_s > 0:
+            behind_left = min(min_rate_grace_s, behind_left - (loop.time() - started) + len(chunk) / min_rate_bytes_s)
         if chunk:
             yield chunk
 
@@ -53,13 +72,16 @@ async def body_chunks(request: Request, *, read_timeout_s: float, total_timeout_
 async def read_body(request: Request, limit: int) -> bytes:
     """The whole request body (bytes), refused with 413 as soon as it passes ``limit``
     bytes (before any is read when its Content-Length says so), and with 408 when it
-    arrives too slowly (``body_read_timeout_s`` between pieces, ``body_timeout_s`` in all)."""
+    arrives too slowly (``body_read_timeout_s`` between pieces, ``body_timeout_s`` in all,
+    ``body_min_rate_bytes_s`` after ``body_min_rate_grace_s``)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit}")
     s = request.app.state.seqguard.settings
     chunks, size = [], 0
-    async for chunk in body_chunks(request, read_timeout_s=s.body_read_timeout_s, total_timeout_s=s.body_timeout_s):
+    async for chunk in body_chunks(request, read_timeout_s=s.body_read_timeout_s, total_timeout_s=s.body_timeout_s,
+                                   min_rate_bytes_s=s.body_min_rate_bytes_s,
+                                   min_rate_grace_s=s.body_min_rate_grace_s):
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
@@ -67,17 +89,20 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def reasons(window: Sequence[dict[str, Any]], surprise: np.ndarray, top: int = 5) -> list[dict[str, Any]]:
+def reasons(window: Sequence[dict[str, Any]], surprise: np.ndarray, top: int = 5, *,
+            rfc3339: bool = False) -> list[dict[str, Any]]:
     """The ``top`` events of the window that drove the score, most surprising first (ties:
     the later event first), each with its surprise: nats, −log of twice the mid-p-value of
     the event under the model's prediction from the events before it, summed over the
     predicted features (0 = no less likely than a typical next event; about 2.3 per
-    tenfold rarer; model_export/model.py)."""
+    tenfold rarer; model_export/model.py). Times are epoch milliseconds, or with
+    ``rfc3339`` (the scored event's timestamp came so) RFC 3339 date-times in UTC."""
     events = list(window)[-len(surprise):]
     order = np.lexsort((-np.arange(len(surprise)), -surprise))[:top]
+    when = format_rfc3339_ms if rfc3339 else int
     return [
         {"event_id": events[i].get("event_id"), "event_type": events[i]["event_type"],
-         "timestamp": events[i]["timestamp"],
+         "timestamp": when(events[i]["timestamp"]),
          "surprise": round(max(float(surprise[i]), 0.0), 4)}  # float error must not show as -0.0
         for i in order.tolist()
     ]
@@ -143,7 +168,8 @@ async def post_events(request: Request) -> Response:
                 "model_version": state.bundle.version, "duplicate": w.duplicate,
             }
             if explain:
-                res["reasons"] = reasons(w.events, scores.surprise[k])
+                # Times in the form the client sent this event's in (the store keeps only ms).
+                res["reasons"] = reasons(w.events, scores.surprise[k], rfc3339=events[i].timestamp_rfc3339)
             results[i] = res
             first.append((w.user_id, w.event_id, orjson.dumps(res | {"duplicate": False})))
         # The first answer of each event, for replays (never overwrites an earlier one),

@@ -149,6 +149,37 @@ def test_explain_gives_reasons_with_per_event_surprise(client: TestClient) -> No
     assert [sorted(x["event_id"] for x in r["reasons"]) for r in bulk["results"]] == [["y1"], ["y1", "y2"]]
 
 
+def test_explain_gives_times_in_the_form_the_scored_event_came_in(client: TestClient) -> None:
+    """Issue 9: reasons' times were always epoch ms, also for a client that sends RFC 3339.
+    The store keeps only ms; each answer renders them in the form of its own event's
+    timestamp, whatever form the earlier events of the window came in."""
+    client.post("/events", json=event("a", "u1", T0, "pv", item_id="i1"))  # 2023-11-14T22:13:20Z
+    client.post("/events", json=event("b", "u1", "2023-11-14T23:13:50.5+01:00", "pv", item_id="i2"))
+
+    def times(res: dict[str, Any]) -> dict[str, Any]:
+        return {x["event_id"]: x["timestamp"] for x in res["reasons"]}
+
+    as_text = client.post("/events?explain=true", json=event("c", "u1", "2023-11-14T22:14:00.123456Z", "cart",
+                                                             item_id="i2")).json()
+    assert times(as_text) == {"a": "2023-11-14T22:13:20.000Z", "b": "2023-11-14T22:13:50.500Z",
+                              "c": "2023-11-14T22:14:00.123Z"}
+    as_ms = client.post("/events?explain=true", json=event("d", "u1", T0 + 60_500, "pv", item_id="i3")).json()
+    assert times(as_ms) == {"a": T0, "b": T0 + 30_500, "c": T0 + 40_123, "d": T0 + 60_500}
+    digits = client.post("/events?explain=true", json=event("e", "u1", str(T0 + 61_000), "pv", item_id="i3")).json()
+    assert set(times(digits).values()) <= {T0, T0 + 30_500, T0 + 40_123, T0 + 60_500, T0 + 61_000}
+    # In one bulk body, each result in the form of its own event's timestamp.
+    bulk = client.post("/events?explain=true", json={"events": [
+        event("f", "u2", "2023-11-14T22:13:20Z", "pv"), event("g", "u2", T0 + 1000, "pv"),
+        event("h", "u2", "2023-11-14T22:13:22Z", "cart")]}).json()["results"]
+    assert [times(r) for r in bulk] == [
+        {"f": "2023-11-14T22:13:20.000Z"},
+        {"f": T0, "g": T0 + 1000},
+        {"f": "2023-11-14T22:13:20.000Z", "g": "2023-11-14T22:13:21.000Z", "h": "2023-11-14T22:13:22.000Z"}]
+    # The store keeps the time as a number whatever form it came in.
+    window = client.get("/users/u1/window").json()["events"]
+    assert [e["timestamp"] for e in window] == [T0, T0 + 30_500, T0 + 40_123, T0 + 60_500, T0 + 61_000]
+
+
 # ----------------------------------------------------------------------- idempotency
 
 

@@ -87,6 +87,25 @@ def test_repeated_key_after_the_first_ndjson_chunk_is_reported_in_the_stream(
     assert [x["error"]["path"] for x in rows if "error" in x] == ["$[4].user_id"]
 
 
+def test_an_ndjson_answer_keeps_input_order_across_chunks_bad_lines_included(
+        client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the first chunk, each bad line's error lines stand where the line stood, between
+    the answers of the valid lines around it (they came before the whole chunk's answers),
+    and a chunk of bad lines only is answered too (it ended the stream, unanswered after)."""
+    monkeypatch.setattr(batch_route, "CHUNK_EVENTS", 4)
+    bad = {5: b'{"event_id": "x5", "user_id": "u1"}', 6: b"not json", 9: ISSUE_BODY,
+           12: b'{"event_id": "x12"}', 13: b"[]", 14: b"{", 15: b'{"event_id": "x15", "timestamp": "soon"}'}
+    lines = [bad.get(i, orjson.dumps(ev(f"e{i}", T + i))) for i in range(20)]  # chunk 3 (lines 12-15): all bad
+    r = send(client, "batch-ndjson", ndjson(*lines))
+    assert r.status_code == 200, r.text
+    # Each answer line's input line: a result's by its event id, an error's by its "line".
+    rows = [orjson.loads(x) for x in r.text.splitlines()]
+    order = [x["error"]["line"] if "error" in x else int(x["event_id"][1:]) for x in rows]
+    assert order == sorted(order)
+    assert sorted(set(order)) == list(range(20))  # every line answered, each bad one with 1+ error lines
+    assert order.count(5) == 2  # event_type and timestamp missing: both named, together
+
+
 # ---- 2. one timestamp grammar -----------------------------------------------------------------
 
 @pytest.mark.parametrize("form", FORMS)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 from app.bundle import DEFAULT_BUNDLE
@@ -20,7 +22,7 @@ def test_model_describes_the_served_bundle(client: TestClient, bundle_meta: dict
     assert m["window"] == shipped["window"] == bundle_meta["window"]
     assert m["thresholds"] == {"review": shipped["thresholds"]["review"], "block": shipped["thresholds"]["block"]}
     assert m["provider"] == "CPUExecutionProvider"  # what the session really runs on (no GPU here)
-    assert m["fp16"] is False
+    assert m["fp16"] is False and m["model_file"] == "model.onnx"
     assert m["parameters"]["parameters"] == shipped["architecture"]["parameters"]
     ev = m["evaluation"]
     assert ev == shipped["evaluation"]
@@ -28,6 +30,19 @@ def test_model_describes_the_served_bundle(client: TestClient, bundle_meta: dict
     # The answers of /events name the same model and thresholds.
     res = client.post("/events", json=event("e1", "u1", T0)).json()
     assert res["model_version"] == m["version"] and res["thresholds"] == m["thresholds"]
+
+
+def test_model_names_the_model_file_that_runs(make_client: Any, tmp_path: Path) -> None:
+    """SEQGUARD_FP16 asks for model.fp16.onnx, on whichever provider loads; /model says
+    which file the session runs, not what was asked for."""
+    m = make_client(fp16=True).get("/model").json()
+    assert (m["fp16"], m["model_file"], m["provider"]) == (True, "model.fp16.onnx", "CPUExecutionProvider")
+    plain = tmp_path / "bundle"  # the shipped bundle without its fp16 model
+    plain.mkdir()
+    for name in ("bundle.json", "model.onnx"):
+        shutil.copy(DEFAULT_BUNDLE / name, plain)
+    m = make_client(bundle=plain, fp16=True).get("/model").json()
+    assert (m["fp16"], m["model_file"]) == (False, "model.onnx")
 
 
 def test_model_shows_the_vocabulary_and_the_deployments_aliases(make_client: Any) -> None:

@@ -5,7 +5,9 @@ through a real `seqguard serve` (uvicorn, httptools) on loopback and through the
   before reading (urllib): the server reads and drops the rest before it closes.
 - A client that drops mid-upload is counted as 499, never as 500, and logs no traceback.
 - Clients that trickle or stall their head or body get 408 (431 for a huge head) within
-  the configured (here: short) timeouts, and their connection is closed.
+  the configured (here: short) timeouts, and their connection is closed; a body must keep
+  arriving at the minimum rate (here 16 KiB/s, 2 s behind at most), a steady one is never cut.
+- A client that sends its whole body and leaves before the answer is counted as 499 too.
 - NDJSON /batch-score: one line over the line cap, or a body over the body cap, is a 413
   before anything streams; past the first chunk, the stream ends with an error line.
 """
@@ -13,9 +15,11 @@ through a real `seqguard serve` (uvicorn, httptools) on loopback and through the
 from __future__ import annotations
 
 import contextlib
+import itertools
 import socket
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -29,18 +33,20 @@ import redis
 
 from app.windows import user_keys
 
-from .e2e_support import T0, LiveServer, TestClient, event, parse_metrics
+from .e2e_support import T0, LiveServer, TestClient, event, parse_metrics, wait_for
 
 PROBLEM = "application/problem+json"
 LINE_CAP = 4096
 BATCH_BODY_CAP = 3 << 20
+MIN_RATE, GRACE = 16 << 10, 2.0  # bytes/s, s
 
 
 @pytest.fixture(scope="module")
 def server(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """One live server for the module, with short timeouts and small NDJSON caps."""
     env = {"SEQGUARD_HEADER_TIMEOUT_S": "1", "SEQGUARD_BODY_READ_TIMEOUT_S": "1",
-           "SEQGUARD_BATCH_MAX_LINE_BYTES": str(LINE_CAP), "SEQGUARD_BATCH_MAX_BODY_BYTES": str(BATCH_BODY_CAP)}
+           "SEQGUARD_BATCH_MAX_LINE_BYTES": str(LINE_CAP), "SEQGUARD_BATCH_MAX_BODY_BYTES": str(BATCH_BODY_CAP),
+           "SEQGUARD_BODY_MIN_RATE_BYTES_S": str(MIN_RATE), "SEQGUARD_BODY_MIN_RATE_GRACE_S": str(GRACE)}
     with LiveServer(redis_server, tmp_path_factory.mktemp("slow-clients"), env=env) as s:
         yield s
 
@@ -127,6 +133,35 @@ def test_a_client_dropping_mid_upload_counts_as_499_not_500(server: LiveServer) 
     assert "Traceback" not in log and "unexpected error" not in log, log[-3000:]
 
 
+@pytest.mark.parametrize("form", ["json", "ndjson"])
+def test_a_client_leaving_after_its_whole_upload_counts_as_499(server: LiveServer, redis_server: str,
+                                                               form: str) -> None:
+    """The whole body sent, then the socket closed while the answer is worked on: the server
+    drops the answer unsent, and counts a 499 for it, not the 200 it would have been. The
+    client closes once the first events are in Redis (``update_windows``): by then the body
+    has been read to its end, so this is not the mid-upload case above."""
+    run = uuid.uuid4().hex[:8]
+    events = [event(f"lv-{i}", f"lv-{run}-{i % 50}", T0 + i) for i in range(10_000)]
+    if form == "json":
+        body, content_type = orjson.dumps({"events": events}), "application/json"
+    else:
+        body, content_type = b"".join(orjson.dumps(e) + b"\n" for e in events), "application/x-ndjson"
+    r = redis.Redis.from_url(redis_server)
+    before = requests_total(server)
+    with connect(server) as sock:
+        sock.sendall(f"POST /batch-score?update_windows=true HTTP/1.1\r\nHost: t\r\nContent-Type: {content_type}"
+                     f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        wait_for(lambda: bool(r.exists(user_keys(f"lv-{run}-0").ids)), 60, "the first events stored")
+    key = ("/batch-score", "499")
+    wait_for(lambda: requests_total(server).get(key, 0) > before.get(key, 0), 30, "a 499")
+    after = requests_total(server)
+    assert after[key] - before.get(key, 0) == 1
+    assert after.get(("/batch-score", "200"), 0) == before.get(("/batch-score", "200"), 0), after
+    assert r.hexists(user_keys(f"lv-{run}-49").ids, "lv-9999")  # the whole body was read and stored
+    log = server.log()
+    assert "Traceback" not in log and "unexpected error" not in log, log[-3000:]
+
+
 # --------------------------------------------------------------- 12: slow clients
 
 
@@ -182,6 +217,61 @@ def test_headers_then_no_body_get_408_and_the_connection_closed(server: LiveServ
     assert problem["type"].endswith("/request-timeout") and "1 s" in problem["detail"]
 
 
+@pytest.mark.parametrize(("path", "head"), [
+    ("/batch-score", "Content-Type: application/x-ndjson\r\nTransfer-Encoding: chunked"),
+    ("/batch-score", "Content-Type: application/json\r\nContent-Length: 100000"),
+    ("/events", "Content-Type: application/json\r\nContent-Length: 100000"),
+], ids=["batch-ndjson", "batch-json", "events"])
+def test_a_trickling_body_gets_408_within_the_grace(server: LiveServer, path: str, head: str) -> None:
+    """A byte every 0.25 s: the per-piece limit (1 s) never fires, but the body falls behind
+    the minimum rate at once, and is cut once it is GRACE s behind: 408, connection closed."""
+    stop = threading.Event()
+    chunked = "chunked" in head
+    with connect(server) as sock:
+        def write() -> None:
+            with contextlib.suppress(OSError):
+                sock.sendall(f"POST {path} HTTP/1.1\r\nHost: t\r\n{head}\r\n\r\n".encode())
+                for b in itertools.cycle(b'{"event_id": "t1", '):
+                    sock.sendall(b"1\r\n%c\r\n" % b if chunked else bytes([b]))
+                    if stop.wait(0.25):
+                        return
+
+        started = time.monotonic()
+        writer = threading.Thread(target=write)
+        writer.start()
+        try:
+            status, headers, body = split_answer(read_all(sock))
+            took = time.monotonic() - started
+        finally:
+            stop.set()
+            writer.join()
+    assert status == 408 and headers["content-type"] == PROBLEM and headers["connection"] == "close"
+    assert orjson.loads(body)["detail"] == f"the body arrived at under {MIN_RATE} bytes/s for longer than {GRACE:g} s"
+    assert GRACE - 0.1 < took < GRACE + 2.0, took
+
+
+def test_steady_uploads_are_never_cut(server: LiveServer) -> None:
+    """A body at twice the minimum rate for twice the grace, and one of more than a chunk
+    at full speed (the server stops reading while it scores the first chunk; that time is
+    not the client's): both answered whole, in order, without an error line."""
+    from app.routes.batch import CHUNK_EVENTS
+
+    line = [orjson.dumps(event(f"s{i}", f"u{i % 50}", T0 + i)) + b"\n" for i in range(CHUNK_EVENTS + 2_000)]
+    per_tick = MIN_RATE * 2 // 8 // len(line[0])  # lines per 1/8 s at twice the minimum rate
+
+    def paced() -> Iterator[bytes]:
+        for i in range(0, per_tick * 8 * int(2 * GRACE), per_tick):
+            yield b"".join(line[i: i + per_tick])
+            time.sleep(1 / 8)
+
+    started = time.monotonic()
+    status, out = stream_ndjson(server, paced())
+    assert time.monotonic() - started > 2 * GRACE
+    assert status == 200 and [o["event_id"] for o in out] == [f"s{i}" for i in range(per_tick * 8 * int(2 * GRACE))]
+    status, out = stream_ndjson(server, (b"".join(line[i: i + 500]) for i in range(0, len(line), 500)))
+    assert status == 200 and [o["event_id"] for o in out] == [f"s{i}" for i in range(len(line))]
+
+
 def test_a_kept_alive_connection_still_serves_requests_after_its_first(server: LiveServer) -> None:
     with httpx.Client(base_url=server.url, timeout=30) as client:  # one connection, several requests
         for _ in range(3):
@@ -225,6 +315,31 @@ def dechunk(body: bytes) -> bytes:
         if n == 0:
             return out
         out, body = out + rest[:n], rest[n + 2:]
+
+
+def stream_ndjson(server: LiveServer, pieces: Iterator[bytes],
+                  stop: threading.Event | None = None) -> tuple[int, list[dict[str, Any]]]:
+    """POST ``pieces`` as a chunked NDJSON body from a thread while the answer is read, as a
+    streaming client must (``stop`` is set once the server has closed); the status and the
+    answer's lines."""
+    with connect(server) as sock:
+        def write() -> None:
+            with contextlib.suppress(OSError):  # the server may stop reading once it has answered
+                sock.sendall(b"POST /batch-score HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+                             b"Content-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n")
+                for piece in pieces:
+                    sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+                sock.sendall(b"0\r\n\r\n")
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        try:
+            status, _, body = split_answer(read_all(sock))
+        finally:
+            if stop is not None:
+                stop.set()
+            writer.join()
+    return status, [orjson.loads(x) for x in dechunk(body).splitlines()]
 
 
 def test_an_ndjson_body_crossing_the_cap_after_streaming_ends_with_an_error_line(server: LiveServer) -> None:
@@ -319,31 +434,26 @@ def test_a_store_failure_mid_stream_ends_it_with_a_503_line(server: LiveServer, 
     assert "Traceback" not in server.log() and "unexpected error" not in server.log()
 
 
-def test_an_ndjson_body_stalling_after_streaming_ends_with_a_408_line(server: LiveServer) -> None:
-    """Past the first chunk, a body that stalls (1 s here) ends the answered stream with the
-    408 problem as its last line: never a stream cut off mid-message."""
+@pytest.mark.parametrize("then", ["stalls", "trickles"])
+def test_an_ndjson_body_slowing_after_streaming_ends_with_a_408_line(server: LiveServer, then: str) -> None:
+    """Past the first chunk, a body that stalls (1 s here) or trickles (a byte every 0.25 s:
+    GRACE s behind the minimum rate, however fast it came before) ends the answered stream
+    with the 408 problem as its last line: never a stream cut off mid-message."""
     from app.routes.batch import CHUNK_EVENTS
 
     lines = [orjson.dumps(event(f"st{i}", f"u{i % 50}", T0 + i)) + b"\n" for i in range(CHUNK_EVENTS)]
     stop = threading.Event()
-    with connect(server) as sock:
-        def write() -> None:
-            with contextlib.suppress(OSError):
-                sock.sendall(b"POST /batch-score HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
-                             b"Content-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n")
-                for i in range(0, len(lines), 500):
-                    piece = b"".join(lines[i: i + 500])
-                    sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
-                stop.wait(30)  # then nothing: the body stalls
 
-        writer = threading.Thread(target=write)
-        writer.start()
-        try:
-            status, _, body = split_answer(read_all(sock))
-        finally:
-            stop.set()
-            writer.join()
+    def body() -> Iterator[bytes]:
+        for i in range(0, len(lines), 500):
+            yield b"".join(lines[i: i + 500])
+        while then == "trickles" and not stop.wait(0.25):
+            yield b"{"
+        stop.wait(30)  # then nothing: the body stalls (the server ends it first)
+
+    status, out = stream_ndjson(server, body(), stop)
     assert status == 200
-    out = [orjson.loads(x) for x in dechunk(body).splitlines()]
     assert [o["event_id"] for o in out[:-1]] == [f"st{i}" for i in range(CHUNK_EVENTS)]
     assert out[-1]["error"]["status"] == 408
+    assert out[-1]["error"]["detail"] == ("no part of the body arrived for 1 s" if then == "stalls" else
+                                          f"the body arrived at under {MIN_RATE} bytes/s for longer than {GRACE:g} s")
