@@ -379,6 +379,7 @@ def serve(
     # uvicorn re-raises a SIGTERM once it has shut down gracefully; the default action would
     # end this process at once, skipping the `finally` and orphaning the embedded Redis.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGINT, _exit_on_sigterm)  # Ctrl-C: the same clean stop
     # log_config=None: uvicorn's own records go through this process's handler (plain or JSON lines)
     options: dict[str, Any] = dict(factory=True, host=settings.host, port=settings.port, workers=settings.workers,
                                    loop="uvloop", http="httptools", log_level="warning", access_log=False,
@@ -405,8 +406,10 @@ def info(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory (e.g. app/bundles/default).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print bundle.json's summary as JSON instead.")] = False,
 ) -> None:
-    """What a bundle is: version, architecture, vocabulary, thresholds and how they were
-    chosen, calibration, evaluation summary, parity, training data."""
+    """What a bundle is: version, architecture, vocabulary, thresholds, calibration, evaluation, parity.
+
+    Thresholds come with how validation chose them; the evaluation summary covers the
+    scenarios and held-out real users; the training data files are listed."""
     from app.bundle import load_bundle
 
     b = load_bundle(bundle)
@@ -566,7 +569,8 @@ def _settings(factory: Callable[[], Any]) -> Any:
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
-    """A SIGTERM is how a service is asked to stop: once stopped, exit 0 (cleanly)."""
+    """A SIGTERM (or Ctrl-C's SIGINT) is how a service is asked to stop: once stopped,
+    exit 0 (cleanly)."""
     raise SystemExit(0)
 
 

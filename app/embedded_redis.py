@@ -291,6 +291,9 @@ class _Supervisor:
             [str(self.exe), str(self.config_path)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             cwd=self.data_dir, preexec_fn=preexec,
+            # Its own process group: Ctrl-C in a terminal signals the foreground group, and
+            # the server must stop when the service says so (or dies), not before it.
+            process_group=0,
             pass_fds=(self.lock_fd,),  # a server orphaned all the same keeps the data dir locked
         )
         deadline = time.monotonic() + self.start_timeout_s

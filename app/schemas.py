@@ -291,7 +291,11 @@ def parse_event_line(line: bytes | str, index: int) -> EventIn:
     try:
         event = EventIn.model_validate_json(line)
     except ValidationError as exc:
-        raise request_validation_error(exc, ("body", index), body=line) from None
+        error = request_validation_error(exc, ("body", index), body=line)
+        for err in error.errors():
+            if err.get("type") == "json_invalid":  # its position is within the line: name the line
+                err["ctx"] = {**(err.get("ctx") or {}), "stream_line": index}
+        raise error from None
     _refuse_repeated_keys(line, ("body", index))
     return event
 

@@ -78,10 +78,10 @@ class Settings(BaseSettings):
     body_min_rate_bytes_s: int = Field(1024, ge=0, description="Slowest a request body (any form) may arrive: "
                                        "one that falls body_min_rate_grace_s behind this rate is cut with 408 "
                                        "(time the server spends on what it read does not count). 0: no minimum.")
-    body_min_rate_grace_s: float = Field(30.0, gt=0, description="How far behind body_min_rate_bytes_s a body may "
-                                         "fall, from its start or at any later time (a byte buys 1/rate s, up to "
-                                         "this much). Default: body_read_timeout_s's, so that a stall that one "
-                                         "allows is never cut.")
+    body_min_rate_grace_s: float | None = Field(None, gt=0, description="How far behind body_min_rate_bytes_s a "
+                                                "body may fall, from its start or at any later time (a byte buys "
+                                                "1/rate s, up to this much). Unset: body_read_timeout_s, so that a "
+                                                "stall that one allows is never cut.")
     linger_max_bytes: int = Field(16 << 20, ge=0, description="After answering before the body was read (413, "
                                   "401, ...), read and discard up to this much of it so the answer reaches "
                                   "clients that send the whole body first; 0: close at once.")
@@ -127,6 +127,11 @@ class Settings(BaseSettings):
                 raise ValueError(f"event_aliases: {name!r} → {type_!r}: names and types must be non-empty")
         build_aliases(v)  # refuses one name given twice (in any letter case) with different types
         return v
+
+    @property
+    def min_rate_grace_s(self) -> float:
+        """``body_min_rate_grace_s``, or ``body_read_timeout_s`` where it is unset."""
+        return self.body_read_timeout_s if self.body_min_rate_grace_s is None else self.body_min_rate_grace_s
 
     @model_validator(mode="after")
     def _safe(self) -> Settings:

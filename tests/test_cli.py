@@ -286,8 +286,8 @@ def help_text(*command: str) -> str:
 
 
 @pytest.mark.parametrize(("command", "choices"), [
-    ("train", [("--format", FORMATS), ("--arch", "transformer|gru|lstm"), ("--calibration", "auto|platt|isotonic|tail|fisher"),
-               ("--fpr-unit", "event|user")]),
+    ("train", [("--format", FORMATS), ("--arch", "transformer|gru|lstm"),
+               ("--calibration", "auto|platt|isotonic|tail|fisher"), ("--fpr-unit", "event|user")]),
     ("evaluate", [("--format", FORMATS)]),
     ("score", [("--format", FORMATS)]),
     ("replay", [("--format", FORMATS), ("--engine", "httpx|raw")]),

@@ -172,7 +172,7 @@ async def _ndjson(request: Request, state: StateDep, update_windows: bool) -> St
         raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {settings.batch_max_body_bytes}")
     pieces = body_chunks(request, read_timeout_s=settings.body_read_timeout_s,
                          min_rate_bytes_s=settings.body_min_rate_bytes_s,
-                         min_rate_grace_s=settings.body_min_rate_grace_s)
+                         min_rate_grace_s=settings.min_rate_grace_s)
     lines = _lines(pieces, max_line=settings.batch_max_line_bytes, max_body=settings.batch_max_body_bytes)
     executor = state.batch_executor
     first = await _chunk(lines, 0, executor)

@@ -81,7 +81,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     chunks, size = [], 0
     async for chunk in body_chunks(request, read_timeout_s=s.body_read_timeout_s, total_timeout_s=s.body_timeout_s,
                                    min_rate_bytes_s=s.body_min_rate_bytes_s,
-                                   min_rate_grace_s=s.body_min_rate_grace_s):
+                                   min_rate_grace_s=s.min_rate_grace_s):
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
@@ -103,7 +103,7 @@ def reasons(window: Sequence[dict[str, Any]], surprise: np.ndarray, top: int = 5
     return [
         {"event_id": events[i].get("event_id"), "event_type": events[i]["event_type"],
          "timestamp": when(events[i]["timestamp"]),
-         "surprise": round(max(float(surprise[i]), 0.0), 4)}  # float error must not show as -0.0
+         "surprise": round(max(float(surprise[i]), 0.0), 4) + 0.0}  # float error must not show as -0.0
         for i in order.tolist()
     ]
 

@@ -157,6 +157,12 @@ class LiveServer:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=timeout_s)
 
+    def interrupt(self, timeout_s: float = 30.0) -> int:
+        """SIGINT to the server's whole process group, as Ctrl-C in a terminal sends it; its exit status."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGINT)
+        return self.proc.wait(timeout=timeout_s)
+
     def stop(self) -> None:
         """Stop the server and everything it started (its process group)."""
         proc, self.proc = self.proc, None

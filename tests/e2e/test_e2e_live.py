@@ -121,6 +121,24 @@ def test_sigterm_stops_the_embedded_redis_too_and_windows_survive_a_restart(
     assert f"{data} is in use by another embedded Redis" in out and "SEQGUARD_REDIS_DATA_DIR" in out
 
 
+def test_ctrl_c_stops_cleanly_and_the_embedded_redis_with_it(live_server: Callable[..., LiveServer],
+                                                             tmp_path: Path) -> None:
+    """A fresh-user review: Ctrl-C on `make run` (SIGINT to the terminal's foreground group)
+    reached the embedded redis-server too, which stopped before the service did; the
+    supervisor logged an ERROR and restarted it, and the service exited 130."""
+    data = tmp_path / "embedded"
+    server = live_server(None, data_dir=data)
+    assert httpx.post(server.url + "/events", json=event("c1", "u1", T0), timeout=10.0).status_code == 200
+    port = re.search(r"^port (\d+)$", (data / "redis.conf").read_text(), re.M)
+    assert port is not None
+    assert server.interrupt() == 0
+    log = server.log()
+    assert " ERROR " not in log and "restarting" not in log, log[-2000:]
+    with pytest.raises(redis.ConnectionError), redis.Redis.from_url(
+            f"redis://127.0.0.1:{port.group(1)}/0", socket_connect_timeout=1) as r:
+        r.ping()
+
+
 def per_worker_events_requests(prom_dir: Path, scratch: Path) -> dict[str, float]:
     """/events requests counted by each worker, read from its own counter file."""
     out = {}
