@@ -167,11 +167,7 @@ def _validation_errors(errors: Iterable[Mapping[str, Any]]) -> list[dict[str, st
 def _json_error_detail(err: Mapping[str, Any], body: Any) -> str:
     """Where and why a body is not JSON. FastAPI gives a character offset into the body;
     pydantic's own JSON errors already name the line and column."""
-    ctx = err.get("ctx") or {}
-    reason = str(ctx.get("error") or err.get("msg", "invalid JSON"))
-    if "stream_line" in ctx:  # one line of an NDJSON stream (app.schemas.parse_event_line)
-        n = int(ctx["stream_line"])
-        return f"Request body is not valid JSON: line {n + 1} of the stream ($[{n}]): {reason}"
+    reason = str((err.get("ctx") or {}).get("error") or err.get("msg", "invalid JSON"))
     loc = err.get("loc", ())
     pos = loc[-1] if loc and isinstance(loc[-1], int) else None
     if pos is not None and isinstance(body, str | bytes):

@@ -56,8 +56,18 @@ def bars(enabled: bool = True, console: Console | None = None) -> Progress:
     console is a terminal. The default console is the logs' (records then go above the
     bar: :func:`app.logs.console`), else stderr."""
     console = console or logs.console() or Console(stderr=True)
+    # rich's is_terminal honours FORCE_COLOR / TTY_COMPATIBLE (common in CI); a bar needs a real terminal
+    real = console.is_terminal and _isatty(console.file)
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, disable=not (enabled and console.is_terminal))
+                    console=console, disable=not (enabled and real))
+
+
+def _isatty(file: object) -> bool:
+    isatty = getattr(file, "isatty", None)
+    try:
+        return bool(isatty()) if callable(isatty) else False
+    except ValueError:  # a closed file
+        return False
 
 
 def counter(progress: Progress, description: str, total: int | None = None) -> OnProgress:

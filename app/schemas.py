@@ -293,8 +293,11 @@ def parse_event_line(line: bytes | str, index: int) -> EventIn:
     except ValidationError as exc:
         error = request_validation_error(exc, ("body", index), body=line)
         for err in error.errors():
-            if err.get("type") == "json_invalid":  # its position is within the line: name the line
-                err["ctx"] = {**(err.get("ctx") or {}), "stream_line": index}
+            # A line that is not JSON is one bad line of the stream, listed with the others
+            # (422, at $[index]), not a malformed body (400): its position is within the line.
+            if err.get("type") == "json_invalid":
+                err["type"] = "json_invalid_line"
+                err["msg"] = f"not valid JSON: {(err.get('ctx') or {}).get('error') or err['msg']}"
         raise error from None
     _refuse_repeated_keys(line, ("body", index))
     return event

@@ -117,10 +117,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     later request on it (between requests uvicorn's keep-alive timeout applies).
     """
 
-    def __init__(self, *args: Any, header_timeout_s: float, max_header_bytes: int, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, header_timeout_s: float, max_header_bytes: int,
+                 unfinished_close_s: float = 10.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.header_timeout_s = header_timeout_s
         self.max_header_bytes = max_header_bytes
+        self.unfinished_close_s = unfinished_close_s
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0
         self._head_tail = b""  # the last 3 bytes of the head so far: its end may span two reads
@@ -153,6 +155,21 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._stop_head()
         super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.more_body and not self.transport.is_closing():
+            # Answered before its body ended (413, 401, 415, a 408 line of a stream, ...):
+            # the rest may still trickle in, and every byte of it cancels uvicorn's keep-alive
+            # timer while no new request (and so no head deadline) can begin. The answer
+            # completes after the lingering close's drain (app.middleware.LingeringClose); the
+            # connection then closes after the keep-alive timeout, unless a new request began.
+            self.loop.call_later(self.unfinished_close_s, self._close_unfinished, cycle)
+
+    def _close_unfinished(self, cycle: Any) -> None:
+        if self.cycle is cycle and not self.transport.is_closing():
+            self.transport.close()
 
     def _start_head(self) -> None:
         self._head_bytes, self._head_tail = 0, b""
@@ -195,5 +212,6 @@ def http_options(settings: Settings) -> dict[str, Any]:
     """uvicorn options (``uvicorn.Config`` keywords) for ``settings``' limits on slow clients:
     the guarded httptools protocol, and the keep-alive timeout."""
     protocol = functools.partial(GuardedHttpToolsProtocol, header_timeout_s=settings.header_timeout_s,
-                                 max_header_bytes=settings.max_header_bytes)
+                                 max_header_bytes=settings.max_header_bytes,
+                                 unfinished_close_s=settings.keep_alive_timeout_s)
     return {"http": protocol, "timeout_keep_alive": settings.keep_alive_timeout_s}

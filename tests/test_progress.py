@@ -138,3 +138,13 @@ def test_evaluate_tells_each_step(trained: tuple[Path, Path], tmp_path: Path) ->
     assert names[0].startswith("score the test users (seqguard-") and names[-2:] == ["report", "done"]
     assert any(name.startswith("baseline ") for name in names) and "real traffic of the test users" in names
     assert [(done, total) for _, done, total in told] == [(i, len(told) - 1) for i in range(len(told))]
+
+
+def test_force_color_into_a_pipe_draws_no_bar(tmp_path: Path) -> None:
+    """An attack review: FORCE_COLOR (common in CI) made rich call a pipe a terminal, and
+    the bar's escape codes went into it."""
+    env = os.environ | {"FORCE_COLOR": "1", "TTY_COMPATIBLE": "1"}
+    res = subprocess.run([sys.executable, "-m", "app.cli", *SCORE, "--out", str(tmp_path / "r.jsonl")],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert BAR not in res.stderr and "\x1b[?25l" not in res.stderr

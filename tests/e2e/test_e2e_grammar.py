@@ -106,15 +106,17 @@ def test_an_ndjson_answer_keeps_input_order_across_chunks_bad_lines_included(
     assert order.count(5) == 2  # event_type and timestamp missing: both named, together
 
 
-def test_a_malformed_ndjson_line_is_named_by_its_line_in_the_stream(client: TestClient) -> None:
-    """A review found "not valid JSON: ... at line 1 column 19" for the third line of a
-    stream: the position inside the line, read as if in the body. The detail names the
-    stream's line (1-based) and its index ($[2], as field errors and error lines count)."""
-    lines = [orjson.dumps(ev("g0", T)), orjson.dumps(ev("g1", T + 1)), b'{"event_id":"b1", bad']
+def test_a_line_that_is_not_json_is_one_bad_line_of_the_stream(client: TestClient) -> None:
+    """Reviews found a 400 "not valid JSON: ... at line 1 column 19" for the third line of a
+    stream (the position inside the line, read as if in the body) that also dropped the
+    other bad lines of the chunk. It is a 422 listing every bad line, each at its $[n]."""
+    lines = [orjson.dumps(ev("g0", T)), orjson.dumps(ev("g1", T + 1)), b'{"event_id":"b1", bad',
+             orjson.dumps({k: v for k, v in ev("g3", T + 3).items() if k != "timestamp"})]
     r = send(client, "batch-ndjson", ndjson(*lines))
-    assert r.status_code == 400, r.text
-    detail = r.json()["detail"]
-    assert "line 3 of the stream ($[2])" in detail and "column" not in detail.split("($[2])")[0]
+    assert r.status_code == 422, r.text
+    errors = r.json()["errors"]
+    assert [e["path"] for e in errors] == ["$[2]", "$[3].timestamp"]
+    assert errors[0]["type"] == "json_invalid_line" and "not valid JSON" in errors[0]["message"]
 
 
 # ---- 2. one timestamp grammar -----------------------------------------------------------------

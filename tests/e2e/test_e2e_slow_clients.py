@@ -272,6 +272,35 @@ def test_steady_uploads_are_never_cut(server: LiveServer) -> None:
     assert status == 200 and [o["event_id"] for o in out] == [f"s{i}" for i in range(len(line))]
 
 
+def test_a_connection_answered_before_its_body_ended_is_closed_even_if_bytes_trickle(server: LiveServer) -> None:
+    """An attack review: after an early answer (here 415 to a declared 100 kB body), one
+    byte every few seconds cancelled uvicorn's keep-alive timer each time and no new request
+    could begin, so the connection stayed open for good. It closes after the lingering
+    close's drain and then the keep-alive timeout (5 s + 5 s by default)."""
+    sock = connect(server)
+    sock.sendall(b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+                 b"Content-Length: 100000\r\n\r\nabc")
+    sock.settimeout(1.0)
+    answer, started, closed_at = b"", time.monotonic(), None
+    while time.monotonic() - started < 25:
+        with contextlib.suppress(OSError):
+            sock.sendall(b"x")  # a byte a second: each one used to cancel the keep-alive timer
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except OSError:
+            closed_at = time.monotonic() - started
+            break
+        if not chunk:
+            closed_at = time.monotonic() - started
+            break
+        answer += chunk
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 415"), answer[:200]
+    assert closed_at is not None and closed_at < 13, closed_at
+
+
 def test_a_kept_alive_connection_still_serves_requests_after_its_first(server: LiveServer) -> None:
     with httpx.Client(base_url=server.url, timeout=30) as client:  # one connection, several requests
         for _ in range(3):
