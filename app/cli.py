@@ -14,12 +14,13 @@ from collections.abc import Callable
 from enum import StrEnum
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import orjson
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer._click.exceptions import UsageError
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
 
@@ -43,14 +44,26 @@ class _Command(TyperCommand):
     def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
         try:
             return super().make_context(info_name, args, parent, **extra)
-        except typer.BadParameter as e:
-            _say(e.format_message().replace("Value error, ", "", 1), logging.ERROR)  # pydantic's prefix
-            raise typer.Exit(2) from None
+        except UsageError as e:  # a bad value, an unknown option, a flag given a value, ...
+            _usage_error(e)
 
 
 class _Group(TyperGroup):
     def get_params(self, ctx: Any) -> list[Any]:
         return _flags_as_flags(super().get_params(ctx))
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        try:
+            return super().resolve_command(ctx, args)
+        except UsageError as e:  # no such command
+            _usage_error(e)
+
+
+def _usage_error(e: UsageError) -> NoReturn:
+    """A command-line mistake (a bad value, an unknown option or command, a flag given a
+    value, an extra argument): one line saying what is wrong, exit code 2."""
+    _say(e.format_message().replace("Value error, ", "", 1), logging.ERROR)  # pydantic's prefix
+    raise typer.Exit(2) from None
 
 
 cli = typer.Typer(cls=_Group, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,

@@ -300,6 +300,10 @@ def test_help_lists_every_choice(command, choices):
 
 
 @pytest.mark.parametrize(("args", "said"), [
+    # an attack review: these were typer's boxed usage panel, on stderr even in a pipe
+    (["score", "app/bundles/default", "--bogus"], "error: No such option: --bogus (Possible options: --out)"),
+    (["bogus"], "error: No such command 'bogus'."),
+    (["info", "app/bundles/default", "--json=1"], "error: Option '--json' does not take a value."),
     (["score", "app/bundles/default", "--events", str(TAOBAO_100), "--out", "r.jsonl", "--format", "xml"],
      "error: Invalid value for '--format': 'xml' is not one of 'auto', 'taobao', 'retailrocket', 'rees46', 'csv', "
      "'jsonl', 'parquet'."),
