@@ -234,9 +234,9 @@ def train(
     t = summary["thresholds"]
     key = "validation_user_fpr" if fpr_unit == "user" else "validation_fpr"
     reached = {k: t["chosen"][k][key] for k in ("review", "block")}
-    err.print(f"run written to {out}: {summary['parameters']:,} parameters, thresholds review {t['review']:.4f} / "
-              f"block {t['block']:.4f} (validation {fpr_unit}s flagged: {reached['review']:.4%} / "
-              f"{reached['block']:.4%})")
+    _say(f"run written to {out}: {summary['parameters']:,} parameters, thresholds review {t['review']:.4f} / "
+         f"block {t['block']:.4f} (validation {fpr_unit}s flagged: {reached['review']:.4%} / "
+         f"{reached['block']:.4%})")
 
 
 @cli.command(cls=_Command)
@@ -257,8 +257,8 @@ def export(
         meta = do_export(run_dir, out, fp16=fp16, evaluate=report, force=force,
                          on_step=progress.stepper(shown, "export", before="load the run"))
     p = meta["parity"]["fp32"]
-    err.print(f"bundle {meta['model_version']} in {out}; fp32 parity max |diff| {p['max_abs_diff']:.2e} "
-              f"on {p['n_windows']} held-out windows")
+    _say(f"bundle {meta['model_version']} in {out}; fp32 parity max |diff| {p['max_abs_diff']:.2e} "
+         f"on {p['n_windows']} held-out windows")
 
 
 @cli.command(cls=_Command)
@@ -286,7 +286,7 @@ def evaluate(
     with progress.bars(_bars()) as shown:
         on_step = progress.stepper(shown, "evaluate", before=f"load, split and inject {events.name}")
         summary = evaluate_file(bundle, events, fmt.value, names, out, aliases=aliases, on_step=on_step)
-    err.print(f"report written to {out}")
+    _say(f"report written to {out}")
     Console(soft_wrap=True).print_json(data=summary)  # stdout: `seqguard evaluate ... > summary.json`
 
 
@@ -324,13 +324,13 @@ def score(
     t2 = time.perf_counter()
     n = write_results(out, ev, scores, model.bundle.thresholds)
     t3 = time.perf_counter()
-    err.print(
+    _say(
         f"{n:,} events scored on {model.provider} in {t3 - t0:.2f}s ({n / (t3 - t0):,.0f} events/s): "
         f"load {t1 - t0:.2f}s, score {t2 - t1:.2f}s, write {t3 - t2:.2f}s; {report.summary()}"
     )
     if repeats := int(scores.is_duplicate().sum()):
-        err.print(f"repeats of an earlier (user_id, event_id): {repeats:,}, answered as the first with "
-                  f'"duplicate": true and left out of every window (as the live service does)')
+        _say(f"repeats of an earlier (user_id, event_id): {repeats:,}, answered as the first with "
+             f'"duplicate": true and left out of every window (as the live service does)')
     _report_unknown_types(spec.unknown_types(ev), len(ev), spec.event_types)
 
 
@@ -521,8 +521,6 @@ def replay(
 def _report_unknown_types(unknown: dict[str, int], n_events: int, known: tuple[str, ...]) -> None:
     """The share of events whose type the model does not know, per type; a warning past
     ``UNKNOWN_SHARE_WARN`` (those events were scored with the out-of-vocabulary id)."""
-    from rich.markup import escape
-
     from app.vocabulary import printable
 
     # Names come from the file: escape sequences and newlines must not reach the terminal.
@@ -530,24 +528,21 @@ def _report_unknown_types(unknown: dict[str, int], n_events: int, known: tuple[s
     total = sum(unknown.values())
     share = total / n_events if n_events else 0.0
     if not total:
-        err.print(f"unknown event types: none (0.00% of events; the model knows {escape(', '.join(known))})",
-                  highlight=False)
+        _say(f"unknown event types: none (0.00% of events; the model knows {', '.join(known)})")
         return
     ranked = sorted(unknown.items(), key=lambda kv: (-kv[1], kv[0]))
-    per_type = ", ".join(f"{escape(name)} {n / n_events:.2%} ({n:,})" for name, n in ranked[:10])
+    per_type = ", ".join(f"{name} {n / n_events:.2%} ({n:,})" for name, n in ranked[:10])
     more = f", and {len(ranked) - 10} more" if len(ranked) > 10 else ""
-    err.print(f"unknown event types: {share:.2%} of events ({total:,}): {per_type}{more}", highlight=False)
+    _say(f"unknown event types: {share:.2%} of events ({total:,}): {per_type}{more}")
     if share > UNKNOWN_SHARE_WARN:
-        err.print(f"[yellow]warning:[/yellow] {share:.2%} of the events have an event type the model does not know "
-                  f"and were scored with its out-of-vocabulary id; if they are other names for its types "
-                  f"({escape(', '.join(known))}), alias them with --alias NAME=TYPE", highlight=False)
+        _say(f"{share:.2%} of the events have an event type the model does not know "
+             f"and were scored with its out-of-vocabulary id; if they are other names for its types "
+             f"({', '.join(known)}), alias them with --alias NAME=TYPE", logging.WARNING)
 
 
 def _warn(warnings: list[str]) -> None:
-    from rich.markup import escape
-
     for w in warnings:
-        err.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)
+        _say(w, logging.WARNING)
 
 
 def _check_aliases(spec: Any, aliases: dict[str, str]) -> None:
@@ -618,7 +613,9 @@ def _say(message: str, level: int = logging.INFO) -> None:
             _logging()
         logging.getLogger("seqguard.cli").log(level, message)
     else:
-        err.print(("[red]error:[/red] " if level >= logging.ERROR else "") + escape(message), highlight=False)
+        prefix = "[red]error:[/red] " if level >= logging.ERROR else "[yellow]warning:[/yellow] " if (
+            level >= logging.WARNING) else ""
+        err.print(prefix + escape(message), highlight=False)
 
 
 def _bars() -> bool:
