@@ -118,11 +118,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """
 
     def __init__(self, *args: Any, header_timeout_s: float, max_header_bytes: int,
-                 unfinished_close_s: float = 10.0, **kwargs: Any) -> None:
+                 unfinished_close_s: float = 10.0, send_timeout_s: float = 60.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.header_timeout_s = header_timeout_s
         self.max_header_bytes = max_header_bytes
         self.unfinished_close_s = unfinished_close_s
+        self.send_timeout_s = send_timeout_s
+        self._send_timer: asyncio.TimerHandle | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0
         self._head_tail = b""  # the last 3 bytes of the head so far: its end may span two reads
@@ -133,7 +135,30 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head()
+        self._stop_send_timer()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        # The send buffer is full: the client is not reading. It has send_timeout_s to start
+        # again, else the connection is aborted (the answer, and its memory, are dropped);
+        # without this a backfill's answer waited for ever on a client that never reads.
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(self.send_timeout_s, self._send_timed_out)
+
+    def resume_writing(self) -> None:
+        self._stop_send_timer()
+        super().resume_writing()
+
+    def _stop_send_timer(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_timed_out(self) -> None:
+        self._send_timer = None
+        if not self.transport.is_closing():
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self._head_timer is not None:  # in a head: count its bytes, up to its end if this data holds it
@@ -213,5 +238,6 @@ def http_options(settings: Settings) -> dict[str, Any]:
     the guarded httptools protocol, and the keep-alive timeout."""
     protocol = functools.partial(GuardedHttpToolsProtocol, header_timeout_s=settings.header_timeout_s,
                                  max_header_bytes=settings.max_header_bytes,
-                                 unfinished_close_s=settings.keep_alive_timeout_s)
+                                 unfinished_close_s=settings.keep_alive_timeout_s,
+                                 send_timeout_s=settings.send_timeout_s)
     return {"http": protocol, "timeout_keep_alive": settings.keep_alive_timeout_s}

@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(64 << 10, ge=1024, description="Largest request head (request line and "
                                   "headers); 431 and close past it.")
     keep_alive_timeout_s: float = Field(5.0, gt=0, description="Idle keep-alive connections are closed after this.")
+    send_timeout_s: float = Field(60.0, gt=0, description="Longest a client may leave the answer unread while "
+                                  "the server's send buffer is full; then the connection is aborted.")
     body_read_timeout_s: float = Field(30.0, gt=0, description="Longest wait for the next piece of a request "
                                        "body (any body form); then 408.")
     body_timeout_s: float = Field(120.0, gt=0, description="Longest time to read a whole JSON body; then 408. "

@@ -24,6 +24,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -299,6 +300,27 @@ def test_a_connection_answered_before_its_body_ended_is_closed_even_if_bytes_tri
     sock.close()
     assert answer.startswith(b"HTTP/1.1 415"), answer[:200]
     assert closed_at is not None and closed_at < 13, closed_at
+
+
+def test_a_client_that_never_reads_its_answer_is_cut_off(redis_server: str, tmp_path: Path) -> None:
+    """An attack review: a client that posts a large backfill and never reads the answer held
+    the connection, and the answer's memory, for as long as it liked. Once the send buffer is
+    full, it has SEQGUARD_SEND_TIMEOUT_S (3 s here) to read, else the connection is aborted."""
+    n = 60_000  # an answer of about 6 MB: more than the kernel's socket buffers on loopback hold
+    body = orjson.dumps({"events": [event(f"nr{i}", f"nr-user-{i % 50}", T0 + i) for i in range(n)]})
+    with LiveServer(redis_server, tmp_path, env={"SEQGUARD_SEND_TIMEOUT_S": "3"}) as server:
+        sock = connect(server)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the server's buffer fills
+        sock.sendall(b"POST /batch-score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        time.sleep(25)  # never read while the answer is built and sent: scoring, then 3 s of a full buffer
+        sock.settimeout(10)
+        got = b""
+        with contextlib.suppress(ConnectionResetError, TimeoutError):
+            while chunk := sock.recv(65536):
+                got += chunk
+        sock.close()
+    assert got.count(b'"event_id"') < n  # the answer was dropped, not kept for a reader that never came
 
 
 def test_a_kept_alive_connection_still_serves_requests_after_its_first(server: LiveServer) -> None:
