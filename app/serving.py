@@ -151,9 +151,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().resume_writing()
 
     def _stop_send_timer(self) -> None:
-        if self._send_timer is not None:
-            self._send_timer.cancel()
-            self._send_timer = None
+        _cancel(self._send_timer)
+        self._send_timer = None
 
     def _send_timed_out(self) -> None:
         self._send_timer = None
@@ -201,9 +200,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
 
     def _stop_head(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        _cancel(self._head_timer)
+        self._head_timer = None
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
@@ -231,6 +229,12 @@ def share_the_gil(settings: Settings) -> None:
     5 ms and 0.17–0.18 s at 0.5 ms, with the backfill's own time unchanged (about 10 s).
     """
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
+
+
+def _cancel(timer: asyncio.TimerHandle | None) -> None:
+    """Cancel ``timer`` if there is one."""
+    if timer is not None:
+        timer.cancel()
 
 
 def http_options(settings: Settings) -> dict[str, Any]:
