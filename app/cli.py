@@ -119,8 +119,10 @@ class Engine(StrEnum):
 
 
 EventsOpt = Annotated[Path, typer.Option("--events", help="Event log (CSV, JSONL, Parquet; .gz ok).")]
-FormatOpt = Annotated[Format, typer.Option("--format", help="Format of the event log; auto tells it from the file's "
-                                                            "name and first line.")]
+# The choices in the help text, not the type column: rich wraps a long column mid-word.
+FormatOpt = Annotated[Format, typer.Option(
+    "--format", metavar="FORMAT",
+    help=f"Format of the event log: {', '.join(Format)}; auto tells it from the file's name and first line.")]
 InjectOpt = Annotated[str, typer.Option("--inject", help="Scenarios to inject: all, none or NAME,...")]
 AliasOpt = Annotated[list[str] | None, typer.Option(
     "--alias", metavar="NAME=TYPE",
