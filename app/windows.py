@@ -17,10 +17,12 @@ id, which appears nowhere in Redis):
 - ``sg:{<tag>}:idt`` sorted set, event_id → arrival time (server ms): bounds the
   idempotency records by age (``idempotency_ttl_s``) and by count.
 
-One Lua script appends a user's events atomically (checks idempotency, assigns seq,
-inserts in timestamp order, reads the window at the event, trims, refreshes TTLs), in one
-round trip (EVALSHA; re-loaded after NOSCRIPT). Idempotency is per user: a replay carries
-the same ``user_id`` and ``event_id``.
+One Lua script (``app/lua/append_events.lua``) appends a user's events atomically (checks
+idempotency, assigns seq, inserts in timestamp order, reads the window at the event, trims,
+refreshes TTLs), in one round trip; another (``app/lua/save_answer.lua``) records a first
+answer. :mod:`app.redis_scripts` runs them (EVALSHA, the calls of concurrent requests in one
+pipeline; re-loaded after NOSCRIPT). Idempotency is per user: a replay carries the same
+``user_id`` and ``event_id``.
 """
 
 from __future__ import annotations
@@ -30,13 +32,15 @@ import hashlib
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, NoReturn
+from importlib.resources import files
+from typing import Any, NamedTuple
 
 import orjson
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
 from app.events import parse_timestamp_ms
+from app.redis_scripts import Script, ScriptCall, ScriptPipeline
 
 #: Idempotency records kept per user at most (besides the age bound): a replay of an
 #: event older than the last this-many events of its user is applied again.
@@ -52,100 +56,6 @@ ANSWER_FIELDS = ("anomaly_probability", "decision", "window_size", "model_versio
 
 _SEQ_WIDTH = 12  # 10**12 events per user before the width grows
 _PREFIX = _SEQ_WIDTH + 1  # "<seq>|"
-
-# KEYS: w, n, ids, idt.  ARGV: history, keep, window_ttl_ms, ids_ttl_ms, ids_max,
-# then (event_id, timestamp_ms, payload) per event, in the order they apply.
-# Reply per event: {0, window...} new; {1, answer} replay with its first answer;
-# {2, window...} replay whose answer is not saved yet (the window at that event).
-# Every check that can fail comes before the first write: a script error writes nothing.
-_APPEND_LUA = """
-local w, n, ids, idt = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local history, keep = tonumber(ARGV[1]), tonumber(ARGV[2])
-local wttl, ittl, imax = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-if not (history and keep and wttl and ittl and imax) or history < 1 or keep < history or (#ARGV - 5) % 3 ~= 0 then
-  return redis.error_reply('ERR seqguard append: bad arguments')
-end
-for i = 6, #ARGV, 3 do
-  if not string.match(ARGV[i + 1], '^%-?%d+$') then
-    return redis.error_reply('ERR seqguard append: timestamp must be integer ms')
-  end
-end
-
-local function window_to(rank, out)  -- the `history` members up to rank (inclusive)
-  if rank < 0 then return out end
-  local first = rank - history + 1
-  if first < 0 then first = 0 end
-  local m = redis.call('ZRANGE', w, first, rank)
-  for i = 1, #m do out[#out + 1] = m[i] end
-  return out
-end
-
-local function forget(list)  -- drop idempotency records
-  for i = 1, #list, 500 do
-    local j = math.min(i + 499, #list)
-    redis.call('HDEL', ids, unpack(list, i, j))
-    redis.call('ZREM', idt, unpack(list, i, j))
-  end
-end
-
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local replies, wrote = {}, false
-for i = 6, #ARGV, 3 do
-  local eid, ts, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  local rec = redis.call('HGET', ids, eid)
-  if rec then
-    local p1 = string.find(rec, '|', 1, true)
-    local p2 = string.find(rec, '|', p1 + 1, true)
-    if p2 < #rec then
-      replies[#replies + 1] = {1, string.sub(rec, p2 + 1)}
-    else
-      -- rank of (ts, seq): members before ts, plus those at ts with seq <= the record's
-      local rts, rseq = string.sub(rec, 1, p1 - 1), string.sub(rec, p1 + 1, p2 - 1)
-      local rank = redis.call('ZCOUNT', w, '-inf', '(' .. rts)
-      local same = redis.call('ZRANGEBYSCORE', w, rts, rts)
-      for j = 1, #same do
-        if string.sub(same[j], 1, #rseq) <= rseq then rank = rank + 1 else break end
-      end
-      replies[#replies + 1] = window_to(rank - 1, {2})
-    end
-  else
-    local seq = string.format('%012d', redis.call('INCR', n))
-    local member = seq .. '|' .. payload
-    redis.call('ZADD', w, ts, member)
-    redis.call('HSET', ids, eid, ts .. '|' .. seq .. '|')
-    redis.call('ZADD', idt, now, eid)
-    replies[#replies + 1] = window_to(redis.call('ZRANK', w, member), {0})
-    redis.call('ZREMRANGEBYRANK', w, 0, -(keep + 1))
-    local excess = redis.call('ZCARD', idt) - imax
-    if excess > 0 then forget(redis.call('ZRANGE', idt, 0, excess - 1)) end
-    wrote = true
-  end
-end
-if wrote then
-  -- records older than the idempotency horizon, a bounded number per call
-  forget(redis.call('ZRANGEBYSCORE', idt, '-inf', '(' .. string.format('%d', now - ittl), 'LIMIT', 0, 256))
-  redis.call('PEXPIRE', w, wttl)
-  redis.call('PEXPIRE', n, math.max(wttl, ittl))
-  redis.call('PEXPIRE', ids, ittl)
-  redis.call('PEXPIRE', idt, ittl)
-end
-return replies
-"""
-
-# KEYS: ids.  ARGV: event_id, answer.  Records the first answer; 1 if written.
-_SAVE_ANSWER_LUA = """
-local rec = redis.call('HGET', KEYS[1], ARGV[1])
-if not rec or #ARGV[2] == 0 then return 0 end
-local p1 = string.find(rec, '|', 1, true)
-local p2 = string.find(rec, '|', p1 + 1, true)
-if p2 < #rec then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], rec .. ARGV[2])
-return 1
-"""
-
-# Replies that mean "Redis cannot take writes right now": the caller answers 503.
-_UNAVAILABLE = ("OOM", "READONLY", "BUSY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "LOADING", "NOREPLICAS")
 
 
 def pack_answer(answer: bytes | Mapping[str, Any]) -> bytes:
@@ -229,30 +139,15 @@ class StoredWindow:
     events: list[dict[str, Any]]
 
 
-class _Script:
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
+def _script(name: str) -> Script:
+    """A Lua script of ``app/lua/`` (package data: an installed wheel carries it)."""
+    return Script((files(__package__) / "lua" / name).read_text(encoding="utf-8"))
 
 
-_APPEND = _Script(_APPEND_LUA)
-_SAVE_ANSWER = _Script(_SAVE_ANSWER_LUA)
-
-
-def _unavailable(exc: rexc.ResponseError) -> bool:
-    # redis-py maps some codes to classes and drops the code from the message (Redis 7
-    # refuses a script with OOM before it runs); inside a script (Redis 6) the reply
-    # arrives wrapped: "Error running script ...: -OOM command not allowed ..."
-    if isinstance(exc, rexc.OutOfMemoryError | rexc.ReadOnlyError | rexc.BusyLoadingError):
-        return True
-    msg = str(exc)
-    return msg.split(" ", 1)[0].upper() in _UNAVAILABLE or any(f"-{code} " in msg for code in _UNAVAILABLE)
-
-
-class _Call(NamedTuple):
-    script: _Script
-    keys: tuple[str, ...]
-    args: tuple[str | bytes | int, ...]
+_APPEND = _script("append_events.lua")
+_SAVE_ANSWER = _script("save_answer.lua")
+#: Every Lua script the store runs.
+SCRIPTS = (_APPEND, _SAVE_ANSWER)
 
 
 class WindowStore:
@@ -290,9 +185,7 @@ class WindowStore:
         self.on_answer_error = on_answer_error
         self._unsaved: dict[tuple[str, str], bytes] = {}
         self._saver: asyncio.Task[None] | None = None
-        self._queued: list[tuple[list[_Call], asyncio.Future[list[Any]]]] = []
-        self._flush_due = False
-        self._flushes: set[asyncio.Task[None]] = set()
+        self._scripts = ScriptPipeline(redis, name="window store")
 
     # ------------------------------------------------------------------ writes
 
@@ -326,8 +219,8 @@ class WindowStore:
                 for i in idx:
                     _, eid, ts, payload = encoded[i]
                     args += (eid, ts, payload)
-                calls.append(_Call(_APPEND, tuple(user_keys(uid)), tuple(args)))
-            replies = await self._run(calls)
+                calls.append(ScriptCall(_APPEND, tuple(user_keys(uid)), tuple(args)))
+            replies = await self._scripts.run(calls)
             for (uid, idx), reply in zip(chunks, replies, strict=True):
                 for i, r in zip(idx, reply, strict=True):
                     results[i] = _stored(uid, encoded[i][1], r)
@@ -341,9 +234,9 @@ class WindowStore:
         await self._save_packed([(uid, eid, pack_answer(answer)) for uid, eid, answer in items if answer])
 
     async def _save_packed(self, items: Sequence[tuple[str, str, bytes]]) -> None:
-        calls = [_Call(_SAVE_ANSWER, (user_keys(uid).ids,), (eid, packed)) for uid, eid, packed in items]
+        calls = [ScriptCall(_SAVE_ANSWER, (user_keys(uid).ids,), (eid, packed)) for uid, eid, packed in items]
         if calls:
-            await self._run(calls)
+            await self._scripts.run(calls)
 
     def save_answers_soon(self, items: Sequence[tuple[str, str, bytes]]) -> None:
         """Queue first answers for :meth:`save_answers` in the background, one pipeline
@@ -412,77 +305,6 @@ class WindowStore:
             self._unsaved.pop(key, None)
         return int(await self.redis.delete(*user_keys(user_id)))
 
-    # ---------------------------------------------------------------- internals
-
-    async def _run(self, calls: list[_Call]) -> list[Any]:
-        """Run script calls; replies in order. Calls of concurrent callers issued in the
-        same turn of the event loop go to Redis together, in one pipeline: redis-py spends
-        about 0.1 ms of CPU per command sent alone and a third of that per command in a
-        pipeline. No caller waits for another: the pipeline leaves on the next turn."""
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._queued.append((calls, future))
-        if not self._flush_due:
-            self._flush_due = True
-            asyncio.get_running_loop().call_soon(self._start_flush)
-        return await future
-
-    def _start_flush(self) -> None:
-        self._flush_due = False
-        queued, self._queued = self._queued, []
-        task = asyncio.create_task(self._flush(queued), name="window-store-pipeline")
-        self._flushes.add(task)
-        task.add_done_callback(self._flushes.discard)
-
-    async def _flush(self, queued: list[tuple[list[_Call], asyncio.Future[list[Any]]]]) -> None:
-        try:
-            replies = await self._pipeline([c for calls, _ in queued for c in calls])
-        except BaseException as e:  # the connection: every caller gets it (a retry is safe)
-            for _, future in queued:
-                if not future.done():
-                    future.set_exception(e)
-            if not isinstance(e, Exception):
-                raise
-            return
-        i = 0
-        for calls, future in queued:
-            mine, i = replies[i : i + len(calls)], i + len(calls)
-            if future.done():  # the caller is gone (cancelled); its calls ran all the same
-                continue
-            failed = next((r for r in mine if isinstance(r, Exception)), None)
-            if failed is None:
-                future.set_result(mine)
-            else:
-                try:
-                    _reraise(failed)
-                except Exception as e:
-                    future.set_exception(e)
-
-    async def _pipeline(self, calls: list[_Call]) -> list[Any]:
-        """EVALSHA the calls in one pipeline; replies in order, error replies as exceptions.
-        Calls that met NOSCRIPT (a restarted or flushed Redis) run again once the scripts
-        are loaded. Each call is atomic and independent of the others; a NOSCRIPT fails
-        every call of its script in the pipeline, so re-running them keeps their order."""
-        replies: list[Any] = [None] * len(calls)
-        todo = list(range(len(calls)))
-        for attempt in range(2):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for i in todo:
-                    c = calls[i]
-                    pipe.evalsha(c.script.sha, len(c.keys), *c.keys, *c.args)
-                out = await pipe.execute(raise_on_error=False)
-            missing: list[int] = []
-            for i, r in zip(todo, out, strict=True):
-                if isinstance(r, rexc.NoScriptError) and attempt == 0:
-                    missing.append(i)
-                else:
-                    replies[i] = r
-            if not missing:
-                break
-            for script in {calls[i].script.sha: calls[i].script for i in missing}.values():
-                await self.redis.script_load(script.source)
-            todo = missing
-        return replies
-
 
 def _encode(event: Mapping[str, Any]) -> tuple[str, str, str, bytes]:
     """(user_id, event_id, timestamp ms as text, member payload) of a contract event."""
@@ -512,11 +334,3 @@ def _stored(user_id: str, event_id: str, reply: list[Any]) -> StoredWindow:
     if status == 1:
         return StoredWindow(user_id, event_id, True, unpack_answer(reply[1], user_id, event_id), [])
     return StoredWindow(user_id, event_id, status == 2, None, _decode_window(reply[1:], user_id))
-
-
-def _reraise(exc: Exception) -> NoReturn:
-    """Raise Redis's "cannot serve now" replies as ConnectionError (503 upstream); other
-    errors (a bug, or already a ConnectionError/TimeoutError) as they are."""
-    if isinstance(exc, rexc.ResponseError) and _unavailable(exc):
-        raise rexc.ConnectionError(f"window store unavailable: {exc}") from exc
-    raise exc

@@ -8,6 +8,7 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Callable
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,6 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from app.embedded_redis import EmbeddedRedis
 from app.windows import (
     MAX_EVENTS_PER_CALL,
+    SCRIPTS,
     StoredWindow,
     WindowStore,
     pack_answer,
@@ -354,6 +356,25 @@ def test_keys_carry_the_hash_tag_and_never_the_raw_user_id(redis_url: str) -> No
             dumped = await r.dump(key)
             assert user.encode() not in key.encode() and user.encode() not in dumped
         assert (await kept(s, user))[0]["user_id"] == user
+
+    run(redis_url, body)
+
+
+# ------------------------------------------------------------------------- scripts
+
+
+def test_the_lua_scripts_are_package_resources_and_load(redis_url: str) -> None:
+    """app/lua/*.lua ship as package data, one file per script the store runs, and each
+    compiles in Redis under the SHA the store calls it by."""
+    lua = {p.name: p.read_text(encoding="utf-8") for p in (files("app") / "lua").iterdir() if p.name.endswith(".lua")}
+    assert sorted(lua) == ["append_events.lua", "save_answer.lua"]
+    assert sorted(s.source for s in SCRIPTS) == sorted(lua.values())
+    assert all(src.startswith("-- ") and "KEYS" in src and "ARGV" in src for src in lua.values())
+
+    async def body(r: aioredis.Redis) -> None:
+        for script in SCRIPTS:
+            assert await r.script_load(script.source) == script.sha
+        assert await r.script_exists(*(s.sha for s in SCRIPTS)) == [True] * len(SCRIPTS)
 
     run(redis_url, body)
 

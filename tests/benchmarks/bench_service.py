@@ -282,7 +282,7 @@ PROFILE_PARTS = (
     ("    parse + validate body", "app/schemas.py", "parse_events"),
     ("    JSON answer", "app/routes/__init__.py", "json_response"),
     ("  request metrics", "app/metrics.py", "track_request"),
-    ("window store pipelines (shared by concurrent requests)", "app/windows.py", "_pipeline"),
+    ("window store pipelines (shared by concurrent requests)", "app/redis_scripts.py", "_pipeline"),
     ("micro-batches (featurize once, ONNX Runtime call, decide)", "app/batching.py", "_run"),
     ("  Events.from_records", "app/events.py", "from_records"),
     ("  featurizer transform", "app/features.py", "transform"),
