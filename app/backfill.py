@@ -5,7 +5,10 @@ run it.
 Each user's sequence is cut into chunks that carry W-1 events of context before the
 events they score, so every event gets exactly the output of its own last W events (the
 detector's window semantics) while a chunk scores up to ``chunk_len - W + 1`` events in
-one pass. Chunks are grouped by length into a few padded shapes.
+one pass. Chunks are grouped by length into a few padded shapes. The chunks and their
+padded lengths follow the windowing rules of :mod:`app.features`
+(:func:`~app.features.chunk_segments`, :meth:`~app.features.Padding.batch`), which
+training cuts its chunks by too.
 
 Order within a user is by timestamp; events of one user with the same timestamp are
 taken in input order, i.e. the order in which they would have arrived online.
@@ -25,17 +28,10 @@ from typing import IO, Any
 import numpy as np
 import orjson
 
-from app.decisions import decide
+from app.decisions import Thresholds
 from app.events import Events
-from app.features import group_starts, last_windows
+from app.features import Padding, chunk_segments
 from app.scorer import OnnxModel
-
-#: Padded chunk lengths are rounded up to a multiple of this (few shapes, little padding)...
-LENGTH_QUANTUM = 16
-#: ...but chunks this short or shorter run at this length: most users of a day's log have
-#: 1-4 events, and ONNX Runtime's cost per row falls with the length (7-15% faster
-#: scoring of the Taobao stream slice than padding them all to 16: bench_score.py).
-SHORT_LENGTH = 8
 
 
 @dataclass(frozen=True)
@@ -147,39 +143,26 @@ def score_events(
         at = np.cumsum(~repeat) - 1  # row -> its place among the kept rows
         return Scores(kept.probability[at[first]], kept.surprise[at[first]], repeat)
     window = model.bundle.spec.window
-    stride = chunk_len - (window - 1)
-    if stride < 1:
-        raise ValueError(f"chunk_len must exceed window - 1 = {window - 1}")
     n = len(events)
+    order = events.order()
+    seg = chunk_segments(events.user[order], window, chunk_len)  # refuses a bad chunk_len, even for no events
     prob = np.zeros(n, np.float32)
     surprise = np.zeros(n, np.float32)
     if n == 0:
         return Scores(prob, surprise)
-    order = events.order()
     feats = model.bundle.spec.transform(events.take(order))  # (N, F), grouped rows
-    starts = group_starts(events.user[order])
-
-    # Segments: the rows each chunk scores, at most `stride` of one user.
-    rank = np.arange(n) - starts
-    first = (rank % stride) == 0
-    seg_start = np.flatnonzero(first)
-    seg_end = np.append(seg_start[1:], n)
-    ctx_start = np.maximum(starts[seg_start], seg_start - (window - 1))
-    length = seg_end - ctx_start
-    padded = np.where(length <= SHORT_LENGTH, SHORT_LENGTH, -(-length // LENGTH_QUANTUM) * LENGTH_QUANTUM)
+    padded = Padding.batch(chunk_len).padded(seg.lengths)  # (M,)
 
     p_sorted = np.empty(n, np.float32)
     s_sorted = np.empty(n, np.float32)
     done = 0
-    for t in np.unique(padded):
+    for t in np.unique(padded).tolist():
         sel = np.flatnonzero(padded == t)
-        rows_per_call = max(1, batch_tokens // int(t))
+        rows_per_call = max(1, batch_tokens // t)
         for i in range(0, sel.size, rows_per_call):
-            b = sel[i : i + rows_per_call]
-            x = last_windows(feats, seg_end[b] - 1, ctx_start[b], int(t))  # (B, T, F)
-            p, s = model.run(x)
-            rows = seg_end[b, None] - int(t) + np.arange(int(t))[None, :]  # (B, T)
-            keep = rows >= seg_start[b, None]
+            part = seg[sel[i : i + rows_per_call]]
+            p, s = model.run(part.windows(feats, t))  # (B, T, F) in
+            rows, keep = part.positions(t), part.scored(t)  # (B, T)
             p_sorted[rows[keep]] = p[keep]
             s_sorted[rows[keep]] = s[keep]
             if on_progress is not None:
@@ -190,12 +173,12 @@ def score_events(
     return Scores(prob, surprise)
 
 
-def result_lines(events: Events, scores: Scores, thresholds: dict[str, float]) -> Iterator[bytes]:
+def result_lines(events: Events, scores: Scores, thresholds: Thresholds) -> Iterator[bytes]:
     """One JSON object per event, in input order, as `seqguard score` writes them; a repeat
     also has ``"duplicate": true``."""
     ids = events.event_ids().tolist()
     users = events.user_id_strings().tolist()
-    decisions = decide(scores.probability, thresholds).tolist()
+    decisions = thresholds.decide(scores.probability).tolist()
     # The exact float32 value the decision was made on, so readers can re-derive it.
     probs = scores.probability.astype(np.float64).tolist()
     dups = scores.is_duplicate().tolist()
@@ -207,7 +190,7 @@ def result_lines(events: Events, scores: Scores, thresholds: dict[str, float]) -
         yield dumps(res)
 
 
-def write_results(out: Path | IO[bytes], events: Events, scores: Scores, thresholds: dict[str, float],
+def write_results(out: Path | IO[bytes], events: Events, scores: Scores, thresholds: Thresholds,
                   block_rows: int = 65536) -> int:
     """Write JSONL results; returns the number of lines written."""
     fh = out.open("wb") if isinstance(out, Path) else out

@@ -2,13 +2,13 @@
 to ``max_batch`` windows or ``max_wait_ms``, whichever comes first.
 
 A batch is featurized once (one pass of the featurizer over all its events: per-call
-numpy overhead is paid per batch, not per request), then cut by padded time length (see
-:func:`padded_length`) into one ONNX Runtime call per length, so the session sees a
-bounded set of shapes, all warmed up at start, and memory stays flat. Inference runs in
-a one-thread executor (ONNX Runtime releases the GIL and uses its own intra-op threads),
-never on the event loop; all the calls of a batch go in one hop. A full queue is refused
-at once (:class:`QueueFull`), so overload turns into a 503 with ``Retry-After``, not
-latency.
+numpy overhead is paid per batch, not per request), then cut by padded time length
+(:meth:`app.features.Padding.online`) into one ONNX Runtime call per length, so the
+session sees a bounded set of shapes, all warmed up at start, and memory stays flat.
+Inference runs in a one-thread executor (ONNX Runtime releases the GIL and uses its own
+intra-op threads), never on the event loop; all the calls of a batch go in one hop. A
+full queue is refused at once (:class:`QueueFull`), so overload turns into a 503 with
+``Retry-After``, not latency.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from app.decisions import decide
+from app.decisions import Thresholds
 from app.events import Events
-from app.features import last_windows
+from app.features import Padding, last_windows
 from app.metrics import Metrics
 from app.scorer import OnnxModel
 
@@ -37,26 +37,6 @@ Window = Sequence[Mapping[str, Any]]
 
 class QueueFull(RuntimeError):
     """The scoring queue is full: shed load."""
-
-
-def time_lengths(window: int) -> tuple[int, ...]:
-    """The fixed time lengths windows are padded to: powers of two up to the window."""
-    lengths, t = [], 8
-    while t < window:
-        lengths.append(t)
-        t *= 2
-    return (*lengths, window)
-
-
-def padded_length(n: Any, lengths: tuple[int, ...]) -> Any:
-    """The shortest of ``lengths`` that holds ``n`` events (the longest for more): an int,
-    or an array of them for an array of ``n``.
-
-    >>> padded_length(9, (8, 16, 64)), padded_length(np.array([1, 8, 65]), (8, 16, 64)).tolist()
-    (16, [8, 8, 64])
-    """
-    at = np.minimum(np.searchsorted(lengths, n), len(lengths) - 1)
-    return np.asarray(lengths)[at] if np.ndim(at) else lengths[int(at)]
 
 
 @dataclass(frozen=True)
@@ -93,15 +73,15 @@ class MicroBatcher:
     the featurizer's ``history`` of them) in shared batches, and decides on them with
     ``thresholds``. Decisions and the scoring metrics are computed once per batch."""
 
-    def __init__(self, model: OnnxModel, metrics: Metrics, *, thresholds: Mapping[str, float], max_batch: int,
+    def __init__(self, model: OnnxModel, metrics: Metrics, *, thresholds: Thresholds, max_batch: int,
                  max_wait_ms: float, queue_size: int) -> None:
         self.model = model
-        self.thresholds = dict(thresholds)
+        self.thresholds = thresholds
         self.spec = model.bundle.spec
         self.metrics = metrics
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
-        self.lengths = time_lengths(model.bundle.window)
+        self.padding = Padding.online(model.bundle.window)
         self._queue: asyncio.Queue[_Job] | None = None
         self._queue_size = queue_size
         self._pending = 0
@@ -113,7 +93,7 @@ class MicroBatcher:
     def warm_up(self) -> None:
         """Run every shape the batcher will use once, before taking traffic."""
         f = len(self.spec.cardinalities)
-        for t in self.lengths:
+        for t in self.padding.lengths:
             for b in sorted({1, self.max_batch}):
                 self.model.run(np.ones((b, t, f), dtype=np.int64))
 
@@ -216,7 +196,7 @@ class MicroBatcher:
             prob[rows] = p[:, -1]
             for k, i in enumerate(rows.tolist()):
                 surprise[i] = s[k, t - seen[i]:]
-        decision = decide(prob, self.thresholds)
+        decision = self.thresholds.decide(prob)
         self.metrics.track_scored("online", prob, decision)
         if unknown:
             self.metrics.track_unknown_types(unknown)
@@ -240,7 +220,7 @@ class MicroBatcher:
         ends = np.cumsum(lens) - 1
         starts = ends - lens + 1
         seen = np.minimum(lens, self.spec.window)
-        t_of = padded_length(seen, self.lengths)
+        t_of = self.padding.padded(seen)
         calls = []
         for t in sorted(set(t_of.tolist())):
             rows = np.flatnonzero(t_of == t)

@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 
+from app.decisions import Thresholds
 from app.features import FeatureSpec
 
 SCHEMA_VERSION = 2
@@ -39,9 +40,10 @@ class Bundle:
         return int(self.meta["window"])
 
     @property
-    def thresholds(self) -> dict[str, float]:
-        t = self.meta["thresholds"]
-        return {"review": float(t["review"]), "block": float(t["block"])}
+    def thresholds(self) -> Thresholds:
+        """The review and block thresholds of ``bundle.json`` (which also says how they
+        were chosen)."""
+        return Thresholds.from_mapping(self.meta["thresholds"])
 
     def with_aliases(self, extra: Mapping[str, str] | None) -> Bundle:
         """This bundle with a deployment's event type aliases on top of its spec's table."""

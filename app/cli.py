@@ -227,8 +227,9 @@ def train(
             raise FileNotFoundError(f"{path}: no such file")
     _warn(alias_warnings(aliases))  # new types are fine here: the model learns them
     _logging()
+    from model_export.dataset import TrainConfig
     from model_export.scenarios import parse_inject
-    from model_export.train import TrainConfig, run
+    from model_export.train import run
 
     cfg = TrainConfig(arch=arch.value, window=window, epochs=epochs, seed=seed, calibration=calibration.value,
                       aliases=aliases, fpr_unit=fpr_unit.value, unknown_type_rate=unknown_type_rate)

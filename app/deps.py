@@ -13,6 +13,7 @@ from fastapi import Depends, Request
 
 from app.batching import MicroBatcher
 from app.bundle import Bundle
+from app.decisions import Thresholds
 from app.errors import Forbidden, Unauthorized
 from app.metrics import Metrics
 from app.scorer import OnnxModel
@@ -31,7 +32,7 @@ class AppState:
     redis: aioredis.Redis
     store: WindowStore
     batcher: MicroBatcher
-    thresholds: dict[str, float]
+    thresholds: Thresholds
     #: Backfills run here, one at a time, beside the online batcher's own thread.
     batch_executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="backfill"))

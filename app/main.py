@@ -58,13 +58,8 @@ def create_app(settings: Settings) -> FastAPI:
                           fp16=settings.fp16)
         metrics = Metrics()
         metrics.set_model_info(bundle.version, model.provider, bundle.arch)
-        thresholds = dict(bundle.thresholds)
-        if settings.review_threshold is not None:
-            thresholds["review"] = settings.review_threshold
-        if settings.block_threshold is not None:
-            thresholds["block"] = settings.block_threshold
-        if thresholds["review"] > thresholds["block"]:
-            raise ValueError(f"review threshold {thresholds['review']} exceeds block {thresholds['block']}")
+        # ValueError where an override crosses the bundle's other threshold
+        thresholds = bundle.thresholds.override(review=settings.review_threshold, block=settings.block_threshold)
         batcher = MicroBatcher(model, metrics, thresholds=thresholds, max_batch=settings.max_batch,
                                max_wait_ms=settings.max_wait_ms, queue_size=settings.queue_size)
         batcher.warm_up()
@@ -86,8 +81,7 @@ def create_app(settings: Settings) -> FastAPI:
             batcher=batcher, thresholds=thresholds,
         )
         log.info("serving %s (%s, window %d) on %s; thresholds review %.4g block %.4g",
-                 bundle.version, bundle.arch, bundle.window, model.provider, thresholds["review"],
-                 thresholds["block"])
+                 bundle.version, bundle.arch, bundle.window, model.provider, thresholds.review, thresholds.block)
         serving.share_the_gil(settings)  # live requests first, beside a backfill's thread
         try:
             yield

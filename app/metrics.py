@@ -61,6 +61,7 @@ from prometheus_client import (
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from app.decisions import DECISIONS
 from app.processes import pid_alive
 from app.vocabulary import printable
 
@@ -76,7 +77,6 @@ FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05
 PROBABILITY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8,
                        0.9, 0.925, 0.95, 0.975, 0.99, 0.995, 0.999, 1.0)
 BATCH_SIZE_BUCKETS = tuple(float(2**i) for i in range(13))  # 1 .. 4096
-DECISIONS = ("allow", "review", "block")
 SCORE_PATHS = ("online", "batch")
 _SMALL = 8
 #: Unknown event types with a label of their own (the first a process sees); later ones: ``other``.

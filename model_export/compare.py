@@ -17,11 +17,12 @@ import orjson
 from app.backfill import score_events
 from app.bundle import load_bundle
 from app.scorer import OnnxModel
+from model_export.dataset import TrainConfig, prepare
 from model_export.export import export
 from model_export.model import ARCHS
 from model_export.report import markdown_table
 from model_export.scenarios import parse_inject
-from model_export.train import TrainConfig, prepare, run
+from model_export.train import run
 
 
 def speed(bundle_dir: Path, prep: Any, repeats: int = 200) -> dict[str, float]:

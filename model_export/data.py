@@ -8,8 +8,9 @@ own names, which the service maps itself.
 
 Files are read in chunks with pyarrow and every chunk is reduced to compact columns at
 once (codes, 64-bit hashes, int64 times), so memory follows the number of rows (about
-30 bytes each), never the size of the text. Malformed rows are skipped and counted; a
-file with too many of them is refused with an error naming the first bad line and field.
+30 bytes each), never the size of the text (the column parsers: :mod:`model_export.columns`).
+Malformed rows are skipped and counted; a file with too many of them is refused with an
+error naming the first bad line and field.
 """
 
 from __future__ import annotations
@@ -19,34 +20,34 @@ import io
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
-from app.events import (  # the one definition of the hash and of the timestamp grammar
-    FNV_OFFSET,
-    FNV_PRIME,
-    HASHED_FIELDS,
-    PLAUSIBLE_MS,
-    RFC3339_PATTERN,
-    Events,
-    TimestampError,
-    finalise_hash,
-    implausible_time,
-    may_repeat_keys,
-    parse_timestamp_ms,
-    repeated_keys,
-)
+from app.events import HASHED_FIELDS, PLAUSIBLE_MS, Events, implausible_time
 from app.vocabulary import build_aliases, canonical
+from model_export.columns import (
+    as_py,
+    combined,
+    hash_column,
+    is_missing,
+    json_object,
+    json_table,
+    json_text,
+    parse_label,
+    parse_price,
+    parse_time,
+    rechunk,
+    strings,
+)
 
 log = logging.getLogger("seqguard.data")
 
@@ -433,7 +434,7 @@ class _Loader:
             convert_options=pcsv.ConvertOptions(include_columns=cols,
                                                 column_types=dict.fromkeys(cols, pa.string())))
         done = 0
-        for table in _rechunk(stream, chunk_rows):
+        for table in rechunk(stream, chunk_rows):
             # Every physical line is a row or an invalid row, so a row's line follows from
             # the invalid lines before it (all known: the reader reports them as it parses).
             bad = np.sort(np.asarray(self._invalid_lines, dtype=np.int64)) - first_line
@@ -459,22 +460,22 @@ class _Loader:
                     raw = raw.removeprefix(_BOM)  # a text editor's byte order mark is no event
                 if not raw.strip():
                     continue
-                obj = _json_object(raw)
+                obj = json_object(raw)
                 if isinstance(obj, tuple):
                     self.report.rows_read += 1
                     self._bad(n, *obj)
                     continue
                 seen.update(obj)
                 for k, col in rows.items():
-                    col.append(_json_text(obj.get(k)))
+                    col.append(json_text(obj.get(k)))
                 lines.append(n)
                 if len(lines) >= chunk_rows:
                     self._columns(sorted(seen))
-                    yield _json_table(rows), np.asarray(lines)
+                    yield json_table(rows, REQUIRED), np.asarray(lines)
                     rows, lines = {f: [] for f in FIELDS}, []
         if lines:
             self._columns(sorted(seen))
-            yield _json_table(rows), np.asarray(lines)
+            yield json_table(rows, REQUIRED), np.asarray(lines)
 
     def _parquet(self, chunk_rows: int) -> Iterator[tuple[pa.Table, np.ndarray]]:
         with ExitStack() as stack:
@@ -487,7 +488,7 @@ class _Loader:
             pf = stack.enter_context(pq.ParquetFile(source))
             cols = self._columns(pf.schema_arrow.names)
             done = 0
-            for table in _rechunk(pf.iter_batches(batch_size=chunk_rows, columns=cols), chunk_rows):
+            for table in rechunk(pf.iter_batches(batch_size=chunk_rows, columns=cols), chunk_rows):
                 yield table, np.arange(done + 1, done + table.num_rows + 1)
                 done += table.num_rows
 
@@ -495,9 +496,9 @@ class _Loader:
 
     def _clean(self, table: pa.Table, lines: np.ndarray) -> _Rows:
         """The chunk's valid rows (malformed ones skipped and counted), columns parsed."""
-        cols = {self.spec.columns[c]: _combined(table.column(c)) for c in table.column_names}
+        cols = {self.spec.columns[c]: combined(table.column(c)) for c in table.column_names}
         n = table.num_rows
-        missing = {f: _is_missing(a) for f, a in cols.items()}
+        missing = {f: is_missing(a) for f, a in cols.items()}
         blank = np.zeros(n, bool)
         if self._blank_lines:  # an empty line is not a row
             blank = np.logical_and.reduce(list(missing.values()))
@@ -516,23 +517,23 @@ class _Loader:
         for f in REQUIRED:
             check(missing[f], f, lambda i: "missing value")
         ts = cols["timestamp"]
-        ms, ts_bad = _parse_time(ts, self.spec.seconds, self.spec.utc_suffix)
+        ms, ts_bad = parse_time(ts, self.spec.seconds, self.spec.utc_suffix)
         kind = "Unix seconds" if self.spec.seconds else "RFC 3339 with an offset, or epoch milliseconds"
-        check(ts_bad, "timestamp", lambda i: f"cannot parse {_raw(ts, i)!r} as {kind}")
+        check(ts_bad, "timestamp", lambda i: f"cannot parse {as_py(ts, i)!r} as {kind}")
         # The plausible window of every path (app.events): epoch seconds sent for
         # milliseconds, or digits cut off a line, never reach a window.
         lo, hi = PLAUSIBLE_MS
         check((ms < lo) | (ms >= hi), "timestamp",
-              (lambda i: f"{_raw(ts, i)!r} is outside 2000–2100 (a cut-off line?)") if self.spec.seconds
-              else (lambda i: f"{_raw(ts, i)!r}: {implausible_time(int(ms[i]))}"))
+              (lambda i: f"{as_py(ts, i)!r} is outside 2000–2100 (a cut-off line?)") if self.spec.seconds
+              else (lambda i: f"{as_py(ts, i)!r}: {implausible_time(int(ms[i]))}"))
         price = label = None
         if "price" in cols:
-            price, price_bad = _parse_price(cols["price"])
+            price, price_bad = parse_price(cols["price"])
             check(price_bad, "price",
-                  lambda i: f"price {_raw(cols['price'], i)!r} is not a finite number ≥ 0")
+                  lambda i: f"price {as_py(cols['price'], i)!r} is not a finite number ≥ 0")
         if "label" in cols:
-            label, label_bad = _parse_label(cols["label"])
-            check(label_bad, "label", lambda i: f"label {_raw(cols['label'], i)!r} is not 0 or 1")
+            label, label_bad = parse_label(cols["label"])
+            check(label_bad, "label", lambda i: f"label {as_py(cols['label'], i)!r} is not 0 or 1")
 
         keep = np.flatnonzero(~bad)
         if len(keep) < n:
@@ -542,8 +543,8 @@ class _Loader:
     @staticmethod
     def _events(rows: _Rows) -> Events:
         cols = rows.cols
-        users = pc.dictionary_encode(_strings(cols["user_id"]))
-        etypes = pc.dictionary_encode(_strings(cols["event_type"]))
+        users = pc.dictionary_encode(strings(cols["user_id"]))
+        etypes = pc.dictionary_encode(strings(cols["event_type"]))
         out: dict[str, Any] = {
             "user": users.indices.to_numpy(zero_copy_only=False).astype(np.int32),
             "user_ids": np.asarray(users.dictionary.to_pylist(), dtype=object),
@@ -553,13 +554,13 @@ class _Loader:
         }
         for f in HASHED_FIELDS:
             if f in cols:
-                out[f] = _hash_column(cols[f])
+                out[f] = hash_column(cols[f])
         if rows.price is not None:
             out["price"] = rows.price.astype(np.float32)
         if rows.label is not None:
             out["label"] = rows.label
         if "event_id" in cols:
-            ids = _strings(cols["event_id"]).to_numpy(zero_copy_only=False)
+            ids = strings(cols["event_id"]).to_numpy(zero_copy_only=False)
             out["event_id"] = np.where(ids == "", None, ids).astype(object)
         return Events(**out)
 
@@ -593,16 +594,16 @@ def _records(rows: _Rows, start: int) -> list[dict[str, Any]]:
     """Request dicts of ``rows``; ``start`` is the file's kept-row index of the first one."""
     cols = rows.cols
     n = len(rows.ms)
-    users = _strings(cols["user_id"]).to_pylist()
-    ids = _strings(cols["event_id"]).to_pylist() if "event_id" in cols else [None] * n
+    users = strings(cols["user_id"]).to_pylist()
+    ids = strings(cols["event_id"]).to_pylist() if "event_id" in cols else [None] * n
     recs: list[dict[str, Any]] = [
         {"event_id": e or f"{u}-{t}-{start + i}", "user_id": u, "event_type": k, "timestamp": t}
-        for i, (e, u, k, t) in enumerate(zip(ids, users, _strings(cols["event_type"]).to_pylist(),
+        for i, (e, u, k, t) in enumerate(zip(ids, users, strings(cols["event_type"]).to_pylist(),
                                              rows.ms.tolist(), strict=True))
     ]
     for f in HASHED_FIELDS:
         if f in cols:
-            for r, v in zip(recs, _strings(cols[f]).to_pylist(), strict=True):
+            for r, v in zip(recs, strings(cols[f]).to_pylist(), strict=True):
                 if v:  # "" is missing, as in the hashed columns
                     r[f] = v
     if rows.price is not None:
@@ -610,195 +611,6 @@ def _records(rows: _Rows, start: int) -> list[dict[str, Any]]:
             if p == p:  # NaN: missing
                 r["price"] = p
     return recs
-
-
-# ---- column helpers ----------------------------------------------------------------------
-
-
-def _parse_time(arr: pa.Array, seconds: bool, utc_suffix: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(epoch ms, unparseable mask) of a timestamp column of any type; missing rows are 0.
-    Text follows ``app.events.parse_timestamp_ms``'s grammar (its window is checked later)."""
-    t, n = arr.type, len(arr)
-    null = arr.is_null().to_numpy(zero_copy_only=False)
-    if pa.types.is_timestamp(t):
-        v = arr.cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)
-        scale = {"s": 1000, "ms": 1, "us": -1000, "ns": -1_000_000}[t.unit]
-        return (v * scale if scale > 0 else v // -scale), np.zeros(n, bool)
-    if pa.types.is_integer(t) or pa.types.is_floating(t):
-        f = arr.cast(pa.float64()).fill_null(0).to_numpy(zero_copy_only=False)
-        ok = np.isfinite(f) & (f == np.round(f)) & (np.abs(f) < 9e15)
-        v = np.where(ok, f, 0).astype(np.int64)
-        return (v * 1000 if seconds else v), ~ok & ~null
-    s = _strings(arr)
-    # ASCII digits, few enough for int64
-    digits = pc.match_substring_regex(s, "^[0-9]{1,12}$" if seconds else "^[0-9]{1,18}$|^[0-8][0-9]{18}$")
-    digits = digits.fill_null(False)
-    ms = np.zeros(n, dtype=np.int64)
-    d = digits.to_numpy(zero_copy_only=False)
-    ms[d] = pc.cast(s.filter(digits), pa.int64()).to_numpy()
-    rest = ~d & ~_is_missing(s)
-    if seconds:  # Unix seconds are digits only
-        return ms * 1000, rest
-    bad = np.zeros(n, dtype=bool)
-    if rest.any():
-        ms[rest], bad[rest] = _parse_text_times(s.filter(pa.array(rest)), utc_suffix)
-    return ms, bad
-
-
-def _parse_text_times(s: pa.Array, utc_suffix: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(epoch ms, bad mask) of RFC 3339 strings, read as ``parse_timestamp_ms`` reads them:
-    the strings matching ``RFC3339_PATTERN`` (RE2) are cast by Arrow, whose reading of
-    them equals that function's (tests/test_input_grammar.py), any other is bad. With
-    ``utc_suffix``, a trailing " UTC" (REES46) stands for "Z"."""
-    if utc_suffix:
-        s = pc.replace_substring_regex(s, " UTC$", "Z")
-    ok = pc.match_substring_regex(s, RFC3339_PATTERN).fill_null(False)
-    good = ok.to_numpy(zero_copy_only=False)
-    out, bad = np.zeros(len(s), np.int64), ~good
-    if not good.any():
-        return out, bad
-    text = pc.utf8_upper(s.filter(ok))  # 't' and 'z' as Arrow reads them; nothing else has case
-    try:
-        ns = pc.cast(text, pa.timestamp("ns", "UTC")).cast(pa.int64()).to_numpy(zero_copy_only=False)
-        out[good] = ns // 1_000_000
-        return out, bad
-    except pa.ArrowInvalid:  # a day that does not exist, or beyond Arrow's years: one by one
-        pass
-    idx = np.flatnonzero(good)
-    for i, v in zip(idx, text.to_pylist(), strict=True):
-        try:
-            out[i] = parse_timestamp_ms(v)
-        except TimestampError:
-            bad[i] = True
-    return out, bad
-
-
-def _parse_price(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(float64 prices, NaN = missing; mask of values that are not finite numbers ≥ 0).
-
-    In a numeric (Parquet) column NaN is how "missing" is written; in text, "nan" is bad.
-    """
-    if pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type):
-        v = arr.cast(pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False)
-        return v, np.isinf(v) | (v < 0)
-    s = _strings(arr)
-    have = ~_is_missing(s)
-    text = s.filter(pa.array(have))
-    v = np.full(len(s), np.nan)
-    try:
-        v[have] = pc.cast(text, pa.float64()).to_numpy(zero_copy_only=False)
-    except pa.ArrowInvalid:  # some value is not a number: find which, one by one
-        v[have] = [_float(x) for x in text.to_pylist()]
-    return v, have & ~(np.isfinite(v) & (v >= 0))
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        return np.nan
-
-
-def _parse_label(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 labels, missing read as 0; mask of values other than 0/1/true/false)."""
-    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
-        s = pc.utf8_lower(pc.utf8_trim_whitespace(arr)).fill_null("")
-        one = pc.is_in(s, pa.array(["1", "1.0", "true"])).to_numpy(zero_copy_only=False)
-        zero = pc.is_in(s, pa.array(["0", "0.0", "false", ""])).to_numpy(zero_copy_only=False)
-        return one.astype(np.int8), ~(one | zero)
-    v = arr.cast(pa.float64()).fill_null(0).to_numpy(zero_copy_only=False)
-    return (v == 1).astype(np.int8), ~((v == 0) | (v == 1))
-
-
-def _hash_column(arr: pa.Array) -> np.ndarray:
-    """``hash_strings`` of a column, each distinct value hashed once."""
-    enc = pc.dictionary_encode(_strings(arr))
-    lut = np.append(_hash_utf8(enc.dictionary), np.uint64(0))  # nulls: 0, missing
-    return lut[enc.indices.fill_null(len(enc.dictionary)).to_numpy(zero_copy_only=False)]
-
-
-def _hash_utf8(arr: pa.StringArray) -> np.ndarray:
-    """Exactly ``app.events.hash_strings``, computed on the Arrow buffers (no Python strings):
-    ten times faster, which keeps loading above 1M rows/s. Nulls hash as ""."""
-    n = len(arr)
-    if n == 0:
-        return np.zeros(0, dtype=np.uint64)
-    offsets = np.frombuffer(arr.buffers()[1], np.int32, n + 1, arr.offset * 4).astype(np.int64)
-    data = np.frombuffer(arr.buffers()[2] or b"", np.uint8)
-    starts, lens = offsets[:-1], np.diff(offsets)
-    h = np.full(n, FNV_OFFSET, dtype=np.uint64)
-    for j in range(int(lens.max(initial=0))):  # FNV-1a, byte j of every string that long
-        act = np.flatnonzero(lens > j)
-        h[act] = (h[act] ^ data[starts[act] + j]) * FNV_PRIME
-    h = finalise_hash(h ^ lens.astype(np.uint64))
-    h[h == 0] = 1
-    h[lens == 0] = 0
-    return h
-
-
-def _strings(arr: pa.Array) -> pa.Array:
-    return arr if pa.types.is_string(arr.type) else arr.cast(pa.string())
-
-
-def _is_missing(arr: pa.Array) -> np.ndarray:
-    """Null, or "" in a text column."""
-    t = arr.type
-    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t):
-        return pc.equal(_strings(arr), "").fill_null(True).to_numpy(zero_copy_only=False)
-    return arr.is_null().to_numpy(zero_copy_only=False)
-
-
-def _raw(arr: pa.Array, i: int) -> Any:
-    return arr[i].as_py()
-
-
-def _combined(col: pa.ChunkedArray) -> pa.Array:
-    return col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
-
-
-def _rechunk(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:
-    """Tables of exactly ``rows`` rows (the last one fewer) from batches of any size."""
-    buf: list[pa.RecordBatch] = []
-    have = 0
-    for b in batches:
-        buf.append(b)
-        have += b.num_rows
-        while have >= rows:
-            t = pa.Table.from_batches(buf)
-            yield t.slice(0, rows)
-            rest = t.slice(rows)
-            buf, have = rest.to_batches(), rest.num_rows
-    if have:
-        yield pa.Table.from_batches(buf)
-
-
-def _json_object(raw: bytes) -> dict[str, Any] | tuple[str | None, str]:
-    """The object on a JSONL line, or (field at fault, why there is none). An object that
-    gives a key twice is refused, as the service refuses it (orjson would keep the last)."""
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        return None, f"invalid JSON ({e})"
-    if not isinstance(obj, dict):
-        return None, f"not a JSON object: {raw[:60]!r}"
-    if may_repeat_keys(raw, obj) and (where := repeated_keys(raw)):
-        key = where[0][-1]
-        return str(key), f"key {key!r} is given more than once in one object"
-    return obj
-
-
-def _json_text(v: Any) -> str | None:
-    """JSON values as the text a CSV would hold; integral floats as integers."""
-    if v is None or isinstance(v, str):
-        return v
-    if isinstance(v, float) and v.is_integer():
-        return str(int(v))
-    return str(v).lower() if isinstance(v, bool) else str(v)
-
-
-def _json_table(rows: dict[str, list[str | None]]) -> pa.Table:
-    return pa.table({k: pa.array(v, pa.string()) for k, v in rows.items()
-                     if k in REQUIRED or any(x is not None for x in v)})
 
 
 def _duplicates(ev: Events) -> np.ndarray:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from sklearn import metrics as skm
 
-from app.decisions import decide
+from app.decisions import Thresholds
 from app.events import Events
 from app.features import FeatureSpec, group_starts
 from app.progress import OnStep, Steps
@@ -31,7 +31,9 @@ DIAGNOSTIC_FPR = 0.01
 @dataclass
 class Scored:
     """One detector's scores on one split (higher = more anomalous), with the thresholds
-    chosen for it on validation data, e.g. ``{"review": t1, "block": t2}``."""
+    chosen for it on validation data, e.g. ``{"review": t1, "block": t2}``: named operating
+    points on its own score (a baseline's is no probability, and it may have any of them),
+    not the service's decision thresholds (:class:`app.decisions.Thresholds`)."""
 
     name: str
     score: np.ndarray
@@ -172,7 +174,7 @@ def shares_by(key: np.ndarray, flagged: np.ndarray, blocked: np.ndarray,
     return {k: flag_shares(flagged[key == k], blocked[key == k]) for k in keys}
 
 
-def real_traffic(events: Events, prob: np.ndarray, thresholds: dict[str, float],
+def real_traffic(events: Events, prob: np.ndarray, thresholds: Thresholds,
                  spec: FeatureSpec) -> dict[str, Any]:
     """False positives of the detector on real normal traffic.
 
@@ -181,7 +183,7 @@ def real_traffic(events: Events, prob: np.ndarray, thresholds: dict[str, float],
     events : (N rows) real users' events, any order. Rows labelled 1 (a log with real
         labels) are scored as part of their users' sequences but not counted.
     prob : (N,) the bundle's anomaly probability of each row.
-    thresholds : ``{"review": t1, "block": t2}``; decisions as :func:`app.decisions.decide`.
+    thresholds : the bundle's; decisions as the service makes them (:meth:`Thresholds.decide`).
     spec : the bundle's feature spec: its aliases name the canonical types, its vocabulary
         says which types the model knows.
 
@@ -199,7 +201,7 @@ def real_traffic(events: Events, prob: np.ndarray, thresholds: dict[str, float],
     position = history_position(events.user, events.timestamp_ms)
     normal = np.ones(len(events), bool) if events.label is None else events.label != 1
     ev, prob, position = events.take(normal), prob[normal], position[normal]
-    decision = decide(prob, thresholds)
+    decision = thresholds.decide(prob)
     flagged, blocked = decision != "allow", decision == "block"
 
     present = np.bincount(ev.user, minlength=ev.n_users) > 0
@@ -218,7 +220,7 @@ def real_traffic(events: Events, prob: np.ndarray, thresholds: dict[str, float],
     unknown = spec.unknown_types(ev)
     n_unknown = sum(unknown.values())
     return {
-        "thresholds": {k: float(thresholds[k]) for k in ("review", "block")},
+        "thresholds": thresholds.as_dict(),
         "n_excluded_labelled": int((~normal).sum()),
         "overall": flag_shares(flagged, blocked),
         "users": users,
@@ -360,7 +362,7 @@ def evaluate_bundle(bundle_dir: Path, prep: Any, out_dir: Path, *,
     steps = Steps(len(baselines) + 4, on_step)
     steps.begin(f"score the test users (seqguard-{bundle.arch})")
     detectors = [Scored(f"seqguard-{bundle.arch}", score_events(model, test).probability,
-                        bundle.thresholds)]
+                        bundle.thresholds.as_dict())]
     for base in baselines:
         steps.begin(f"baseline {base.name}")
         base.fit(train)
@@ -408,7 +410,7 @@ def evaluate_file(bundle_dir: Path, events_path: Path, fmt: str, inject_names: l
     to read the log and to score it. ``on_step``: :func:`evaluate_bundle`'s, once the log
     is split and injected."""
     from app.bundle import load_bundle
-    from model_export.train import TrainConfig, prepare
+    from model_export.dataset import TrainConfig, prepare
 
     tc = load_bundle(bundle_dir).meta["training"]["train_config"]
     cfg = TrainConfig.from_dict(tc)

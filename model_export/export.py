@@ -20,8 +20,9 @@ from app.bundle import SCHEMA_VERSION
 from app.features import FEATURES
 from app.progress import OnStep, Steps
 from model_export import parity
+from model_export.dataset import TrainConfig, load_prepared, prepare
 from model_export.model import Detector
-from model_export.train import TrainConfig, load_prepared, load_run, prepare
+from model_export.train import load_run
 
 log = logging.getLogger("seqguard.export")
 OPSET = 17

@@ -7,10 +7,10 @@ import orjson
 import pytest
 from conftest import TAOBAO_100
 
-from app.backfill import LENGTH_QUANTUM, SHORT_LENGTH, FirstAnswers, result_lines, score_events
+from app.backfill import FirstAnswers, result_lines, score_events
 from app.bundle import load_bundle
 from app.events import Events
-from app.features import group_starts, last_windows
+from app.features import BATCH_STEP, SHORT_LENGTH, group_starts, last_windows
 from app.scorer import OnnxModel
 from model_export.data import read_events
 from model_export.parity import FP32_TOLERANCE
@@ -42,14 +42,14 @@ def test_long_sequence_pass_equals_per_window_scoring(model, events):
 
 def test_short_histories_run_short_and_score_as_full_windows(model, events):
     """Users with 1-9 events: chunks of up to SHORT_LENGTH run at that length, longer at
-    multiples of LENGTH_QUANTUM; each event gets what a full window gives it."""
+    multiples of BATCH_STEP; each event gets what a full window gives it."""
     spec = model.bundle.spec
     ev = events.sorted()
     starts = group_starts(ev.user)
     keep = (np.arange(len(ev)) - starts) < (ev.user % (SHORT_LENGTH + 1)) + 1
     short = ev.take(np.flatnonzero(keep))
     lengths = np.bincount(short.user)[np.unique(short.user)]
-    assert lengths.min() == 1 and lengths.max() == SHORT_LENGTH + 1 and SHORT_LENGTH < LENGTH_QUANTUM
+    assert lengths.min() == 1 and lengths.max() == SHORT_LENGTH + 1 and SHORT_LENGTH < BATCH_STEP
     scores = score_events(model, short)
     windows = last_windows(spec.transform(short), np.arange(len(short)), group_starts(short.user), spec.window)
     prob, _ = model.run(windows)

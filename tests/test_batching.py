@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from conftest import TAOBAO_100
 
-from app.batching import MicroBatcher, QueueFull, Scored, padded_length, time_lengths
+from app.batching import MicroBatcher, QueueFull, Scored
 from app.bundle import load_bundle
 from app.events import Events
-from app.features import last_windows
+from app.features import Padding, last_windows
 from app.metrics import Metrics
 from app.scorer import OnnxModel
 
@@ -50,10 +50,10 @@ def windows_of(users: list[list[dict[str, Any]]], history: int, seed: int, n: in
 
 def one_by_one(model: OnnxModel, window: list[dict[str, Any]]) -> tuple[float, np.ndarray]:
     """The reference: one window featurized and run alone."""
-    spec, lengths = model.bundle.spec, time_lengths(model.bundle.window)
+    spec, padding = model.bundle.spec, Padding.online(model.bundle.window)
     feats = spec.transform(Events.from_records(window), groups=np.zeros(len(window), np.int64))
     seen = min(len(window), spec.window)
-    t = padded_length(seen, lengths)
+    t = padding.padded(seen)
     p, s = model.run(last_windows(feats, np.array([len(window) - 1]), np.array([0]), t))
     return float(p[0, -1]), s[0, t - seen:]
 
@@ -77,15 +77,15 @@ def metric(metrics: Metrics, name: str) -> float:
 
 
 def test_lengths_are_few_and_cover_the_window():
-    assert time_lengths(64) == (8, 16, 32, 64)
-    assert [padded_length(n, (8, 16, 32, 64)) for n in (1, 8, 9, 33, 64)] == [8, 8, 16, 64, 64]
+    assert Padding.online(64).lengths == (8, 16, 32, 64)
+    assert [Padding.online(64).padded(n) for n in (1, 8, 9, 33, 64)] == [8, 8, 16, 64, 64]
 
 
 def test_concurrent_requests_share_batches_and_get_their_own_answers(model, users):
     metrics = Metrics()
     history = model.bundle.spec.history
     jobs = [windows_of(users, history, seed=k, n=k % 3 + 1) for k in range(40)]
-    lengths = {padded_length(min(len(w), model.bundle.window), time_lengths(model.bundle.window))
+    lengths = {Padding.online(model.bundle.window).padded(min(len(w), model.bundle.window))
                for job in jobs for w in job}
     assert len(lengths) >= 3, "the jobs mix padded lengths"
     got = run_batcher(model, metrics, jobs)
@@ -97,7 +97,7 @@ def test_concurrent_requests_share_batches_and_get_their_own_answers(model, user
             want_p, want_s = one_by_one(model, w)
             assert abs(p - want_p) <= 1e-6 and np.abs(s - want_s).max() <= 1e-5
             assert n == len(s) == min(len(w), model.bundle.window)
-            assert d == ("block" if p >= th["block"] else "review" if p >= th["review"] else "allow")
+            assert d == ("block" if p >= th.block else "review" if p >= th.review else "allow")
     calls = metric(metrics, "seqguard_inference_batch_size_count")
     assert calls < len(jobs), "requests were batched together"
     windows = sum(len(j) for j in jobs)

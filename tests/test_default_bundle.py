@@ -12,7 +12,6 @@ import pytest
 
 from app.backfill import score_events
 from app.bundle import load_bundle
-from app.decisions import decide
 from app.events import Events
 from app.scorer import OnnxModel
 from model_export.data import read_events
@@ -34,7 +33,7 @@ def decisions(model: OnnxModel, types: list[str], gaps_s: list[float], items: li
     if not with_items:  # the contract makes both optional
         recs = [{k: v for k, v in r.items() if k not in ("item_id", "category_id")} for r in recs]
     p = score_events(model, Events.from_records(recs)).probability
-    return p, decide(p, model.bundle.thresholds).tolist()
+    return p, model.bundle.thresholds.decide(p).tolist()
 
 
 @pytest.mark.parametrize(("types", "gap"), [(["pv", "cart"], 60), (["pv", "buy"], 60), (["view", "purchase"], 30),
@@ -102,7 +101,7 @@ def test_rees46_in_its_own_names_is_rarely_flagged(model):
     ev, report = read_events(REES46, "rees46", dedupe=False, sort=False)
     assert report.type_aliases_applied == {} or set(report.type_aliases_applied.values()) <= {"view", "cart",
                                                                                             "purchase"}
-    d = decide(score_events(model, ev).probability, model.bundle.thresholds)
+    d = model.bundle.thresholds.decide(score_events(model, ev).probability)
     assert np.mean(d != "allow") <= 0.03
     assert np.mean(d == "block") <= 0.03
 

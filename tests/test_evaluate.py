@@ -10,6 +10,7 @@ import orjson
 import pytest
 from conftest import TAOBAO_100
 
+from app.decisions import Thresholds
 from app.events import Events
 from app.features import FeatureSpec
 from model_export.evaluate import (
@@ -124,7 +125,7 @@ REAL = [
     ("c", "login", 0.05, 0), *[("c", "view", 0.10, 0)] * 16, ("c", "view", 0.55, 0),
 ]
 SPEC = FeatureSpec(("view", "cart", "purchase"), (), ())
-THRESHOLDS = {"review": 0.5, "block": 0.9}
+THRESHOLDS = Thresholds(review=0.5, block=0.9)
 
 
 def real_scored(shuffle: int | None = 0) -> tuple[Events, np.ndarray]:
@@ -264,8 +265,8 @@ def test_evaluate_bundle_reports_real_traffic_and_user_level(trained: tuple[Path
     from app.backfill import score_events
     from app.bundle import load_bundle
     from app.scorer import OnnxModel
+    from model_export.dataset import TrainConfig, prepare
     from model_export.scenarios import SCENARIOS
-    from model_export.train import TrainConfig, prepare
 
     _, bundle_dir = trained
     bundle = load_bundle(bundle_dir)
@@ -277,8 +278,8 @@ def test_evaluate_bundle_reports_real_traffic_and_user_level(trained: tuple[Path
     prob = score_events(OnnxModel(bundle), real).probability
     rt = summary["real_traffic"]
     assert rt["events"] == len(real) > 0
-    assert rt["flagged_share"] == pytest.approx(np.mean(prob >= bundle.thresholds["review"]))
-    assert rt["blocked_share"] == pytest.approx(np.mean(prob >= bundle.thresholds["block"]))
+    assert rt["flagged_share"] == pytest.approx(np.mean(prob >= bundle.thresholds.review))
+    assert rt["blocked_share"] == pytest.approx(np.mean(prob >= bundle.thresholds.block))
     assert rt["worst_type"] in ("view", "cart", "remove_from_cart", "favorite", "purchase")
 
     saved = orjson.loads((tmp_path / "metrics.json").read_bytes())

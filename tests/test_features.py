@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from app.backfill import score_events
 from app.events import Events, hash_strings
 from app.features import (
+    BATCH_STEP,
     DISTINCT_EDGES,
     FEATURES,
     PAD,
     RECENT_EDGES,
     RECENT_WINDOWS_S,
+    SHORT_LENGTH,
     FeatureSpec,
+    Padding,
+    chunk_segments,
     group_starts,
     last_windows,
 )
+from model_export.train import length_batches, make_chunks
 
 TYPES = ["view", "cart", "buy", "fav"]
 
@@ -226,3 +234,145 @@ def test_last_windows_left_pads_and_stops_at_the_user():
 
 
 GOLDEN_HASHES = [984484373781208697, 9266097309480679803, 0, 0]
+
+
+# -- the windowing rules: chunk segments and padded lengths --------------------------------
+
+
+def segments_of(sizes: list[int], window: int, chunk_len: int) -> list[tuple[int, int, int]]:
+    seg = chunk_segments(np.repeat(np.arange(len(sizes)), sizes), window, chunk_len)
+    return list(zip(seg.start.tolist(), seg.end.tolist(), seg.context.tolist(), strict=True))
+
+
+def test_chunk_segments_at_the_edges():
+    """W = 4, chunk_len = 6: stride 3, each chunk carries up to 3 rows of context."""
+    assert segments_of([2], 4, 6) == [(0, 2, 0)]  # fewer events than the window: one chunk
+    assert segments_of([4], 4, 6) == [(0, 3, 0), (3, 4, 0)]  # exactly the window
+    assert segments_of([3], 4, 6) == [(0, 3, 0)]  # exactly one stride
+    assert segments_of([6], 4, 6) == [(0, 3, 0), (3, 6, 0)]  # two strides
+    assert segments_of([7], 4, 6) == [(0, 3, 0), (3, 6, 0), (6, 7, 3)]  # one past: context W - 1 back
+    # another user's rows are never context: user 1 starts at row 5
+    assert segments_of([5, 2], 4, 6) == [(0, 3, 0), (3, 5, 0), (5, 7, 5)]
+    assert segments_of([1, 1, 1], 4, 4) == [(0, 1, 0), (1, 2, 1), (2, 3, 2)]  # stride 1
+    assert segments_of([], 4, 6) == []
+    with pytest.raises(ValueError, match="chunk_len must exceed window - 1 = 3"):
+        chunk_segments(np.zeros(5, np.int64), 4, 3)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(1, 40), max_size=6), st.integers(1, 10), st.integers(1, 12))
+def test_chunks_score_every_row_once_on_exactly_its_window(sizes, window, stride):
+    chunk_len = stride + window - 1
+    groups = np.repeat(np.arange(len(sizes)), sizes)
+    seg = chunk_segments(groups, window, chunk_len)
+    starts = group_starts(groups)
+    scored = np.concatenate([np.arange(a, b) for a, b in zip(seg.start, seg.end, strict=True)] or [np.zeros(0)])
+    assert scored.tolist() == list(range(groups.size)), "each row scored once, in order"
+    assert ((seg.end - seg.start >= 1) & (seg.end - seg.start <= stride)).all()
+    assert (starts[seg.end - 1] == starts[seg.start]).all(), "one user a chunk"
+    assert (seg.context == np.maximum(starts[seg.start], seg.start - (window - 1))).all()
+    assert (seg.lengths <= chunk_len).all()
+    # a row's chunk holds the W rows up to it (or all of its user's, if fewer)
+    for a, b, c in zip(seg.start.tolist(), seg.end.tolist(), seg.context.tolist(), strict=True):
+        for r in range(a, b):
+            assert r - c + 1 >= min(r - starts[r] + 1, window)
+
+
+class _RowIds:
+    """A featurizer whose one feature is the row's timestamp: the row id + 1 (never 0)."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+
+    def transform(self, events: Events) -> np.ndarray:
+        return events.timestamp_ms[:, None].copy()
+
+
+class _Recorder:
+    """The batch engine's model: records every input; outputs each position's row id."""
+
+    def __init__(self, window: int) -> None:
+        self.bundle = SimpleNamespace(spec=_RowIds(window), window=window)
+        self.inputs: list[np.ndarray] = []
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.inputs.append(x.copy())
+        p = x[..., 0].astype(np.float32)
+        return p, p
+
+
+def _chunks(x: np.ndarray) -> list[tuple[int, ...]]:
+    return sorted(tuple(v for v in row if v) for row in x[..., 0].tolist())
+
+
+@pytest.mark.parametrize("chunk_len", [8, 9, 20, 64])
+def test_training_and_the_batch_engine_cut_the_same_chunks(chunk_len):
+    """A long user and users at the stride's edges: ``make_chunks`` (training) and
+    ``score_events`` (the batch engine) read the same rows for the same events, and each
+    event's output is its own position's."""
+    window = 8
+    stride = chunk_len - (window - 1)
+    sizes = [300, 1, window - 1, window, window + 1, stride, stride + 1, 2 * stride, 2 * stride + 3]
+    user = np.repeat(np.arange(len(sizes)), sizes).astype(np.int32)
+    n = user.size
+    events = Events(user=user, user_ids=np.array([f"u{i}" for i in range(len(sizes))], dtype=object),
+                    timestamp_ms=np.arange(1, n + 1, dtype=np.int64), event_type=np.zeros(n, np.int32),
+                    event_types=("view",))
+    model = _Recorder(window)
+    scores = score_events(model, events, chunk_len=chunk_len, batch_tokens=256)  # type: ignore[arg-type]
+    assert scores.probability.tolist() == list(range(1, n + 1)), "each event answered at its own position"
+
+    ids = events.timestamp_ms[:, None]
+    x, _, mask = make_chunks(ids, user, None, chunk_len, window)
+    assert _chunks(x) == sorted(c for i in model.inputs for c in _chunks(i)), "the same rows read"
+    assert sorted(x[..., 0][mask].tolist()) == list(range(1, n + 1)), "training: each event trained on once"
+    padding = Padding.batch(chunk_len)
+    for i in model.inputs:  # every call at one of the batch policy's lengths, the shortest that holds it
+        assert i.shape[1] in padding.lengths
+        assert ((i[..., 0] != 0).sum(axis=1) <= i.shape[1]).all()
+        assert (padding.padded((i[..., 0] != 0).sum(axis=1)) == i.shape[1]).all()
+
+
+def _old_online_lengths(window: int) -> tuple[int, ...]:
+    """The micro-batcher's lengths before they moved here (app/batching.time_lengths)."""
+    lengths, t = [], 8
+    while t < window:
+        lengths.append(t)
+        t *= 2
+    return (*lengths, window)
+
+
+def test_online_padding_is_powers_of_two_up_to_the_window():
+    for window in range(1, 300):
+        assert Padding.online(window).lengths == _old_online_lengths(window), window
+    p = Padding.online(64)
+    assert [p.padded(n) for n in (1, 8, 9, 16, 17, 33, 64, 65)] == [8, 8, 16, 16, 32, 64, 64, 64]
+    assert p.padded(np.array([1, 9, 65])).tolist() == [8, 16, 64]
+    assert Padding.online(5).lengths == (5,), "a window under the short length is its own only length"
+
+
+def test_batch_padding_is_short_then_multiples_of_the_step():
+    """The batch engine's numbers, as they were (app/backfill.py): SHORT_LENGTH for chunks
+    that short, else the next multiple of BATCH_STEP. A change here changes float
+    rounding in the scores (tests/test_backfill.py)."""
+    assert (SHORT_LENGTH, BATCH_STEP) == (8, 16)
+    for chunk_len in (1, 7, 8, 9, 16, 17, 71, 100, 512, 513):
+        n = np.arange(1, chunk_len + 1)
+        old = np.where(n <= 8, 8, -(-n // 16) * 16)
+        assert Padding.batch(chunk_len).padded(n).tolist() == old.tolist(), chunk_len
+    assert Padding.batch(512).lengths == (8, *range(16, 513, 16))
+
+
+def test_training_batches_pad_in_steps_of_their_quantum():
+    x = np.zeros((5, 40, 1), np.int64)
+    for k, length in enumerate((1, 8, 9, 17, 40)):
+        x[k, -length:] = 1
+    got = {int(b[0]): t for b, t in length_batches(x, tokens=1)}  # one chunk a batch
+    assert got == {0: 8, 1: 8, 2: 16, 3: 24, 4: 40}
+
+
+def test_padding_refuses_empty_lengths():
+    with pytest.raises(ValueError, match="positive"):
+        Padding(0)
+    with pytest.raises(ValueError, match="positive"):
+        Padding(64, step=0)

@@ -17,7 +17,8 @@ from fastapi.exceptions import RequestValidationError
 
 from app.events import PLAUSIBLE_MS, TimestampError, parse_timestamp_ms, repeated_keys
 from app.schemas import parse_batch_request, parse_event_line, parse_events
-from model_export.data import DataError, _parse_text_times, iter_records, read_events
+from model_export.columns import parse_text_times
+from model_export.data import DataError, iter_records, read_events
 
 BOM = b"\xef\xbb\xbf"
 T = 1_511_596_870_000  # 2017-11-25T08:01:10Z
@@ -135,11 +136,11 @@ def test_arrow_reads_rfc3339_columns_as_the_one_function_does() -> None:
         else:
             s += f"{'+' if off >= 0 else '-'}{abs(off) // 60:02d}:{abs(off) % 60:02d}"
         texts.append(s)
-    ms, bad = _parse_text_times(pa.array(texts))
+    ms, bad = parse_text_times(pa.array(texts))
     assert not bad.any()
     assert ms.tolist() == [parse_timestamp_ms(s) for s in texts]
     # one bad day sends the column through the one function, row by row: same answer
-    ms2, bad2 = _parse_text_times(pa.array([*texts[:50], "2019-02-29T00:00:00Z"]))
+    ms2, bad2 = parse_text_times(pa.array([*texts[:50], "2019-02-29T00:00:00Z"]))
     assert ms2[:50].tolist() == ms[:50].tolist() and bad2.tolist() == [False] * 50 + [True]
 
 

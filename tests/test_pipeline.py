@@ -11,7 +11,6 @@ import pytest
 from conftest import TAOBAO_100, WINDOW, invoke
 
 from app.bundle import load_bundle
-from app.decisions import decide
 from model_export.report import REPORT_FILES
 
 
@@ -23,7 +22,7 @@ def test_bundle_has_everything_the_contract_lists(trained):
                 "thresholds", "training_data", "evaluation", "parity"):
         assert meta[key] is not None, key
     assert b.window == WINDOW and b.arch == "transformer"
-    assert 0.0 < b.thresholds["review"] <= b.thresholds["block"] <= 1.0
+    assert 0.0 < b.thresholds.review <= b.thresholds.block <= 1.0
     assert meta["thresholds"]["chosen"]["on"].startswith("validation")
     assert meta["parity"]["fp32"]["max_abs_diff"] <= 1e-4
     # labels (injected scenarios): the supervised score fused with the recent surprise
@@ -60,7 +59,7 @@ def test_score_writes_one_line_per_input_event_in_input_order(trained, tmp_path)
     p = np.array([r["anomaly_probability"] for r in rows])
     assert ((p >= 0) & (p <= 1)).all()
     thresholds = load_bundle(bundle_dir).thresholds
-    assert [r["decision"] for r in rows] == decide(p, thresholds).tolist()
+    assert [r["decision"] for r in rows] == thresholds.decide(p).tolist()
     again = tmp_path / "again.jsonl"
     invoke("score", bundle_dir, "--events", TAOBAO_100, "--format", "taobao", "--out", again)
     assert again.read_bytes() == out.read_bytes(), "scoring is deterministic"
@@ -96,7 +95,7 @@ def test_self_supervised_run_on_generic_jsonl_without_labels(tmp_path):
     assert b.meta["calibration"]["kind"] == "tail"
     assert set(b.spec.event_types) == set(vocab.values())
     t = b.thresholds
-    assert 0.9 <= t["review"] < t["block"] <= 1.0, t  # at 1% and 0.1% FPR of a tail probability
+    assert 0.9 <= t.review < t.block <= 1.0, t  # at 1% and 0.1% FPR of a tail probability
     res = tmp_path / "res.jsonl"
     invoke("score", bundle_dir, "--events", src, "--out", res)
     rows = [orjson.loads(x) for x in res.read_bytes().splitlines()]

@@ -31,7 +31,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from app.backfill import FirstAnswers, Scores, score_events
-from app.decisions import decide
+from app.decisions import Thresholds
 from app.deps import AppState, StateDep, require
 from app.errors import PayloadTooLarge, ProblemError, RequestTimeout, ServiceUnavailable, json_path
 from app.events import Events
@@ -82,7 +82,7 @@ def _parse_json(body: bytes, *, max_events: int) -> tuple[list[dict[str, Any]], 
     return to_records(req.events), req.update_windows
 
 
-def _encode_json(records: list[dict[str, Any]], scores: Scores, thresholds: dict[str, float]) -> Response:
+def _encode_json(records: list[dict[str, Any]], scores: Scores, thresholds: Thresholds) -> Response:
     # orjson holds the GIL for a whole call (about 0.1 s for 100k results): encoded in
     # slices, so that the event loop's thread gets the GIL back between them.
     results = _results(records, scores, thresholds)
@@ -124,8 +124,8 @@ async def _score(state: AppState, records: list[dict[str, Any]], answered_from: 
         seen.add(keys[new], scores.probability[new], scores.surprise[new])
     answered = scores[answered_from:]
     fresh = ~answered.is_duplicate()  # a repeat is answered, not scored again (as online)
-    state.metrics.track_scored("batch", answered.probability[fresh], decide(answered.probability[fresh],
-                                                                            state.thresholds))
+    fresh_prob = answered.probability[fresh]
+    state.metrics.track_scored("batch", fresh_prob, state.thresholds.decide(fresh_prob))
     if repeats := int(fresh.size - fresh.sum()):
         state.metrics.track_duplicate(repeats)
     if unknown := state.bundle.spec.unknown_types(events, rows=np.arange(answered_from, len(events))):
@@ -150,10 +150,10 @@ async def _append(state: AppState, records: list[dict[str, Any]]) -> None:
                                  "retry with the same event_ids") from None
 
 
-def _results(records: list[dict[str, Any]], scores: Scores, thresholds: dict[str, float]) -> list[dict[str, Any]]:
+def _results(records: list[dict[str, Any]], scores: Scores, thresholds: Thresholds) -> list[dict[str, Any]]:
     """The answer of each record; a repeat of an earlier (user_id, event_id) has its first
     answer and ``"duplicate": true``, as ``POST /events`` answers a replay."""
-    decisions = decide(scores.probability, thresholds)
+    decisions = thresholds.decide(scores.probability)
     probs = scores.probability.astype(float).tolist()
     results = [
         {"event_id": r["event_id"], "user_id": r["user_id"], "anomaly_probability": p, "decision": d}
@@ -232,7 +232,7 @@ def _encode_errors(errors: list[dict[str, Any]]) -> bytes:
                     + b"\n" for e in errors)
 
 
-def _encode_lines(chunk: _Chunk, scores: Scores, thresholds: dict[str, float]) -> bytes:
+def _encode_lines(chunk: _Chunk, scores: Scores, thresholds: Thresholds) -> bytes:
     """A chunk's answer lines in input order: each valid line's result, and the error
     lines of each invalid one where that line was."""
     results = [orjson.dumps(r) + b"\n" for r in _results(chunk.records, scores, thresholds)]

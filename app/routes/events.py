@@ -152,6 +152,7 @@ async def post_events(request: Request) -> Response:
         else:
             fresh.append(i)
     if fresh:
+        thresholds = state.thresholds.as_dict()
         try:
             scores = await state.batcher.score([stored[i].events for i in fresh])
         except QueueFull:
@@ -164,7 +165,7 @@ async def post_events(request: Request) -> Response:
             res: dict[str, Any] = {
                 "event_id": w.event_id, "user_id": w.user_id,
                 "anomaly_probability": scores.probability[k], "decision": scores.decision[k],
-                "thresholds": state.thresholds, "window_size": scores.window_size[k],
+                "thresholds": thresholds, "window_size": scores.window_size[k],
                 "model_version": state.bundle.version, "duplicate": w.duplicate,
             }
             if explain:

@@ -43,7 +43,7 @@ async def model_info(state: StateDep) -> dict[str, Any]:
         "version": state.bundle.version,
         "architecture": state.bundle.arch,
         "window": state.bundle.window,
-        "thresholds": state.thresholds,
+        "thresholds": state.thresholds.as_dict(),
         "provider": state.model.provider,
         "fp16": state.model.runs_fp16,
         "model_file": state.model.model_file,

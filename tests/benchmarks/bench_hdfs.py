@@ -88,8 +88,9 @@ def main() -> None:
     from app.bundle import load_bundle
     from app.scorer import OnnxModel
     from model_export.data import read_events
+    from model_export.dataset import TrainConfig
     from model_export.export import export
-    from model_export.train import TrainConfig, run
+    from model_export.train import run
 
     normal = read_sessions(DATA / "hdfs_train.gz")
     abnormal = read_sessions(DATA / "hdfs_test_abnormal.gz")
@@ -122,7 +123,7 @@ def main() -> None:
         t2 = time.perf_counter()
 
         model = OnnxModel(load_bundle(work / "bundle"), threads=0)
-        block = model.bundle.thresholds["block"]
+        block = model.bundle.thresholds.block
         per_session: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for name in ("held_out", "abnormal"):
             ev, _ = read_events(files[name], "jsonl", dedupe=False, sort=True)

@@ -37,8 +37,8 @@ def detection(bundle_dir: Path, prep, scenario: str) -> dict[str, float]:
     y = np.r_[np.zeros(neg.sum()), np.ones(pos.sum())]
     t = bundle.thresholds
     return {"roc_auc": float(roc_auc_score(y, np.r_[p[neg], p[pos]])),
-            "recall_review": float(np.mean(p[pos] >= t["review"])),
-            "recall_block": float(np.mean(p[pos] >= t["block"])),
+            "recall_review": float(np.mean(p[pos] >= t.review)),
+            "recall_block": float(np.mean(p[pos] >= t.block)),
             "events": int(pos.sum())}
 
 
@@ -51,9 +51,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from app.bundle import DEFAULT_BUNDLE
+    from model_export.dataset import TrainConfig, prepare
     from model_export.export import export
     from model_export.scenarios import SCENARIOS
-    from model_export.train import TrainConfig, prepare, run
+    from model_export.train import run
 
     shipped = args.bundle or DEFAULT_BUNDLE
     rows = []

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from _common import machine
 
-from app.batching import time_lengths
 from app.bundle import load_bundle
+from app.features import Padding
 from app.scorer import OnnxModel
 
 BATCHES = (1, 8, 32, 64, 128, 256)
@@ -70,7 +70,7 @@ def main() -> None:
     print("\nper call, at the micro-batcher's padded shapes (seqguard_inference_duration_seconds):")
     print(f"{'B':>5} {'T':>4} {'p50 ms':>8} {'p99 ms':>8} {'windows/s':>11}")
     for b in (1, 8, 64):
-        for t in time_lengths(w):
+        for t in Padding.online(w).lengths:
             secs = timed_calls(model, windows(rng, cards, b, t), args.seconds / 2)
             p50, p99 = np.percentile(secs, [50, 99]) * 1e3
             print(f"{b:>5} {t:>4} {p50:>8.2f} {p99:>8.2f} {b * len(secs) / secs.sum():>11,.0f}")

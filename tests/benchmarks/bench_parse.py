@@ -21,7 +21,7 @@ import orjson
 from _common import machine
 
 from app.schemas import _EVENTS_BODY, BatchScoreRequest, parse_batch_request, parse_events
-from model_export.data import _json_object
+from model_export.columns import json_object
 
 T0 = 1_714_566_600_000
 
@@ -69,7 +69,7 @@ def main() -> None:
 
     lines = [orjson.dumps(event(i)) for i in range(10_000)]
     before = per_call(lambda: [orjson.loads(x) for x in lines]) / len(lines)
-    after = per_call(lambda: [_json_object(x) for x in lines]) / len(lines)
+    after = per_call(lambda: [json_object(x) for x in lines]) / len(lines)
     row("JSONL loader, a line (orjson + check)", len(lines[0]), before, after, "line")
 
 

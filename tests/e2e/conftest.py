@@ -27,7 +27,7 @@ def bundle_meta() -> dict[str, Any]:
     """bundle.json of the shipped default bundle (what the service loads by default)."""
     b = load_bundle(DEFAULT_BUNDLE)
     return {"version": b.version, "arch": b.arch, "window": b.window, "history": b.spec.history,
-            "thresholds": {"review": b.thresholds["review"], "block": b.thresholds["block"]}}
+            "thresholds": b.thresholds.as_dict()}
 
 
 @pytest.fixture(autouse=True, scope="session")
