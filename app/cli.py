@@ -154,7 +154,7 @@ def _friendly(fn: F) -> F:
 
     @wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        from app.bundle import BundleError
+        from app.core.bundle import BundleError
         from app.embedded_redis import EmbeddedRedisError
 
         try:
@@ -175,8 +175,8 @@ def _friendly(fn: F) -> F:
 
 
 def _logging(verbose: bool = False) -> None:
-    """Logs as ``SEQGUARD_LOG_FORMAT`` says (app/logs.py): rich on a terminal, else plain or JSON lines."""
-    from app import logs
+    """Logs as ``SEQGUARD_LOG_FORMAT`` says (app/core/logs.py): rich on a terminal, else plain or JSON lines."""
+    from app.core import logs
 
     logs.setup(logging.DEBUG if verbose else logging.INFO, os.environ.get("SEQGUARD_LOG_FORMAT", "auto"))
 
@@ -215,7 +215,7 @@ def train(
     alias: AliasOpt = None,
 ) -> None:
     """Train a detector on event logs (scenarios injected unless --inject none)."""
-    from app.vocabulary import alias_warnings, parse_alias_pairs
+    from app.core.vocabulary import alias_warnings, parse_alias_pairs
 
     aliases = parse_alias_pairs(alias or ())
     try:  # a run directory that cannot be written fails now
@@ -253,7 +253,7 @@ def export(
 ) -> None:
     """Export a trained run as a bundle: ONNX, bundle.json (parity included), report/."""
     _logging()
-    from app import progress
+    from app.core import progress
     from model_export.export import export as do_export
 
     with progress.bars(_bars()) as shown:
@@ -275,13 +275,13 @@ def evaluate(
     alias: AliasOpt = None,
 ) -> None:
     """Evaluate a bundle on the test users of an event log, against the baselines."""
-    from app.bundle import load_bundle
-    from app.vocabulary import parse_alias_pairs
+    from app.core.bundle import load_bundle
+    from app.core.vocabulary import parse_alias_pairs
 
     aliases = parse_alias_pairs(alias or ())
     _check_aliases(load_bundle(bundle).spec, aliases)
     _logging()
-    from app import progress
+    from app.core import progress
     from model_export.evaluate import evaluate_file
     from model_export.scenarios import parse_inject
 
@@ -304,14 +304,14 @@ def score(
     alias: AliasOpt = None,
 ) -> None:
     """Score every event of a log (ONNX Runtime only) into JSONL, in input order."""
-    from app.vocabulary import parse_alias_pairs
+    from app.core.vocabulary import parse_alias_pairs
 
     aliases = parse_alias_pairs(alias or ())
     _logging()
-    from app import progress
-    from app.backfill import score_events, write_results
-    from app.bundle import load_bundle
-    from app.scorer import OnnxModel
+    from app.core import progress
+    from app.core.batch_engine import score_events, write_results
+    from app.core.bundle import load_bundle
+    from app.core.scorer import OnnxModel
     from model_export.data import read_events
 
     t0 = time.perf_counter()
@@ -363,9 +363,9 @@ def serve(
     import uvicorn
 
     from app import serving
+    from app.core.vocabulary import parse_alias_pairs
     from app.embedded_redis import EmbeddedRedis
     from app.settings import Settings
-    from app.vocabulary import parse_alias_pairs
 
     aliases = json.dumps(parse_alias_pairs(alias)) if alias else None
     for name, value in (("BUNDLE", bundle), ("REDIS_URL", redis_url), ("HOST", host), ("PORT", port),
@@ -374,7 +374,7 @@ def serve(
         if value is not None:
             os.environ[f"SEQGUARD_{name}"] = str(value)
     settings = _settings(Settings)  # validates the environment before anything starts
-    from app.bundle import load_bundle
+    from app.core.bundle import load_bundle
 
     load_bundle(settings.bundle)  # a bad --bundle stops here; the service warns about risky aliases
 
@@ -426,7 +426,7 @@ def info(
 
     Thresholds come with how validation chose them; the evaluation summary covers the
     scenarios and held-out real users; the training data files are listed."""
-    from app.bundle import load_bundle
+    from app.core.bundle import load_bundle
 
     b = load_bundle(bundle)
     m = b.meta
@@ -524,7 +524,7 @@ def replay(
 def _report_unknown_types(unknown: dict[str, int], n_events: int, known: tuple[str, ...]) -> None:
     """The share of events whose type the model does not know, per type; a warning past
     ``UNKNOWN_SHARE_WARN`` (those events were scored with the out-of-vocabulary id)."""
-    from app.vocabulary import printable
+    from app.core.vocabulary import printable
 
     # Names come from the file: escape sequences and newlines must not reach the terminal.
     unknown = {printable(name): n for name, n in unknown.items()}
@@ -551,7 +551,7 @@ def _warn(warnings: list[str]) -> None:
 def _check_aliases(spec: Any, aliases: dict[str, str]) -> None:
     """Warn about ``--alias`` entries that change a name the bundle knows, or lead to a
     type the model does not know (its events would be scored with the out-of-vocabulary id)."""
-    from app.vocabulary import alias_warnings
+    from app.core.vocabulary import alias_warnings
 
     _warn(alias_warnings(aliases, spec.aliases, spec.event_types))
 

@@ -11,12 +11,12 @@ from typing import Annotated
 import redis.asyncio as aioredis
 from fastapi import Depends, Request
 
-from app.batching import MicroBatcher
-from app.bundle import Bundle
-from app.decisions import Thresholds
+from app.core.bundle import Bundle
+from app.core.decisions import Thresholds
+from app.core.scorer import OnnxModel
 from app.errors import Forbidden, Unauthorized
 from app.metrics import Metrics
-from app.scorer import OnnxModel
+from app.microbatcher import MicroBatcher
 from app.settings import Scope, Settings
 from app.windows import WindowStore
 

@@ -14,18 +14,19 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 from redis.asyncio import Redis
 
-from app import errors, logs, openapi, serving
-from app.batching import MicroBatcher
-from app.bundle import load_bundle
+from app import errors, openapi, serving
+from app.core import logs
+from app.core.bundle import load_bundle
+from app.core.scorer import OnnxModel
+from app.core.vocabulary import alias_warnings
 from app.deps import AppState
 from app.embedded_redis import EmbeddedRedis
 from app.metrics import Metrics, mark_process_dead
+from app.microbatcher import MicroBatcher
 from app.middleware import DirectRoutes, LingeringClose, RequestMetrics
 from app.redis_client import connect, durability_warning, read_durability
-from app.routes import batch, events, meta, users
-from app.scorer import OnnxModel
+from app.routes import backfill, events, meta, users
 from app.settings import Settings
-from app.vocabulary import alias_warnings
 from app.windows import WindowStore
 
 log = logging.getLogger("seqguard")
@@ -105,7 +106,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     problems = errors.Problems(retry_after_s=settings.retry_after_s)
     errors.install(app, problems)
-    for router in (events.router, batch.router, meta.router, users.router):
+    for router in (events.router, backfill.router, meta.router, users.router):
         app.include_router(router)
     openapi.install(app, settings)
     # POST /events, included above without a prefix or router dependencies.

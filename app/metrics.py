@@ -61,9 +61,9 @@ from prometheus_client import (
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from app.decisions import DECISIONS
+from app.core.decisions import DECISIONS
+from app.core.vocabulary import printable
 from app.processes import pid_alive
-from app.vocabulary import printable
 
 #: The classic text format, which every Prometheus version reads.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

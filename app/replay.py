@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from app.decisions import DECISIONS
+from app.core.decisions import DECISIONS
 
 _TAG = re.compile(r"^[A-Za-z0-9._:-]*$")  # a tag prefixes event ids, which the contract restricts
 

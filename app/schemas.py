@@ -34,7 +34,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError, PydanticKnownError
 
-from app.events import PLAUSIBLE_MS, TimestampError, may_repeat_keys, parse_timestamp_ms, repeated_keys
+from app.core.events import PLAUSIBLE_MS, TimestampError, may_repeat_keys, parse_timestamp_ms, repeated_keys
 
 #: Default limits, equal to those of ``Settings`` (``max_events_per_request``, ``batch_max_events``).
 MAX_EVENTS = 1000
@@ -306,8 +306,8 @@ def parse_event_line(line: bytes | str, index: int) -> EventIn:
 # Repeated keys ------------------------------------------------------------------------
 # JSON leaves repeated keys to the parser, and pydantic's (like orjson) keeps the last one:
 # {"user_id": "a", "user_id": "b"} would be stored for "b". A body is refused when any
-# object in it repeats a key: app.events.may_repeat_keys proves cheaply that none does
-# for almost every body, and the others get the exact check (app.events.repeated_keys).
+# object in it repeats a key: app.core.events.may_repeat_keys proves cheaply that none does
+# for almost every body, and the others get the exact check (app.core.events.repeated_keys).
 
 _BOM = b"\xef\xbb\xbf"
 

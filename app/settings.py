@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.vocabulary import build_aliases
+from app.core.vocabulary import build_aliases
 
 Scope = Literal["events", "batch", "admin"]
 SCOPES: tuple[Scope, ...] = ("events", "batch", "admin")
@@ -104,7 +104,7 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Python log level.")
     log_format: Literal["auto", "plain", "json"] = Field(
         "auto", description="auto: rich on a terminal, else plain lines; plain: one line per record, never "
-                            "wrapped; json: one JSON object per line (app/logs.py).")
+                            "wrapped; json: one JSON object per line (app/core/logs.py).")
 
     @field_validator("api_keys")
     @classmethod

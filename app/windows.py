@@ -39,7 +39,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
-from app.events import parse_timestamp_ms
+from app.core.events import parse_timestamp_ms
 from app.redis_scripts import Script, ScriptCall, ScriptPipeline
 
 #: Idempotency records kept per user at most (besides the age bound): a replay of an

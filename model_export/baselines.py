@@ -14,8 +14,8 @@ import numpy as np
 from pyod.models.ecod import ECOD
 from pyod.models.iforest import IForest
 
-from app.events import Events
-from app.features import group_starts
+from app.core.events import Events
+from app.core.features import group_starts
 
 #: Columns of :func:`window_aggregates`, in order. Over the event's window: its length;
 #: the share of each of the 4 most common training event types; events in the last 60 s

@@ -3,8 +3,8 @@
 Each parser reads a whole column at once, typed or text (a CSV's strings, a Parquet
 file's native types, a JSONL line's values as text), and knows no source format:
 :mod:`model_export.data` says which column is which and turns the masks of bad rows
-into counted, line-numbered malformed rows. Text times follow ``app.events``' timestamp
-grammar and hashes equal ``app.events.hash_strings``: one definition of each, shared with
+into counted, line-numbered malformed rows. Text times follow ``app.core.events``' timestamp
+grammar and hashes equal ``app.core.events.hash_strings``: one definition of each, shared with
 the service.
 """
 
@@ -18,7 +18,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from app.events import (  # the one definition of the hash and of the timestamp grammar
+from app.core.events import (  # the one definition of the hash and of the timestamp grammar
     FNV_OFFSET,
     FNV_PRIME,
     RFC3339_PATTERN,
@@ -32,7 +32,7 @@ from app.events import (  # the one definition of the hash and of the timestamp 
 
 def parse_time(arr: pa.Array, seconds: bool, utc_suffix: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(epoch ms, unparseable mask) of a timestamp column of any type; missing rows are 0.
-    Text follows ``app.events.parse_timestamp_ms``'s grammar (its window is checked later)."""
+    Text follows ``app.core.events.parse_timestamp_ms``'s grammar (its window is checked later)."""
     t, n = arr.type, len(arr)
     null = arr.is_null().to_numpy(zero_copy_only=False)
     if pa.types.is_timestamp(t):
@@ -140,7 +140,7 @@ def hash_column(arr: pa.Array) -> np.ndarray:
 
 
 def hash_utf8(arr: pa.StringArray) -> np.ndarray:
-    """Exactly ``app.events.hash_strings``, computed on the Arrow buffers (no Python strings):
+    """Exactly ``app.core.events.hash_strings``, computed on the Arrow buffers (no Python strings):
     ten times faster, which keeps loading above 1M rows/s. Nulls hash as ""."""
     n = len(arr)
     if n == 0:

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from app.backfill import score_events
-from app.bundle import load_bundle
-from app.scorer import OnnxModel
+from app.core.batch_engine import score_events
+from app.core.bundle import load_bundle
+from app.core.scorer import OnnxModel
 from model_export.dataset import TrainConfig, prepare
 from model_export.export import export
 from model_export.model import ARCHS

@@ -1,8 +1,8 @@
 """Streaming loaders: event logs (Taobao, RetailRocket, REES46, generic CSV/JSONL/Parquet,
-each optionally gzipped) into columnar :class:`~app.events.Events`.
+each optionally gzipped) into columnar :class:`~app.core.events.Events`.
 
 Event types come out in their canonical names (``pv`` → ``view``, ``addtocart`` →
-``cart``, ...: :mod:`app.vocabulary`), renamed on each chunk's small dictionary, never per
+``cart``, ...: :mod:`app.core.vocabulary`), renamed on each chunk's small dictionary, never per
 row; :func:`iter_records`, the request stream of ``seqguard replay``, keeps the file's
 own names, which the service maps itself.
 
@@ -32,8 +32,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
-from app.events import HASHED_FIELDS, PLAUSIBLE_MS, Events, implausible_time
-from app.vocabulary import build_aliases, canonical
+from app.core.events import HASHED_FIELDS, PLAUSIBLE_MS, Events, implausible_time
+from app.core.vocabulary import build_aliases, canonical
 from model_export.columns import (
     as_py,
     combined,
@@ -198,7 +198,7 @@ def read_events(path: str | Path, format: str = "auto", *, dedupe: bool = True, 
         Called after each chunk with the number of rows it read (for progress bars).
     aliases
         Event type aliases (NAME → TYPE) on top of the project's table
-        (:func:`app.vocabulary.build_aliases`); event types come out renamed through it,
+        (:func:`app.core.vocabulary.build_aliases`); event types come out renamed through it,
         and ``LoadReport.type_aliases_applied`` says which were.
 
     Returns
@@ -520,7 +520,7 @@ class _Loader:
         ms, ts_bad = parse_time(ts, self.spec.seconds, self.spec.utc_suffix)
         kind = "Unix seconds" if self.spec.seconds else "RFC 3339 with an offset, or epoch milliseconds"
         check(ts_bad, "timestamp", lambda i: f"cannot parse {as_py(ts, i)!r} as {kind}")
-        # The plausible window of every path (app.events): epoch seconds sent for
+        # The plausible window of every path (app.core.events): epoch seconds sent for
         # milliseconds, or digits cut off a line, never reach a window.
         lo, hi = PLAUSIBLE_MS
         check((ms < lo) | (ms >= hi), "timestamp",

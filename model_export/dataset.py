@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from app.events import Events
-from app.features import FeatureSpec
-from app.vocabulary import build_aliases
+from app.core.events import Events
+from app.core.features import FeatureSpec
+from app.core.vocabulary import build_aliases
 from model_export.data import read_events, split_by_user
 from model_export.scenarios import InjectConfig, inject
 

@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 from sklearn import metrics as skm
 
-from app.decisions import Thresholds
-from app.events import Events
-from app.features import FeatureSpec, group_starts
-from app.progress import OnStep, Steps
-from app.vocabulary import CANONICAL, canonical_names
+from app.core.decisions import Thresholds
+from app.core.events import Events
+from app.core.features import FeatureSpec, group_starts
+from app.core.progress import OnStep, Steps
+from app.core.vocabulary import CANONICAL, canonical_names
 from model_export.calibrate import threshold_at_fpr
 from model_export.report import bundle_card, write_report
 from model_export.scenarios import LOOKALIKES
@@ -29,11 +29,11 @@ DIAGNOSTIC_FPR = 0.01
 
 
 @dataclass
-class Scored:
+class DetectorScores:
     """One detector's scores on one split (higher = more anomalous), with the thresholds
     chosen for it on validation data, e.g. ``{"review": t1, "block": t2}``: named operating
     points on its own score (a baseline's is no probability, and it may have any of them),
-    not the service's decision thresholds (:class:`app.decisions.Thresholds`)."""
+    not the service's decision thresholds (:class:`app.core.decisions.Thresholds`)."""
 
     name: str
     score: np.ndarray
@@ -45,7 +45,7 @@ def _ratio(num: float, den: float) -> float | None:
 
 
 def metrics(label: np.ndarray, scenario: np.ndarray | None, scenario_names: Sequence[str],
-            scored: Scored) -> dict[str, Any]:
+            scored: DetectorScores) -> dict[str, Any]:
     """Detection metrics of one detector on one split.
 
     ``label``: 1 = anomalous; ``scenario``: codes into ``scenario_names`` (0 = none). Each
@@ -53,7 +53,7 @@ def metrics(label: np.ndarray, scenario: np.ndarray | None, scenario_names: Sequ
 
     Examples
     --------
-    >>> m = metrics(np.array([0, 0, 1]), None, ["none"], Scored("d", np.array([0.1, 0.2, 0.9])))
+    >>> m = metrics(np.array([0, 0, 1]), None, ["none"], DetectorScores("d", np.array([0.1, 0.2, 0.9])))
     >>> m["roc_auc"], m["n_anomalous"]
     (1.0, 1)
     """
@@ -113,7 +113,7 @@ def _at_threshold(y: np.ndarray, s: np.ndarray, t: float) -> dict[str, Any]:
 
 
 def compare(label: np.ndarray, scenario: np.ndarray | None, scenario_names: Sequence[str],
-            detectors: Sequence[Scored]) -> dict[str, Any]:
+            detectors: Sequence[DetectorScores]) -> dict[str, Any]:
     """Metrics of several detectors on the same split, keyed by detector name."""
     names = [d.name for d in detectors]
     if len(set(names)) != len(names):
@@ -346,11 +346,11 @@ def evaluate_bundle(bundle_dir: Path, prep: Any, out_dir: Path, *,
     engine) and the baselines (fitted on training users, thresholds on validation users),
     and the test users' real traffic with the bundle; write the report; return the
     summary stored in ``bundle.json``. ``aliases`` (NAME → TYPE) widen the bundle's table
-    of event type names (:meth:`app.bundle.Bundle.with_aliases`). ``on_step`` is told
-    each step as it begins (:class:`app.progress.Steps`)."""
-    from app.backfill import score_events
-    from app.bundle import load_bundle
-    from app.scorer import OnnxModel
+    of event type names (:meth:`app.core.bundle.Bundle.with_aliases`). ``on_step`` is told
+    each step as it begins (:class:`app.core.progress.Steps`)."""
+    from app.core.batch_engine import score_events
+    from app.core.bundle import load_bundle
+    from app.core.scorer import OnnxModel
     from model_export.baselines import USER_RULES, default_baselines, user_rule_scores
     from model_export.calibrate import choose_thresholds
 
@@ -361,7 +361,7 @@ def evaluate_bundle(bundle_dir: Path, prep: Any, out_dir: Path, *,
     baselines = default_baselines(seed=0, window=bundle.window)
     steps = Steps(len(baselines) + 4, on_step)
     steps.begin(f"score the test users (seqguard-{bundle.arch})")
-    detectors = [Scored(f"seqguard-{bundle.arch}", score_events(model, test).probability,
+    detectors = [DetectorScores(f"seqguard-{bundle.arch}", score_events(model, test).probability,
                         bundle.thresholds.as_dict())]
     for base in baselines:
         steps.begin(f"baseline {base.name}")
@@ -369,7 +369,7 @@ def evaluate_bundle(bundle_dir: Path, prep: Any, out_dir: Path, *,
         v = base.score(val)
         normal = v if val.label is None else v[val.label == 0]
         t = choose_thresholds(normal, fpr)
-        detectors.append(Scored(base.name, base.score(test), {k: t[k] for k in fpr}))
+        detectors.append(DetectorScores(base.name, base.score(test), {k: t[k] for k in fpr}))
     label = test.label if test.label is not None else np.zeros(len(test), np.int8)
     comparison = compare(label, test.scenario, test.scenarios, detectors)
 
@@ -409,7 +409,7 @@ def evaluate_file(bundle_dir: Path, events_path: Path, fmt: str, inject_names: l
     ``aliases`` (NAME → TYPE, e.g. ``--alias``) go on top of the training run's own, both
     to read the log and to score it. ``on_step``: :func:`evaluate_bundle`'s, once the log
     is split and injected."""
-    from app.bundle import load_bundle
+    from app.core.bundle import load_bundle
     from model_export.dataset import TrainConfig, prepare
 
     tc = load_bundle(bundle_dir).meta["training"]["train_config"]

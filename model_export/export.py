@@ -16,9 +16,9 @@ import orjson
 import torch
 from torch import Tensor, nn
 
-from app.bundle import SCHEMA_VERSION
-from app.features import FEATURES
-from app.progress import OnStep, Steps
+from app.core.bundle import SCHEMA_VERSION
+from app.core.features import FEATURES
+from app.core.progress import OnStep, Steps
 from model_export import parity
 from model_export.dataset import TrainConfig, load_prepared, prepare
 from model_export.model import Detector
@@ -85,7 +85,7 @@ def export(run_dir: Path, out: Path, *, fp16: bool = False, evaluate: bool = Tru
            parity_windows: int = 512, force: bool = False, on_step: OnStep | None = None) -> dict[str, Any]:
     """Write the bundle ``out/`` from ``run_dir``; returns its ``bundle.json``. ``on_step``
     is told each step as it begins, after the run is loaded (ONNX export, parity checks,
-    fp16 conversion, report: :class:`app.progress.Steps`).
+    fp16 conversion, report: :class:`app.core.progress.Steps`).
 
     The bundle is built in a sibling directory and moved into place whole, so an export
     that fails (parity beyond tolerance, an interrupt) leaves ``out`` as it was, and one

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from app.features import FEATURES
+from app.core.features import FEATURES
 
 ARCHS = ("transformer", "gru", "lstm")
 #: Feature columns the next-event heads predict (category hash buckets and hour are

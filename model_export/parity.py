@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from app.features import group_starts, last_windows
+from app.core.features import group_starts, last_windows
 from model_export.calibrate import lipschitz
 from model_export.model import Detector
 

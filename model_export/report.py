@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from sklearn import metrics as skm
 
 if TYPE_CHECKING:  # evaluate.py imports this module; the detectors' type only
-    from model_export.evaluate import Scored
+    from model_export.evaluate import DetectorScores
 
 REPORT_FILES = ("metrics.json", "roc.png", "pr.png", "score_hist.png", "scenarios.md",
                 "model_card.md")
@@ -28,7 +28,7 @@ ROC_MIN_FPR = 1e-4  # left end of the log false-positive-rate axis
 
 def write_report(
     out_dir: Path, comparison: dict[str, Any], *, label: np.ndarray, scenario: np.ndarray | None,
-    scenario_names: Sequence[str], detectors: Sequence[Scored], model_card: dict[str, Any],
+    scenario_names: Sequence[str], detectors: Sequence[DetectorScores], model_card: dict[str, Any],
 ) -> list[Path]:
     """Write :data:`REPORT_FILES` into ``out_dir`` (created if needed); returns their paths.
     Numbers come from ``comparison`` (:func:`model_export.evaluate.compare`, plus
@@ -81,7 +81,7 @@ def _save(fig: Figure, path: Path) -> None:
 _MARKERS = ("o", "s", "^", "D")
 
 
-def curve_figure(y: np.ndarray, detectors: Sequence[Scored], roc: bool) -> Figure:
+def curve_figure(y: np.ndarray, detectors: Sequence[DetectorScores], roc: bool) -> Figure:
     """ROC curves on a log false-positive-rate axis (:data:`ROC_MIN_FPR` to 1, a rate of 0
     drawn at the minimum) with each detector's operating points, or precision–recall
     curves; ``y`` (N,) bool, each detector's score (N,). The legend sits below the axes."""
@@ -120,7 +120,7 @@ def curve_figure(y: np.ndarray, detectors: Sequence[Scored], roc: bool) -> Figur
     return fig
 
 
-def _hist_figure(y: np.ndarray, d: Scored | None) -> Figure:
+def _hist_figure(y: np.ndarray, d: DetectorScores | None) -> Figure:
     fig, ax = _figure(f"Scores of {d.name if d else '–'}", "score", "events (log)")
     if d is not None and np.asarray(d.score).size:
         s = np.asarray(d.score, dtype=np.float64)
@@ -436,7 +436,7 @@ def model_card_md(comparison: dict[str, Any], card: dict[str, Any]) -> str:
 
 
 def bundle_card(bundle: Any, provider: str) -> dict[str, Any]:
-    """The ``card`` of :func:`model_card_md` for a loaded bundle (:class:`app.bundle.Bundle`),
+    """The ``card`` of :func:`model_card_md` for a loaded bundle (:class:`app.core.bundle.Bundle`),
     scored with the ONNX Runtime execution ``provider``."""
     meta = bundle.meta
     arch = meta["architecture"]

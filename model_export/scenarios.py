@@ -65,7 +65,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from app.events import Events, hash_strings
+from app.core.events import Events, hash_strings
 
 #: User ids of injected new accounts start with this.
 NEW_ACCOUNT_PREFIX = "sg-inj-"

@@ -19,10 +19,10 @@ import torch
 from sklearn.metrics import average_precision_score
 from torch.nn import functional as F
 
-from app.decisions import Thresholds
-from app.features import Padding, chunk_segments
-from app.progress import bars as _progress
-from app.vocabulary import CANONICAL, canonical_names
+from app.core.decisions import Thresholds
+from app.core.features import Padding, chunk_segments
+from app.core.progress import bars as _progress
+from app.core.vocabulary import CANONICAL, canonical_names
 from model_export.calibrate import choose_thresholds, fit_calibration
 from model_export.dataset import PREPARED_FILE, Prepared, TrainConfig, prepare, save_prepared
 from model_export.model import Detector, ModelConfig, count_parameters
@@ -51,7 +51,7 @@ def make_chunks(
 
     Every event is trained on exactly once, with its full W-1 events of context: a chunk
     carries up to W-1 rows of context before the positions it trains on. The chunks are
-    the batch engine's (:func:`app.features.chunk_segments`), so training sees each event
+    the batch engine's (:func:`app.core.features.chunk_segments`), so training sees each event
     on the window it is scored on.
 
     Returns (X (M, C, F) int64, y (M, C) float32, train_mask (M, C) bool).
@@ -181,7 +181,7 @@ def score_splits(
 def length_batches(x: np.ndarray, tokens: int, rng: np.random.Generator | None = None,
                    quantum: int = 8, max_rows: int | None = None) -> list[tuple[np.ndarray, int]]:
     """Batches of chunks of similar length: ``(chunk indices, T)`` with T the batch's
-    longest chunk rounded up to ``quantum`` (a :class:`app.features.Padding` in steps of
+    longest chunk rounded up to ``quantum`` (a :class:`app.core.features.Padding` in steps of
     ``quantum``), at most ``tokens`` chunk rows × T each (and at most ``max_rows`` rows:
     short sequences still take many optimizer steps).
 
@@ -248,7 +248,7 @@ def _thresholds(prep: Prepared, cfg: TrainConfig, prob: np.ndarray) -> dict[str,
     the validation split): per ``cfg.fpr_unit``, every canonical type held to twice the
     target on the real users' events (event unit; look-alikes count in the overall rate
     only); the user unit counts users with no anomalous event. ``review`` and ``block``
-    pass through :class:`app.decisions.Thresholds`: a run whose targets would give
+    pass through :class:`app.core.decisions.Thresholds`: a run whose targets would give
     thresholds the service refuses (review above block) fails here, not at serve time."""
     val = prep.splits["val"]
     label = val.label if val.label is not None else np.zeros(len(val), np.int8)

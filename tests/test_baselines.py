@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from app.events import Events
+from app.core.events import Events
 from model_export.baselines import (
     AGGREGATE_FEATURES,
     NO_GAP_LOG,

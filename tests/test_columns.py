@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from app.events import hash_strings
+from app.core.events import hash_strings
 from model_export.columns import (
     hash_column,
     hash_utf8,

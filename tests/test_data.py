@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from app.events import HASHED_FIELDS, Events, hash_strings, parse_timestamp_ms
-from app.vocabulary import canonical
+from app.core.events import HASHED_FIELDS, Events, hash_strings, parse_timestamp_ms
+from app.core.vocabulary import canonical
 from model_export.data import (
     FORMATS,
     DataError,

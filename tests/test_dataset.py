@@ -12,7 +12,7 @@ from conftest import TAOBAO_100
 from typer.testing import CliRunner
 
 from app.cli import cli
-from app.events import Events
+from app.core.events import Events
 from model_export.data import read_events
 from model_export.dataset import (
     TrainConfig,

@@ -10,8 +10,8 @@ import pytest
 
 import app.metrics
 import app.replay
-from app.bundle import DEFAULT_BUNDLE, load_bundle
-from app.decisions import DECISIONS, Thresholds
+from app.core.bundle import DEFAULT_BUNDLE, load_bundle
+from app.core.decisions import DECISIONS, Thresholds
 
 
 def test_review_above_block_is_refused():

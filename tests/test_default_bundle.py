@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.backfill import score_events
-from app.bundle import load_bundle
-from app.events import Events
-from app.scorer import OnnxModel
+from app.core.batch_engine import score_events
+from app.core.bundle import load_bundle
+from app.core.events import Events
+from app.core.scorer import OnnxModel
 from model_export.data import read_events
 
 REES46 = Path(__file__).resolve().parents[2] / "shared" / "data" / "rees46_2019oct_sample" / "2019-Oct_head_17k.csv.gz"

@@ -10,11 +10,11 @@ import orjson
 import pytest
 from conftest import TAOBAO_100
 
-from app.decisions import Thresholds
-from app.events import Events
-from app.features import FeatureSpec
+from app.core.decisions import Thresholds
+from app.core.events import Events
+from app.core.features import FeatureSpec
 from model_export.evaluate import (
-    Scored,
+    DetectorScores,
     compare,
     evaluate_bundle,
     history_bin,
@@ -33,7 +33,7 @@ NAMES = ("none", "scraping_bot", "click_farming", "order_brushing")
 def test_perfect_separation() -> None:
     label = np.r_[np.zeros(900, np.int8), np.ones(100, np.int8)]
     score = np.r_[np.linspace(0, 0.5, 900), np.linspace(0.6, 1, 100)]
-    m = metrics(label, None, NAMES, Scored("d", score, {"review": 0.55, "block": 0.9}))
+    m = metrics(label, None, NAMES, DetectorScores("d", score, {"review": 0.55, "block": 0.9}))
     assert m["roc_auc"] == 1.0 and m["pr_auc"] == 1.0 and m["recall_at_1pct_fpr"] == 1.0
     assert m["n_events"] == 1000 and m["n_anomalous"] == 100
     review = m["at_threshold"]["review"]
@@ -46,7 +46,7 @@ def test_perfect_separation() -> None:
 def test_random_scores_are_near_chance() -> None:
     rng = np.random.default_rng(0)
     label = (rng.random(40_000) < 0.1).astype(np.int8)
-    m = metrics(label, None, NAMES, Scored("r", rng.random(40_000), {"review": 0.99}))
+    m = metrics(label, None, NAMES, DetectorScores("r", rng.random(40_000), {"review": 0.99}))
     assert m["roc_auc"] == pytest.approx(0.5, abs=0.02)
     assert m["pr_auc"] == pytest.approx(label.mean(), abs=0.02)
     assert m["recall_at_1pct_fpr"] == pytest.approx(0.01, abs=0.006)
@@ -56,7 +56,7 @@ def test_random_scores_are_near_chance() -> None:
 def test_operating_point_by_hand() -> None:
     label = np.array([0, 0, 0, 0, 1, 1])
     score = np.array([0.1, 0.2, 0.3, 0.8, 0.7, 0.9])
-    at = metrics(label, None, NAMES, Scored("d", score, {"review": 0.5}))["at_threshold"]["review"]
+    at = metrics(label, None, NAMES, DetectorScores("d", score, {"review": 0.5}))["at_threshold"]["review"]
     # flagged: 0.8 (normal), 0.7 and 0.9 (anomalous)
     assert at["n_flagged"] == 3 and at["precision"] == pytest.approx(2 / 3)
     assert at["recall"] == 1.0 and at["fpr"] == 0.25 and at["f1"] == pytest.approx(0.8)
@@ -70,7 +70,7 @@ def test_per_scenario_breakdown() -> None:
     score = np.r_[normal, scraping, brushing]
     label = np.r_[np.zeros(5000), np.ones(500)].astype(np.int8)
     scenario = np.r_[np.zeros(5000), np.ones(200), np.full(300, 3)].astype(np.int8)
-    m = metrics(label, scenario, NAMES, Scored("d", score, {"review": 1.5, "block": 2.5}))
+    m = metrics(label, scenario, NAMES, DetectorScores("d", score, {"review": 1.5, "block": 2.5}))
     per = m["per_scenario"]
     assert list(per) == ["scraping_bot", "click_farming", "order_brushing"]
     assert per["scraping_bot"]["n_events"] == 200 and per["order_brushing"]["n_events"] == 300
@@ -89,7 +89,7 @@ def test_per_scenario_breakdown() -> None:
 def test_split_without_positives_or_negatives() -> None:
     score = np.linspace(0, 1, 500)
     zeros = np.zeros(500, np.int8)
-    m = metrics(zeros, zeros, NAMES, Scored("d", score, {"review": 0.9}))
+    m = metrics(zeros, zeros, NAMES, DetectorScores("d", score, {"review": 0.9}))
     assert m["roc_auc"] is None and m["pr_auc"] is None and m["recall_at_1pct_fpr"] is None
     assert m["threshold_at_1pct_fpr"] is not None
     at = m["at_threshold"]["review"]
@@ -98,7 +98,7 @@ def test_split_without_positives_or_negatives() -> None:
     assert m["roc_auc_mean_over_scenarios"] is None
     assert all(v["roc_auc"] is None for v in m["per_scenario"].values())
 
-    m = metrics(np.ones(50, np.int8), None, NAMES, Scored("d", score[:50], {"block": 2.0}))
+    m = metrics(np.ones(50, np.int8), None, NAMES, DetectorScores("d", score[:50], {"block": 2.0}))
     assert m["roc_auc"] is None and m["threshold_at_1pct_fpr"] is None
     at = m["at_threshold"]["block"]
     assert at["fpr"] is None and at["precision"] is None and at["recall"] == 0.0 and at["f1"] == 0.0
@@ -106,11 +106,11 @@ def test_split_without_positives_or_negatives() -> None:
 
 def test_metrics_refuse_bad_input() -> None:
     with pytest.raises(ValueError, match="scores for"):
-        metrics(np.zeros(3), None, NAMES, Scored("d", np.zeros(4)))
+        metrics(np.zeros(3), None, NAMES, DetectorScores("d", np.zeros(4)))
     with pytest.raises(ValueError, match="finite"):
-        metrics(np.zeros(2), None, NAMES, Scored("d", np.array([0.0, np.nan])))
+        metrics(np.zeros(2), None, NAMES, DetectorScores("d", np.array([0.0, np.nan])))
     with pytest.raises(ValueError, match="distinct"):
-        compare(np.zeros(2), None, NAMES, [Scored("d", np.zeros(2)), Scored("d", np.ones(2))])
+        compare(np.zeros(2), None, NAMES, [DetectorScores("d", np.zeros(2)), DetectorScores("d", np.ones(2))])
 
 
 # -- real traffic --------------------------------------------------------------------------
@@ -262,9 +262,9 @@ def test_user_level_auc_by_hand() -> None:
 
 @pytest.mark.slow
 def test_evaluate_bundle_reports_real_traffic_and_user_level(trained: tuple[Path, Path], tmp_path: Path) -> None:
-    from app.backfill import score_events
-    from app.bundle import load_bundle
-    from app.scorer import OnnxModel
+    from app.core.batch_engine import score_events
+    from app.core.bundle import load_bundle
+    from app.core.scorer import OnnxModel
     from model_export.dataset import TrainConfig, prepare
     from model_export.scenarios import SCENARIOS
 

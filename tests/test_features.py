@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.backfill import score_events
-from app.events import Events, hash_strings
-from app.features import (
+from app.core.batch_engine import score_events
+from app.core.events import Events, hash_strings
+from app.core.features import (
     BATCH_STEP,
     DISTINCT_EDGES,
     FEATURES,
@@ -352,9 +352,9 @@ def test_online_padding_is_powers_of_two_up_to_the_window():
 
 
 def test_batch_padding_is_short_then_multiples_of_the_step():
-    """The batch engine's numbers, as they were (app/backfill.py): SHORT_LENGTH for chunks
+    """The batch engine's numbers, as they were (app/core/batch_engine.py): SHORT_LENGTH for chunks
     that short, else the next multiple of BATCH_STEP. A change here changes float
-    rounding in the scores (tests/test_backfill.py)."""
+    rounding in the scores (tests/test_batch_engine.py)."""
     assert (SHORT_LENGTH, BATCH_STEP) == (8, 16)
     for chunk_len in (1, 7, 8, 9, 16, 17, 71, 100, 512, 513):
         n = np.arange(1, chunk_len + 1)

@@ -18,7 +18,7 @@ from app import errors
 from app.errors import PayloadTooLarge, RequestTimeout
 from app.metrics import Metrics
 from app.middleware import LingeringClose, RequestMetrics
-from app.routes.batch import _lines
+from app.routes.backfill import _lines
 from app.routes.events import body_chunks
 
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 from fastapi.exceptions import RequestValidationError
 
-from app.events import PLAUSIBLE_MS, TimestampError, parse_timestamp_ms, repeated_keys
+from app.core.events import PLAUSIBLE_MS, TimestampError, parse_timestamp_ms, repeated_keys
 from app.schemas import parse_batch_request, parse_event_line, parse_events
 from model_export.columns import parse_text_times
 from model_export.data import DataError, iter_records, read_events

@@ -44,7 +44,7 @@ def test_the_contracts_catch_a_breach(tmp_path: Path) -> None:
         shutil.copytree(ROOT / package, tmp_path / package, ignore=ignore)
     shutil.copy(ROOT / "pyproject.toml", tmp_path)
     breaches = {
-        "app/decisions.py": "import fastapi",  # the core, on a web framework
+        "app/core/decisions.py": "import fastapi",  # the core, on a web framework
         "model_export/parity.py": "from app import settings",  # the offline side, on the service
         "app/replay.py": "from app import cli",  # the CLI, imported
     }
@@ -56,5 +56,5 @@ def test_the_contracts_catch_a_breach(tmp_path: Path) -> None:
     out = res.stdout + res.stderr
     assert res.returncode == 1, out
     assert f"Contracts: 0 kept, {len(CONTRACTS)} broken." in out
-    for broken in ("app.decisions -> fastapi", "model_export.parity -> app.settings", "app.replay -> app.cli"):
+    for broken in ("app.core.decisions -> fastapi", "model_export.parity -> app.settings", "app.replay -> app.cli"):
         assert broken in out, out

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import TAOBAO_100
 
-from app import logs
-from app.scorer import host_has_gpu
+from app.core import logs
+from app.core.scorer import host_has_gpu
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ import orjson
 import pytest
 from conftest import TAOBAO_100, WINDOW, invoke
 
-from app.bundle import load_bundle
+from app.core.bundle import load_bundle
 from model_export.report import REPORT_FILES
 
 

@@ -16,11 +16,11 @@ import pytest
 from conftest import TAOBAO_100
 from typer.testing import CliRunner
 
-from app.backfill import score_events
-from app.bundle import load_bundle
 from app.cli import cli
-from app.events import Events
-from app.scorer import OnnxModel
+from app.core.batch_engine import score_events
+from app.core.bundle import load_bundle
+from app.core.events import Events
+from app.core.scorer import OnnxModel
 from model_export.data import read_events
 
 ROOT = Path(__file__).resolve().parents[1]

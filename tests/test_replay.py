@@ -14,7 +14,7 @@ import pytest
 from conftest import TAOBAO_100, invoke
 from e2e.e2e_support import LiveServer
 
-from app.events import hash_strings
+from app.core.events import hash_strings
 from app.replay import ReplayConfig, Replayer, replay, retry_after
 from model_export.data import DataError, iter_records, read_events
 

@@ -11,7 +11,7 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from test_evaluate import NAMES, SPEC, THRESHOLDS, real_scored, scenario_users
 
-from model_export.evaluate import Scored, compare, real_traffic, user_level
+from model_export.evaluate import DetectorScores, compare, real_traffic, user_level
 from model_export.report import REPORT_FILES, ROC_MIN_FPR, curve_figure, markdown_table, write_report
 
 
@@ -22,15 +22,15 @@ def test_markdown_table() -> None:
                                   "| – | – | – |"]
 
 
-def _split(seed: int = 0, n: int = 4000) -> tuple[np.ndarray, np.ndarray, list[Scored]]:
+def _split(seed: int = 0, n: int = 4000) -> tuple[np.ndarray, np.ndarray, list[DetectorScores]]:
     rng = np.random.default_rng(seed)
     label = (rng.random(n) < 0.05).astype(np.int8)
     scenario = np.where(label == 1, rng.integers(1, len(NAMES), n), 0).astype(np.int8)
     good = rng.normal(size=n) + 3 * label
     return label, scenario, [
-        Scored("transformer", good, {"review": 2.3, "block": 3.1}),
-        Scored("iforest", rng.random(n) + 0.3 * label, {"review": 0.99, "block": 0.999}),
-        Scored("rate_rule", rng.integers(1, 5, n).astype(float), {"review": 4.0, "block": 5.0}),
+        DetectorScores("transformer", good, {"review": 2.3, "block": 3.1}),
+        DetectorScores("iforest", rng.random(n) + 0.3 * label, {"review": 0.99, "block": 0.999}),
+        DetectorScores("rate_rule", rng.integers(1, 5, n).astype(float), {"review": 4.0, "block": 5.0}),
     ]
 
 

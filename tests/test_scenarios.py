@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.events import Events, hash_strings
+from app.core.events import Events, hash_strings
 from model_export.scenarios import (
     LOOKALIKES,
     NEW_ACCOUNT_PREFIX,

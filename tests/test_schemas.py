@@ -11,7 +11,7 @@ import pytest
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from app.events import PLAUSIBLE_MS, Events, parse_timestamp_ms
+from app.core.events import PLAUSIBLE_MS, Events, parse_timestamp_ms
 from app.schemas import (
     BatchScoreRequest,
     EventIn,

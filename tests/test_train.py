@@ -13,11 +13,11 @@ import pytest
 from conftest import DATA, TAOBAO_100, invoke
 from typer.testing import CliRunner
 
-from app.backfill import score_events
-from app.bundle import load_bundle
 from app.cli import cli
-from app.events import Events
-from app.scorer import OnnxModel
+from app.core.batch_engine import score_events
+from app.core.bundle import load_bundle
+from app.core.events import Events
+from app.core.scorer import OnnxModel
 from model_export.data import read_events
 from model_export.dataset import TrainConfig, load_prepared, prepare
 from model_export.train import novel_types, with_unknown_types

@@ -18,10 +18,10 @@ import pytest
 from conftest import TAOBAO_100
 from pydantic import ValidationError
 
-from app.bundle import load_bundle
-from app.events import Events
+from app.core.bundle import load_bundle
+from app.core.events import Events
+from app.core.vocabulary import CANONICAL, DEFAULT_ALIASES, build_aliases, canonical, parse_alias_pairs
 from app.settings import Settings
-from app.vocabulary import CANONICAL, DEFAULT_ALIASES, build_aliases, canonical, parse_alias_pairs
 from model_export.data import iter_event_chunks, iter_records, read_events
 
 HERE = Path(__file__).resolve().parent
@@ -259,7 +259,7 @@ def test_one_name_twice_with_different_types_is_refused(monkeypatch: pytest.Monk
 
 
 def test_alias_warnings_name_what_changes() -> None:
-    from app.vocabulary import alias_warnings
+    from app.core.vocabulary import alias_warnings
 
     assert alias_warnings({"checkout": "buy", "Clicks": "view"}, known_types=CANONICAL) == []
     assert alias_warnings({"view": "purchase", "pv": "cart", "signin": "login"}, known_types=CANONICAL) == [

@@ -14,10 +14,10 @@ from fastapi import APIRouter, Request, Response
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from app.batching import QueueFull
+from app.core.events import format_rfc3339_ms
 from app.deps import AppState, authorize
 from app.errors import PayloadTooLarge, RequestTimeout, ServiceUnavailable
-from app.events import format_rfc3339_ms
+from app.microbatcher import QueueFull
 from app.routes import json_response, media_type
 from app.schemas import ScoreResult, ScoreResults, parse_events, query_flag, to_records
 

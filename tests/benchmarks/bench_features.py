@@ -14,8 +14,8 @@ import time
 import numpy as np
 from _common import TAOBAO, machine
 
-from app.events import Events
-from app.features import FeatureSpec, group_starts, last_windows
+from app.core.events import Events
+from app.core.features import FeatureSpec, group_starts, last_windows
 from model_export.data import read_events
 
 

@@ -84,9 +84,9 @@ def main() -> None:
                     help="do not close each session with an `end` event")
     args = ap.parse_args()
 
-    from app.backfill import score_events
-    from app.bundle import load_bundle
-    from app.scorer import OnnxModel
+    from app.core.batch_engine import score_events
+    from app.core.bundle import load_bundle
+    from app.core.scorer import OnnxModel
     from model_export.data import read_events
     from model_export.dataset import TrainConfig
     from model_export.export import export

@@ -25,9 +25,9 @@ FILES = [DATA / "UserBehavior_head_84k.csv.gz", DATA / "UserBehavior_flink_cours
 
 def detection(bundle_dir: Path, prep, scenario: str) -> dict[str, float]:
     """ROC-AUC and recall at review/block of ``scenario``'s anomalous test events."""
-    from app.backfill import score_events
-    from app.bundle import load_bundle
-    from app.scorer import OnnxModel
+    from app.core.batch_engine import score_events
+    from app.core.bundle import load_bundle
+    from app.core.scorer import OnnxModel
 
     bundle = load_bundle(bundle_dir)
     test = prep.splits["test"]
@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="also write the table here (Markdown)")
     args = ap.parse_args()
 
-    from app.bundle import DEFAULT_BUNDLE
+    from app.core.bundle import DEFAULT_BUNDLE
     from model_export.dataset import TrainConfig, prepare
     from model_export.export import export
     from model_export.scenarios import SCENARIOS

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 from _common import machine
 
-from app.bundle import load_bundle
-from app.features import Padding
-from app.scorer import OnnxModel
+from app.core.bundle import load_bundle
+from app.core.features import Padding
+from app.core.scorer import OnnxModel
 
 BATCHES = (1, 8, 32, 64, 128, 256)
 

@@ -28,7 +28,7 @@ import orjson
 import redis.asyncio as aioredis
 from _common import machine
 
-from app.bundle import DEFAULT_BUNDLE, load_bundle
+from app.core.bundle import DEFAULT_BUNDLE, load_bundle
 from app.embedded_redis import EmbeddedRedis
 from app.windows import WindowStore, user_keys
 

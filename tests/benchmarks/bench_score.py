@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 from _common import FLINK, machine, replicated_taobao
 
-from app.backfill import score_events, write_results
-from app.bundle import Bundle, load_bundle
-from app.events import Events
-from app.scorer import OnnxModel
+from app.core.batch_engine import score_events, write_results
+from app.core.bundle import Bundle, load_bundle
+from app.core.events import Events
+from app.core.scorer import OnnxModel
 from model_export.data import iter_records, read_events
 
 

@@ -283,9 +283,9 @@ PROFILE_PARTS = (
     ("    JSON answer", "app/routes/__init__.py", "json_response"),
     ("  request metrics", "app/metrics.py", "track_request"),
     ("window store pipelines (shared by concurrent requests)", "app/redis_scripts.py", "_pipeline"),
-    ("micro-batches (featurize once, ONNX Runtime call, decide)", "app/batching.py", "_run"),
-    ("  Events.from_records", "app/events.py", "from_records"),
-    ("  featurizer transform", "app/features.py", "transform"),
+    ("micro-batches (featurize once, ONNX Runtime call, decide)", "app/microbatcher.py", "_run"),
+    ("  Events.from_records", "app/core/events.py", "from_records"),
+    ("  featurizer transform", "app/core/features.py", "transform"),
     ("HTTP parsing (httptools protocol)", "uvicorn/protocols/http/httptools_impl.py", "data_received"),
     ("socket writes", "asyncio/streams.py", "writelines"),
 )

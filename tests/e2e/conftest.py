@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from app.bundle import DEFAULT_BUNDLE, load_bundle
+from app.core.bundle import DEFAULT_BUNDLE, load_bundle
 from app.metrics import MULTIPROC_ENV
 
 from .e2e_support import LiveServer

@@ -13,9 +13,9 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from app.bundle import DEFAULT_BUNDLE
 from app.cli import cli
-from app.routes import batch as batch_route
+from app.core.bundle import DEFAULT_BUNDLE
+from app.routes import backfill as backfill_route
 
 from .e2e_support import TOL, TestClient, db_size, taobao_events, window_len
 
@@ -78,7 +78,7 @@ def test_repeated_key_is_refused_naming_it(client: TestClient, redis_url: str, f
 
 def test_repeated_key_after_the_first_ndjson_chunk_is_reported_in_the_stream(
         client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(batch_route, "CHUNK_EVENTS", 2)
+    monkeypatch.setattr(backfill_route, "CHUNK_EVENTS", 2)
     lines = [orjson.dumps(ev(f"e{i}", T + i)) for i in range(4)] + [ISSUE_BODY]
     r = send(client, "batch-ndjson", ndjson(*lines))
     assert r.status_code == 200
@@ -92,7 +92,7 @@ def test_an_ndjson_answer_keeps_input_order_across_chunks_bad_lines_included(
     """Past the first chunk, each bad line's error lines stand where the line stood, between
     the answers of the valid lines around it (they came before the whole chunk's answers),
     and a chunk of bad lines only is answered too (it ended the stream, unanswered after)."""
-    monkeypatch.setattr(batch_route, "CHUNK_EVENTS", 4)
+    monkeypatch.setattr(backfill_route, "CHUNK_EVENTS", 4)
     bad = {5: b'{"event_id": "x5", "user_id": "u1"}', 6: b"not json", 9: ISSUE_BODY,
            12: b'{"event_id": "x12"}', 13: b"[]", 14: b"{", 15: b'{"event_id": "x15", "timestamp": "soon"}'}
     lines = [bad.get(i, orjson.dumps(ev(f"e{i}", T + i))) for i in range(20)]  # chunk 3 (lines 12-15): all bad
@@ -181,8 +181,8 @@ def backfills(client: TestClient, tmp_path: Path, events: list[dict[str, Any]],
     of `seqguard score` to ``events``."""
     lines = [orjson.dumps(e) for e in events]
     out = {"json": send(client, "batch-json", bulk(*lines)).json()["results"]}
-    for size in (batch_route.CHUNK_EVENTS, 1, 7):
-        monkeypatch.setattr(batch_route, "CHUNK_EVENTS", size)
+    for size in (backfill_route.CHUNK_EVENTS, 1, 7):
+        monkeypatch.setattr(backfill_route, "CHUNK_EVENTS", size)
         r = send(client, "batch-ndjson", ndjson(*lines))
         assert r.status_code == 200, r.text
         out[f"ndjson/{size}"] = [orjson.loads(x) for x in r.text.splitlines()]

@@ -242,7 +242,7 @@ def test_ndjson_backfill_longer_than_a_chunk_streams_through_a_live_server(
     """The route reads the request body while it streams its answer: under uvicorn that
     must not hang after the first chunk (regression: Starlette's disconnect listener
     swallowed the rest of the body)."""
-    from app.routes.batch import CHUNK_EVENTS
+    from app.routes.backfill import CHUNK_EVENTS
 
     server = live_server(redis_url)
     n = CHUNK_EVENTS + 500

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from app.bundle import DEFAULT_BUNDLE
+from app.core.bundle import DEFAULT_BUNDLE
 
 from .e2e_support import T0, TestClient, event
 
@@ -70,7 +70,7 @@ def test_openapi_lists_the_contract_routes(client: TestClient) -> None:
 
 
 def test_startup_warns_about_aliases_that_change_or_lose_a_type(make_client, caplog):
-    """One routine (app.vocabulary.alias_warnings) tells the operator, at service start,
+    """One routine (app.core.vocabulary.alias_warnings) tells the operator, at service start,
     which deployment aliases change what a known name means and which lead to a type the
     model never saw; /model shows them."""
     with caplog.at_level("WARNING", logger="seqguard"):

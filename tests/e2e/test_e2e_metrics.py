@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from app.metrics import UNKNOWN_TYPE_LABELS
-from app.routes import batch as batch_route
+from app.routes import backfill as backfill_route
 
 from .e2e_support import T0, TOL, TestClient, event, metric, metric_names, parse_metrics
 
@@ -142,7 +142,7 @@ def test_unknown_event_types_counted_bounded_and_warned_once(
     assert client.post("/events", json=event("s0", user, T0, "login")).json()["duplicate"] is True
     batch = [event(f"h{i}", "u3", T0 + i, t) for i, t in enumerate(["login", "pv", "login"])]
     assert client.post("/batch-score", json={"events": batch}).status_code == 200
-    monkeypatch.setattr(batch_route, "CHUNK_EVENTS", 2)  # the stream's chunks carry context over
+    monkeypatch.setattr(backfill_route, "CHUNK_EVENTS", 2)  # the stream's chunks carry context over
     stream = [event(f"n{i}", "u4", T0 + i, t) for i, t in enumerate(["login", "pv", "pv", "login", "pv"])]
     r = client.post("/batch-score", content=b"".join(orjson.dumps(e) + b"\n" for e in stream),
                     headers={"content-type": "application/x-ndjson"})

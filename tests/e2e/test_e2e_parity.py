@@ -12,9 +12,9 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from app.bundle import DEFAULT_BUNDLE
 from app.cli import cli
-from app.routes import batch as batch_route
+from app.core.bundle import DEFAULT_BUNDLE
+from app.routes import backfill as backfill_route
 
 from .e2e_support import T0, TOL, TestClient, expected_decision, taobao_events, window_len
 
@@ -111,7 +111,7 @@ def test_ndjson_stream_longer_than_one_chunk(client: TestClient, monkeypatch: py
     """A stream is scored chunk by chunk, each user's last events carried over: the same
     probabilities as one JSON body. (The chunk size is cut down so that a few hundred
     events cross several chunk boundaries.)"""
-    monkeypatch.setattr(batch_route, "CHUNK_EVENTS", 25)
+    monkeypatch.setattr(backfill_route, "CHUNK_EVENTS", 25)
     events = interleaved(taobao_events(USERS))
     whole = {x["event_id"]: x["anomaly_probability"]
              for x in client.post("/batch-score", json={"events": events}).json()["results"]}

@@ -255,7 +255,7 @@ def test_steady_uploads_are_never_cut(server: LiveServer) -> None:
     """A body at twice the minimum rate for twice the grace, and one of more than a chunk
     at full speed (the server stops reading while it scores the first chunk; that time is
     not the client's): both answered whole, in order, without an error line."""
-    from app.routes.batch import CHUNK_EVENTS
+    from app.routes.backfill import CHUNK_EVENTS
 
     line = [orjson.dumps(event(f"s{i}", f"u{i % 50}", T0 + i)) + b"\n" for i in range(CHUNK_EVENTS + 2_000)]
     per_tick = MIN_RATE * 2 // 8 // len(line[0])  # lines per 1/8 s at twice the minimum rate
@@ -396,7 +396,7 @@ def stream_ndjson(server: LiveServer, pieces: Iterator[bytes],
 def test_an_ndjson_body_crossing_the_cap_after_streaming_ends_with_an_error_line(server: LiveServer) -> None:
     """Past the first chunk the answer has started (200): the stream's last line is the
     problem. The client writes and reads at once, as a streaming client must."""
-    from app.routes.batch import CHUNK_EVENTS
+    from app.routes.backfill import CHUNK_EVENTS
 
     n = BATCH_BODY_CAP // 80
     lines = [orjson.dumps(event(f"c{i}", f"u{i % 50}", T0 + i)) + b"\n" for i in range(n)]
@@ -490,7 +490,7 @@ def test_an_ndjson_body_slowing_after_streaming_ends_with_a_408_line(server: Liv
     """Past the first chunk, a body that stalls (1 s here) or trickles (a byte every 0.25 s:
     GRACE s behind the minimum rate, however fast it came before) ends the answered stream
     with the 408 problem as its last line: never a stream cut off mid-message."""
-    from app.routes.batch import CHUNK_EVENTS
+    from app.routes.backfill import CHUNK_EVENTS
 
     lines = [orjson.dumps(event(f"st{i}", f"u{i % 50}", T0 + i)) + b"\n" for i in range(CHUNK_EVENTS)]
     stop = threading.Event()

@@ -3,7 +3,7 @@ to ``max_batch`` windows or ``max_wait_ms``, whichever comes first.
 
 A batch is featurized once (one pass of the featurizer over all its events: per-call
 numpy overhead is paid per batch, not per request), then cut by padded time length
-(:meth:`app.features.Padding.online`) into one ONNX Runtime call per length, so the
+(:meth:`app.core.features.Padding.online`) into one ONNX Runtime call per length, so the
 session sees a bounded set of shapes, all warmed up at start, and memory stays flat.
 Inference runs in a one-thread executor (ONNX Runtime releases the GIL and uses its own
 intra-op threads), never on the event loop; all the calls of a batch go in one hop. A
@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from app.decisions import Thresholds
-from app.events import Events
-from app.features import Padding, last_windows
+from app.core.decisions import Thresholds
+from app.core.events import Events
+from app.core.features import Padding, last_windows
+from app.core.scorer import OnnxModel
 from app.metrics import Metrics
-from app.scorer import OnnxModel
 
 log = logging.getLogger("seqguard.batching")
 
@@ -40,7 +40,7 @@ class QueueFull(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Scored:
+class WindowScores:
     """Per window: the anomaly probability of its last event, its decision, the events
     the model saw (at most its window) and their per-event surprise, oldest first."""
 
@@ -49,23 +49,23 @@ class Scored:
     window_size: list[int]
     surprise: list[np.ndarray]
 
-    def __getitem__(self, part: slice) -> Scored:
-        return Scored(self.probability[part], self.decision[part], self.window_size[part], self.surprise[part])
+    def __getitem__(self, part: slice) -> WindowScores:
+        return WindowScores(self.probability[part], self.decision[part], self.window_size[part], self.surprise[part])
 
     @staticmethod
-    def concat(parts: Sequence[Scored]) -> Scored:
-        return Scored([p for s in parts for p in s.probability], [d for s in parts for d in s.decision],
+    def concat(parts: Sequence[WindowScores]) -> WindowScores:
+        return WindowScores([p for s in parts for p in s.probability], [d for s in parts for d in s.decision],
                       [n for s in parts for n in s.window_size], [x for s in parts for x in s.surprise])
 
 
 @dataclass
 class _Job:
     windows: Sequence[Window]
-    future: asyncio.Future[Scored]
+    future: asyncio.Future[WindowScores]
 
 
 # One ONNX Runtime call of a batch: the batch rows it scores, and their padded windows.
-_Call = tuple[np.ndarray, np.ndarray]
+_ModelInput = tuple[np.ndarray, np.ndarray]
 
 
 class MicroBatcher:
@@ -116,7 +116,7 @@ class MicroBatcher:
         write, so a refused request leaves nothing behind)."""
         return self._pending + n <= self._queue_size
 
-    async def score(self, windows: Sequence[Window]) -> Scored:
+    async def score(self, windows: Sequence[Window]) -> WindowScores:
         """Score the last event of each window.
 
         A window of a single event gets a defined answer: the model sees one event with
@@ -135,18 +135,18 @@ class MicroBatcher:
         try:
             # Large requests are cut so that no job is bigger than one batch; the parts are
             # queued at once and counted once (above), not again per part.
-            futs: list[asyncio.Future[Scored]] = []
+            futs: list[asyncio.Future[WindowScores]] = []
             for i in range(0, n, self.max_batch):
                 futs.append(loop.create_future())
                 self._queue.put_nowait(_Job(windows[i : i + self.max_batch], futs[-1]))
             if len(futs) == 1:
                 return await futs[0]
-            done: list[Scored] = []
+            done: list[WindowScores] = []
             for part in await asyncio.gather(*futs, return_exceptions=True):
                 if isinstance(part, BaseException):
                     raise part
                 done.append(part)
-            return Scored.concat(done)
+            return WindowScores.concat(done)
         finally:
             self._pending -= n
             self.metrics.set_queue_depth(self._pending)
@@ -200,7 +200,7 @@ class MicroBatcher:
         self.metrics.track_scored("online", prob, decision)
         if unknown:
             self.metrics.track_unknown_types(unknown)
-        scored = Scored(prob.tolist(), decision.tolist(), seen, surprise)
+        scored = WindowScores(prob.tolist(), decision.tolist(), seen, surprise)
         i = 0
         for j in jobs:
             n = len(j.windows)
@@ -208,7 +208,7 @@ class MicroBatcher:
                 j.future.set_result(scored[i : i + n])
             i += n
 
-    def _featurize(self, windows: list[Window]) -> tuple[list[_Call], list[int], dict[str, int]]:
+    def _featurize(self, windows: list[Window]) -> tuple[list[_ModelInput], list[int], dict[str, int]]:
         """One featurizer pass over every event of the batch → one padded (n, T, F) array
         per time length in use, the events each window's model input holds, and the event
         types unknown to the model among the events scored (each window's last)."""
@@ -228,7 +228,7 @@ class MicroBatcher:
         # history events are not counted: they were counted when they were scored
         return calls, seen.tolist(), self.spec.unknown_types(events, rows=ends)
 
-    def _infer(self, calls: list[_Call]) -> list[tuple[np.ndarray, np.ndarray, float]]:
+    def _infer(self, calls: list[_ModelInput]) -> list[tuple[np.ndarray, np.ndarray, float]]:
         """The batch's ONNX Runtime calls, in the executor thread: each call's
         (probability, surprise) and its own duration (not the time spent queued)."""
         out = []

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from app.bundle import Bundle
+from app.core.bundle import Bundle
 
 log = logging.getLogger("seqguard.scorer")
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from app import logs
+from app.core import logs
 
 #: ``on_progress(done, total)``: how much of a job's work is done, in its units (events...).
 OnProgress = Callable[[int, int], None]
@@ -54,7 +54,7 @@ def bars(enabled: bool = True, console: Console | None = None) -> Progress:
     """A rich progress display (``with bars(...) as p:``) on ``console``: description, bar,
     done/total, elapsed time. Disabled, drawing nothing at all, unless ``enabled`` and the
     console is a terminal. The default console is the logs' (records then go above the
-    bar: :func:`app.logs.console`), else stderr."""
+    bar: :func:`app.core.logs.console`), else stderr."""
     console = console or logs.console() or Console(stderr=True)
     # rich's is_terminal honours FORCE_COLOR / TTY_COMPATIBLE (common in CI); a bar needs a real terminal
     real = console.is_terminal and _isatty(console.file)

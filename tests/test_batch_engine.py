@@ -7,11 +7,11 @@ import orjson
 import pytest
 from conftest import TAOBAO_100
 
-from app.backfill import FirstAnswers, result_lines, score_events
-from app.bundle import load_bundle
-from app.events import Events
-from app.features import BATCH_STEP, SHORT_LENGTH, group_starts, last_windows
-from app.scorer import OnnxModel
+from app.core.batch_engine import FirstAnswers, result_lines, score_events
+from app.core.bundle import load_bundle
+from app.core.events import Events
+from app.core.features import BATCH_STEP, SHORT_LENGTH, group_starts, last_windows
+from app.core.scorer import OnnxModel
 from model_export.data import read_events
 from model_export.parity import FP32_TOLERANCE
 from model_export.scenarios import inject

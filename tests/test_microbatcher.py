@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from conftest import TAOBAO_100
 
-from app.batching import MicroBatcher, QueueFull, Scored
-from app.bundle import load_bundle
-from app.events import Events
-from app.features import Padding, last_windows
+from app.core.bundle import load_bundle
+from app.core.events import Events
+from app.core.features import Padding, last_windows
+from app.core.scorer import OnnxModel
 from app.metrics import Metrics
-from app.scorer import OnnxModel
+from app.microbatcher import MicroBatcher, QueueFull, WindowScores
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +58,8 @@ def one_by_one(model: OnnxModel, window: list[dict[str, Any]]) -> tuple[float, n
     return float(p[0, -1]), s[0, t - seen:]
 
 
-def run_batcher(model: OnnxModel, metrics: Metrics, jobs: list[Any], **kw: Any) -> list[Scored]:
-    async def main() -> list[Scored]:
+def run_batcher(model: OnnxModel, metrics: Metrics, jobs: list[Any], **kw: Any) -> list[WindowScores]:
+    async def main() -> list[WindowScores]:
         b = MicroBatcher(model, metrics, thresholds=model.bundle.thresholds,
                          **{"max_batch": 32, "max_wait_ms": 20, "queue_size": 10_000} | kw)
         await b.start()

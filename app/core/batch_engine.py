@@ -6,8 +6,8 @@ Each user's sequence is cut into chunks that carry W-1 events of context before 
 events they score, so every event gets exactly the output of its own last W events (the
 detector's window semantics) while a chunk scores up to ``chunk_len - W + 1`` events in
 one pass. Chunks are grouped by length into a few padded shapes. The chunks and their
-padded lengths follow the windowing rules of :mod:`app.features`
-(:func:`~app.features.chunk_segments`, :meth:`~app.features.Padding.batch`), which
+padded lengths follow the windowing rules of :mod:`app.core.features`
+(:func:`~app.core.features.chunk_segments`, :meth:`~app.core.features.Padding.batch`), which
 training cuts its chunks by too.
 
 Order within a user is by timestamp; events of one user with the same timestamp are
@@ -28,14 +28,14 @@ from typing import IO, Any
 import numpy as np
 import orjson
 
-from app.decisions import Thresholds
-from app.events import Events
-from app.features import Padding, chunk_segments
-from app.scorer import OnnxModel
+from app.core.decisions import Thresholds
+from app.core.events import Events
+from app.core.features import Padding, chunk_segments
+from app.core.scorer import OnnxModel
 
 
 @dataclass(frozen=True)
-class Scores:
+class EventScores:
     """Per-event outputs, in the input row order of the scored events. A repeat gets its
     first occurrence's outputs; ``duplicate`` marks the repeats (``None``: none)."""
 
@@ -43,10 +43,10 @@ class Scores:
     surprise: np.ndarray  # (N,) float32
     duplicate: np.ndarray | None = None  # (N,) bool
 
-    def __getitem__(self, rows: slice) -> Scores:
+    def __getitem__(self, rows: slice) -> EventScores:
         """The outputs of ``rows`` (e.g. a stream's answered rows after its context)."""
         dup = None if self.duplicate is None else self.duplicate[rows]
-        return Scores(self.probability[rows], self.surprise[rows], dup)
+        return EventScores(self.probability[rows], self.surprise[rows], dup)
 
     def is_duplicate(self) -> np.ndarray:
         """(N,) bool: which rows repeat an earlier event."""
@@ -123,7 +123,7 @@ def score_events(
     chunk_len: int = 512,
     batch_tokens: int = 32768,
     on_progress: Callable[[int, int], None] | None = None,
-) -> Scores:
+) -> EventScores:
     """Score every event on its own last W events (at or before it in time); a repeat of an
     earlier (user_id, event_id) joins no window and gets the first one's scores.
 
@@ -141,7 +141,7 @@ def score_events(
         kept = score_events(model, events.take(~repeat), chunk_len=chunk_len, batch_tokens=batch_tokens,
                             on_progress=on_progress)
         at = np.cumsum(~repeat) - 1  # row -> its place among the kept rows
-        return Scores(kept.probability[at[first]], kept.surprise[at[first]], repeat)
+        return EventScores(kept.probability[at[first]], kept.surprise[at[first]], repeat)
     window = model.bundle.spec.window
     n = len(events)
     order = events.order()
@@ -149,7 +149,7 @@ def score_events(
     prob = np.zeros(n, np.float32)
     surprise = np.zeros(n, np.float32)
     if n == 0:
-        return Scores(prob, surprise)
+        return EventScores(prob, surprise)
     feats = model.bundle.spec.transform(events.take(order))  # (N, F), grouped rows
     padded = Padding.batch(chunk_len).padded(seg.lengths)  # (M,)
 
@@ -170,10 +170,10 @@ def score_events(
                 on_progress(done, n)
     prob[order] = p_sorted
     surprise[order] = s_sorted
-    return Scores(prob, surprise)
+    return EventScores(prob, surprise)
 
 
-def result_lines(events: Events, scores: Scores, thresholds: Thresholds) -> Iterator[bytes]:
+def result_lines(events: Events, scores: EventScores, thresholds: Thresholds) -> Iterator[bytes]:
     """One JSON object per event, in input order, as `seqguard score` writes them; a repeat
     also has ``"duplicate": true``."""
     ids = events.event_ids().tolist()
@@ -190,7 +190,7 @@ def result_lines(events: Events, scores: Scores, thresholds: Thresholds) -> Iter
         yield dumps(res)
 
 
-def write_results(out: Path | IO[bytes], events: Events, scores: Scores, thresholds: Thresholds,
+def write_results(out: Path | IO[bytes], events: Events, scores: EventScores, thresholds: Thresholds,
                   block_rows: int = 65536) -> int:
     """Write JSONL results; returns the number of lines written."""
     fh = out.open("wb") if isinstance(out, Path) else out

@@ -30,15 +30,15 @@ from redis.exceptions import RedisError
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
-from app.backfill import FirstAnswers, Scores, score_events
-from app.decisions import Thresholds
+from app.core.batch_engine import EventScores, FirstAnswers, score_events
+from app.core.decisions import Thresholds
+from app.core.events import Events
+from app.core.scorer import OnnxModel
 from app.deps import AppState, StateDep, require
 from app.errors import PayloadTooLarge, ProblemError, RequestTimeout, ServiceUnavailable, json_path
-from app.events import Events
 from app.routes import JSON, media_type
 from app.routes.events import body_chunks, read_body
 from app.schemas import BatchScoreResults, QueryFlag, parse_batch_request, parse_event_line, to_records
-from app.scorer import OnnxModel
 
 router = APIRouter(tags=["scoring"])
 NDJSON = "application/x-ndjson"
@@ -82,7 +82,7 @@ def _parse_json(body: bytes, *, max_events: int) -> tuple[list[dict[str, Any]], 
     return to_records(req.events), req.update_windows
 
 
-def _encode_json(records: list[dict[str, Any]], scores: Scores, thresholds: Thresholds) -> Response:
+def _encode_json(records: list[dict[str, Any]], scores: EventScores, thresholds: Thresholds) -> Response:
     # orjson holds the GIL for a whole call (about 0.1 s for 100k results): encoded in
     # slices, so that the event loop's thread gets the GIL back between them.
     results = _results(records, scores, thresholds)
@@ -92,12 +92,12 @@ def _encode_json(records: list[dict[str, Any]], scores: Scores, thresholds: Thre
 
 
 async def _score(state: AppState, records: list[dict[str, Any]], answered_from: int = 0,
-                 seen: FirstAnswers | None = None) -> Scores:
-    """Scores of ``records``; the scoring metrics count those from ``answered_from`` on
+                 seen: FirstAnswers | None = None) -> EventScores:
+    """EventScores of ``records``; the scoring metrics count those from ``answered_from`` on
     (before it: context carried over from an earlier chunk of a stream, counted there).
 
     A repeat of an earlier (user_id, event_id) gets the first one's scores and joins no
-    window (``Scores.duplicate``): within ``records`` (the batch engine's rule), and, with
+    window (``EventScores.duplicate``): within ``records`` (the batch engine's rule), and, with
     ``seen`` (a stream's first answers, updated here), of an event of an earlier chunk.
     """
     loop = asyncio.get_running_loop()
@@ -118,7 +118,7 @@ async def _score(state: AppState, records: list[dict[str, Any]], answered_from: 
             prob[earlier], surprise[earlier] = seen.answers(found[earlier])
             dup = earlier.copy()
             dup[kept] = inner.is_duplicate()
-            scores = Scores(prob, surprise, dup)
+            scores = EventScores(prob, surprise, dup)
         new = ~scores.is_duplicate()
         new[:answered_from] = False
         seen.add(keys[new], scores.probability[new], scores.surprise[new])
@@ -133,7 +133,7 @@ async def _score(state: AppState, records: list[dict[str, Any]], answered_from: 
     return scores
 
 
-def _events_and_scores(model: OnnxModel, records: list[dict[str, Any]]) -> tuple[Events, Scores]:
+def _events_and_scores(model: OnnxModel, records: list[dict[str, Any]]) -> tuple[Events, EventScores]:
     """``records`` as Events and their batch-engine scores, run off the event loop: building
     the columns alone takes 0.3–0.5 s per 100k events."""
     events = Events.from_records(records)
@@ -150,7 +150,7 @@ async def _append(state: AppState, records: list[dict[str, Any]]) -> None:
                                  "retry with the same event_ids") from None
 
 
-def _results(records: list[dict[str, Any]], scores: Scores, thresholds: Thresholds) -> list[dict[str, Any]]:
+def _results(records: list[dict[str, Any]], scores: EventScores, thresholds: Thresholds) -> list[dict[str, Any]]:
     """The answer of each record; a repeat of an earlier (user_id, event_id) has its first
     answer and ``"duplicate": true``, as ``POST /events`` answers a replay."""
     decisions = thresholds.decide(scores.probability)
@@ -232,7 +232,7 @@ def _encode_errors(errors: list[dict[str, Any]]) -> bytes:
                     + b"\n" for e in errors)
 
 
-def _encode_lines(chunk: _Chunk, scores: Scores, thresholds: Thresholds) -> bytes:
+def _encode_lines(chunk: _Chunk, scores: EventScores, thresholds: Thresholds) -> bytes:
     """A chunk's answer lines in input order: each valid line's result, and the error
     lines of each invalid one where that line was."""
     results = [orjson.dumps(r) + b"\n" for r in _results(chunk.records, scores, thresholds)]

@@ -65,7 +65,7 @@ def handler(fmt: str = "auto", stream: IO[str] | None = None) -> logging.Handler
 
 def console() -> Console | None:
     """The rich console the logs are written to (``auto`` on a terminal), else ``None``.
-    A progress bar drawn on it (app/progress.py) keeps the records above the bar; on
+    A progress bar drawn on it (app/core/progress.py) keeps the records above the bar; on
     another console they would be written over it."""
     from rich.logging import RichHandler
 

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from app.events import Events, finalise_hash
-from app.vocabulary import DEFAULT_ALIASES, build_aliases, canonical_names
+from app.core.events import Events, finalise_hash
+from app.core.vocabulary import DEFAULT_ALIASES, build_aliases, canonical_names
 
 PAD = 0
 #: Feature columns, in tensor order.
@@ -82,7 +82,7 @@ class FeatureSpec:
         """Fit vocabularies and bucket edges on (normal) training events.
 
         The vocabulary holds canonical names (``aliases`` applied; default: the project's
-        table, :data:`app.vocabulary.DEFAULT_ALIASES`), most frequent first.
+        table, :data:`app.core.vocabulary.DEFAULT_ALIASES`), most frequent first.
         """
         table = dict(DEFAULT_ALIASES if aliases is None else aliases)
         names = canonical_names(events.event_types, table)
@@ -190,7 +190,7 @@ class FeatureSpec:
 
         Examples
         --------
-        >>> from app.events import Events, finalise_hash
+        >>> from app.core.events import Events, finalise_hash
         >>> ev = Events.from_records([
         ...     {"user_id": "u", "event_type": "view", "timestamp": 0, "item_id": "a"},
         ...     {"user_id": "u", "event_type": "view", "timestamp": 2000, "item_id": "a"},
@@ -427,7 +427,7 @@ def chunk_segments(groups: np.ndarray, window: int, chunk_len: int) -> Segments:
     """Cut grouped, time-ordered rows into chunks of at most ``chunk_len`` rows read, context
     included: each group's rows go ``stride = chunk_len - (window - 1)`` at a time, and each
     chunk carries up to ``window - 1`` rows of its own group before them. Training
-    (``model_export.train.make_chunks``) and the batch engine (``app.backfill``) cut here,
+    (``model_export.train.make_chunks``) and the batch engine (``app.core.batch_engine``) cut here,
     so that a row is trained on, and scored, on the same W rows the online window holds.
 
     Examples

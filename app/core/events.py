@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from app.vocabulary import DEFAULT_ALIASES, canonical_names
+from app.core.vocabulary import DEFAULT_ALIASES, canonical_names
 
 #: Optional string fields of the contract, stored as 64-bit hashes (0 = missing).
 HASHED_FIELDS = ("item_id", "category_id", "session_id", "device_id", "country")
@@ -118,7 +118,7 @@ def parse_timestamp_ms(value: Any, *, check_range: bool = False) -> int:
     >>> parse_timestamp_ms(1511596870, check_range=True)
     Traceback (most recent call last):
     ...
-    app.events.TimestampError: timestamp 1511596870 is before 2000-01-01: it looks like epoch seconds; \
+    app.core.events.TimestampError: timestamp 1511596870 is before 2000-01-01: it looks like epoch seconds; \
 send milliseconds (1511596870000)
     """
     if type(value) is int:
@@ -278,7 +278,7 @@ class Events:
 
     def with_canonical_types(self, aliases: Mapping[str, str] = DEFAULT_ALIASES) -> Events:
         """These events with every event type renamed through ``aliases`` (a table as
-        :func:`app.vocabulary.build_aliases` builds it), on the dictionary alone: raw names
+        :func:`app.core.vocabulary.build_aliases` builds it), on the dictionary alone: raw names
         that map to one type share its code, so ``event_types`` stays distinct.
 
         >>> ev = Events.from_records([{"user_id": "u", "event_type": t, "timestamp": 0}

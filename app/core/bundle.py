@@ -10,11 +10,11 @@ from typing import Any
 
 import orjson
 
-from app.decisions import Thresholds
-from app.features import FeatureSpec
+from app.core.decisions import Thresholds
+from app.core.features import FeatureSpec
 
 SCHEMA_VERSION = 2
-DEFAULT_BUNDLE = Path(__file__).resolve().parent / "bundles" / "default"
+DEFAULT_BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "default"
 
 
 class BundleError(RuntimeError):
