@@ -34,7 +34,8 @@ cart_stuffing
 Each chosen scenario also gets look-alike decoys, labelled normal (label 0, scenario
 ``<name>_lookalike``):
 what real shoppers do that resembles it (browsing sprees at human pace, repeat views of
-one item and favourite sprees, quick view → cart → purchase funnels, checkout bursts of
+one item and favourite sprees, quick view → cart → purchase funnels, real shoppers' own
+runs of events up to a purchase replayed at brushing pace, checkout bursts of
 several purchases and purchases followed by browsing, new interests after a break,
 carting sprees), half as new accounts and half inside real
 users, so that no event type, short history or single trait is evidence by itself.
@@ -247,6 +248,11 @@ class _Ctx:
             known = np.unique(ev.country[ev.country != 0])
             self.countries = known if known.size > 1 else np.union1d(known, self.countries)
         self.real_ids = set(ev.user_ids.tolist())
+        buy = self.role_type[BUY]
+        self.buy_rows = np.flatnonzero(ev.event_type == buy) if buy != self.role_type[VIEW] else np.zeros(0, np.int64)
+        self.role_of = np.full(len(ev.event_types), -1, np.int64)
+        for role in (VIEW, FAV, CART, BUY):  # a type that is two roles (a fallback) is the more specific one
+            self.role_of[self.role_type[role]] = role
 
     def rows(self, u: int) -> np.ndarray:
         """Rows of real user ``u``, in time order."""
@@ -282,6 +288,27 @@ class _Ctx:
         if ev.session_id is not None:
             sess = np.repeat([self.hash(f"sess-{uid}-{i}") for i in range(len(sizes))], sizes)
         return dev, country, sess
+
+    def purchase_run(self, rng: np.random.Generator, before: int = 8, within_ms: float = _HOUR_MS) -> tuple:
+        """A real purchase and up to ``before`` of its user's events in the hour before it,
+        and any purchases of the same second after it (a checkout of several items): their
+        roles and rows as they happened, each gap cut to at most 2–60 s (log-uniform).
+        Repeat views of one item, purchases of items never viewed, several purchases at
+        once: what real shoppers do before buying, at the pace of a brushing ring."""
+        ev, r = self.ev, self.buy_rows[rng.integers(self.buy_rows.size)]
+        rows = self.rows(int(ev.user[r]))
+        i = int(np.flatnonzero(rows == r)[0])
+        t = ev.timestamp_ms[rows].astype(np.float64)
+        lo = i
+        while lo > 0 and i - lo < before and t[i] - t[lo - 1] <= within_ms:
+            lo -= 1
+        hi = i + 1
+        while hi < rows.size and t[hi] == t[i] and self.role_of[ev.event_type[rows[hi]]] == BUY:
+            hi += 1
+        run = rows[lo:hi][self.role_of[ev.event_type[rows[lo:hi]]] >= 0]
+        gaps = np.diff(ev.timestamp_ms[run].astype(np.float64)) / 1e3
+        cap = np.exp(rng.uniform(np.log(2.0), np.log(60.0), gaps.size))
+        return self.role_of[ev.event_type[run]], run, np.minimum(gaps, cap)
 
     def shop_items(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """``n`` catalogue rows of one shop: a cheap item and cheap others of its category."""
@@ -536,16 +563,20 @@ def _quick_funnel(ctx: _Ctx, rng: np.random.Generator, rows: np.ndarray | None) 
     few items of one category, then a purchase of another item of it that the log never
     showed (over half of real Taobao purchases after some history are of an item the
     user's earlier events never touched: seen on another device, in the cart from
-    before, a variant), sometimes two such purchases seconds apart."""
+    before, a variant), sometimes two such purchases seconds apart; or, 30% of the time,
+    a real shopper's own run of events up to a purchase (:meth:`_Ctx.purchase_run`, from
+    the split being injected), its gaps cut to brushing pace."""
     items = rng.choice(ctx.popular, _int(rng, (1, 3)))
     kind = rng.random()
+    if kind >= 0.7 and ctx.buy_rows.size:  # a real shopper's own run up to a purchase, at brushing pace
+        return ctx.purchase_run(rng)
     if kind < 0.2 and len(items) > 1:  # cart them all, then one checkout (or one each)
         role = [CART] * len(items) + [BUY] * len(items)
         apart = rng.uniform(20.0, 180.0, len(items) - 1) if rng.random() < 0.5 else np.zeros(len(items) - 1)
         gaps = [*rng.uniform(10.0, 120.0, len(items)), *apart]
         return np.array(role), np.concatenate([items, items]), np.array(gaps)
     cat = ctx.ev.category_id
-    if kind < 0.45:  # compared a few, bought one (or two) the log never showed
+    if kind < 0.4:  # compared a few, bought one (or two) the log never showed
         near = ctx.popular if cat is None else ctx.popular[cat[ctx.popular] == cat[items[0]]]
         near = near if near.size > 1 else ctx.popular
         viewed = rng.choice(near, _int(rng, (1, 6)))
@@ -555,7 +586,7 @@ def _quick_funnel(ctx: _Ctx, rng: np.random.Generator, rows: np.ndarray | None) 
                      np.exp(rng.uniform(np.log(10.0), np.log(300.0), 1)),
                      rng.uniform(2.0, 60.0, len(bought) - 1)]
         return role, np.r_[viewed, bought], gaps
-    if kind < 0.65:  # bought, then browsing on, mostly in the same category
+    if kind < 0.55:  # bought, then browsing on, mostly in the same category
         m = _int(rng, (2, 8))
         near = ctx.popular if cat is None else ctx.popular[cat[ctx.popular] == cat[items[0]]]
         browse = np.r_[items[:1], rng.choice(near if near.size else ctx.popular, m)]
