@@ -368,6 +368,9 @@ def serve(
     from app.settings import Settings
 
     aliases = json.dumps(parse_alias_pairs(alias)) if alias else None
+    # Flags reach the workers as SEQGUARD_* variables: uvicorn starts each worker as a new
+    # process from an import string (app.main:app_from_env), and the environment is the one
+    # thing it inherits; the same Settings() then reads flags and variables alike.
     for name, value in (("BUNDLE", bundle), ("REDIS_URL", redis_url), ("HOST", host), ("PORT", port),
                         ("WORKERS", workers), ("EVENT_ALIASES", aliases), ("REVIEW_THRESHOLD", review),
                         ("BLOCK_THRESHOLD", block)):

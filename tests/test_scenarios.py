@@ -396,3 +396,28 @@ def test_matched_lengths_take_account_lengths_from_real_users(taobao: Events) ->
     assert np.median(lengths) < np.median(real[real >= 3]) * 1.5
     plain_new = np.char.startswith(plain.user_id_strings().astype(str), NEW_ACCOUNT_PREFIX) & (plain.scenario == 1)
     assert np.median(np.bincount(plain.user[plain_new])[np.unique(plain.user[plain_new])]) > np.median(lengths)
+
+
+def test_purchase_runs_are_real_shoppers_runs_at_brushing_pace(taobao: Events) -> None:
+    """Brushing look-alikes include real shoppers' own runs up to a purchase (repeat views of
+    one item, purchases of items never viewed, several purchases in one second, as the log
+    has them), so the supervised head cannot read such a run at brushing pace as a ring."""
+    from model_export.scenarios import BUY, _Ctx
+
+    ctx = _Ctx(taobao, InjectConfig())
+    rng = np.random.default_rng(0)
+    kinds = Counter()
+    for _ in range(300):
+        role, rows, gaps = ctx.purchase_run(rng)
+        assert len(role) == len(rows) == len(gaps) + 1 >= 1
+        assert np.unique(taobao.user[rows]).size == 1  # one real user's events...
+        assert np.all(np.diff(taobao.timestamp_ms[rows]) >= 0)  # ...in their order
+        assert role[-1] == BUY and np.array_equal(role, ctx.role_of[taobao.event_type[rows]])
+        real = np.diff(taobao.timestamp_ms[rows]) / 1e3
+        assert np.all(gaps <= np.minimum(real, 60.0) + 1e-9)  # at most the real gap, at most a minute
+        assert taobao.timestamp_ms[rows[-1]] - taobao.timestamp_ms[rows[0]] <= 3_600_000
+        viewed = taobao.item_id[rows][role != BUY]
+        kinds["bought unseen"] += not np.isin(taobao.item_id[rows[-1]], viewed)
+        kinds["repeat views"] += len(viewed) > np.unique(viewed).size
+        kinds["several purchases"] += (role == BUY).sum() > 1
+    assert all(kinds[k] > 0 for k in ("bought unseen", "repeat views", "several purchases")), kinds
