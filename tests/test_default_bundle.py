@@ -124,18 +124,10 @@ def held_out_per_type() -> dict[str, dict]:
 
 def test_no_canonical_type_of_held_out_real_traffic_is_over_its_budget():
     """Issue 7: every canonical type at most 3% flagged and 0.3% blocked on the held-out
-    real users (purchases below)."""
+    real users, purchases included (2 of 604 were blocked before real shoppers' own runs
+    joined the brushing look-alikes; docs/QUALITY.md)."""
     seen = held_out_per_type()
     assert {"view", "cart", "favorite", "purchase"} <= set(seen)
     for name, r in seen.items():
         assert r["flagged_share"] <= 0.03, name
-        if name != "purchase":
-            assert r["blocked_share"] <= 0.003, name
-
-
-@pytest.mark.xfail(strict=True, reason="issue 7, open: 2 of 604 held-out purchases blocked (0.33%), "
-                                       "the target is at most 0.3% (1 of 604); docs/QUALITY.md")
-def test_held_out_purchases_are_blocked_at_most_0_3_percent():
-    """Issue 7's purchase budget, not met by the shipped bundle: strict, so the day a bundle
-    meets it this test fails until the mark goes."""
-    assert held_out_per_type()["purchase"]["blocked_share"] <= 0.003
+        assert r["blocked_share"] <= 0.003, name
