@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 from concurrent.futures import ThreadPoolExecutor
@@ -11,28 +12,27 @@ from typing import Annotated
 import redis.asyncio as aioredis
 from fastapi import Depends, Request
 
-from app.core.bundle import Bundle
-from app.core.decisions import Thresholds
-from app.core.scorer import OnnxModel
 from app.errors import Forbidden, Unauthorized
+from app.live import ModelWatch, Served
 from app.metrics import Metrics
-from app.microbatcher import MicroBatcher
 from app.settings import Scope, Settings
 from app.windows import WindowStore
 
 
 @dataclass
 class AppState:
-    """Everything the lifespan opens, exposed to routes as ``StateDep``."""
+    """Everything the lifespan opens, exposed to routes as ``StateDep``. ``live`` is the
+    model served now: a request reads it once and keeps it to its end (``app.live``)."""
 
     settings: Settings
-    bundle: Bundle
-    model: OnnxModel
+    live: Served
     metrics: Metrics
     redis: aioredis.Redis
     store: WindowStore
-    batcher: MicroBatcher
-    thresholds: Thresholds
+    #: Swapped-out models finishing their queued windows (``app.live.swap``).
+    retired: set[asyncio.Task[None]] = field(default_factory=set)
+    #: This worker's follower of the live model's record (``app.live.ModelWatch``).
+    watch: ModelWatch | None = None
     #: Backfills run here, one at a time, beside the online batcher's own thread.
     batch_executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="backfill"))

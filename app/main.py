@@ -16,16 +16,13 @@ from redis.asyncio import Redis
 
 from app import errors, openapi, serving
 from app.core import logs
-from app.core.bundle import load_bundle
-from app.core.scorer import OnnxModel
-from app.core.vocabulary import alias_warnings
 from app.deps import AppState
 from app.embedded_redis import EmbeddedRedis
+from app.live import ModelWatch, bundle_path, follow_record, load_served, on_sighup
 from app.metrics import Metrics, mark_process_dead
-from app.microbatcher import MicroBatcher
 from app.middleware import DirectRoutes, LingeringClose, RequestMetrics
 from app.redis_client import connect, durability_warning, read_durability
-from app.routes import backfill, events, meta, users
+from app.routes import admin, backfill, events, meta, users
 from app.settings import Settings
 from app.windows import WindowStore
 
@@ -50,20 +47,10 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # POST /events and /batch-score both score through this bundle's spec, so both take
-        # the deployment's aliases.
-        loaded = load_bundle(settings.bundle)
-        for warning in alias_warnings(settings.event_aliases, loaded.spec.aliases, loaded.spec.event_types):
-            log.warning("SEQGUARD_EVENT_ALIASES: %s", warning)
-        bundle = loaded.with_aliases(settings.event_aliases)
-        model = OnnxModel(bundle, threads=settings.inference_threads, prefer_cuda=settings.prefer_cuda,
-                          fp16=settings.fp16)
+        # the deployment's aliases. A bad bundle or threshold override stops the start here.
         metrics = Metrics()
-        metrics.set_model_info(bundle.version, model.provider, bundle.arch)
-        # ValueError where an override crosses the bundle's other threshold
-        thresholds = bundle.thresholds.override(review=settings.review_threshold, block=settings.block_threshold)
-        batcher = MicroBatcher(model, metrics, thresholds=thresholds, max_batch=settings.max_batch,
-                               max_wait_ms=settings.max_wait_ms, queue_size=settings.queue_size)
-        batcher.warm_up()
+        base = bundle_path(settings)
+        served = load_served(base, settings, metrics, check=False)
         embedded = None
         url = settings.redis_url
         if url is None:
@@ -73,22 +60,29 @@ def create_app(settings: Settings) -> FastAPI:
             log.info("embedded Redis (append-only) at %s, data in %s", url, settings.redis_data_dir)
         redis = connect(url, pool_size=settings.redis_pool_size, timeout_s=settings.redis_timeout_s)
         await log_durability(redis)
-        store = WindowStore(redis, history=bundle.spec.history, window_ttl_s=settings.window_ttl_s,
+        store = WindowStore(redis, history=served.bundle.spec.history, window_ttl_s=settings.window_ttl_s,
                             idempotency_ttl_s=settings.idempotency_ttl_s,
                             on_answer_error=lambda e: metrics.track_store_error())
-        await batcher.start()
-        app.state.seqguard = AppState(
-            settings=settings, bundle=bundle, model=model, metrics=metrics, redis=redis, store=store,
-            batcher=batcher, thresholds=thresholds,
-        )
+        served = await follow_record(redis, served, base, settings, metrics, store.history)
+        await served.batcher.start()
+        metrics.set_model_info(served.version, served.model.provider, served.bundle.arch)
+        state = app.state.seqguard = AppState(settings=settings, live=served, metrics=metrics, redis=redis,
+                                              store=store)
+        state.watch = ModelWatch(state, settings.model_poll_s)
+        state.watch.start()
+        on_sighup(state.watch)
+        t = served.thresholds
         log.info("serving %s (%s, window %d) on %s; thresholds review %.4g block %.4g",
-                 bundle.version, bundle.arch, bundle.window, model.provider, thresholds.review, thresholds.block)
+                 served.version, served.bundle.arch, served.bundle.window, served.model.provider, t.review, t.block)
         serving.share_the_gil(settings)  # live requests first, beside a backfill's thread
         try:
             yield
         finally:
-            await batcher.stop()
-            app.state.seqguard.batch_executor.shutdown(wait=True)
+            await state.watch.stop()
+            await state.live.batcher.stop()
+            for task in list(state.retired):
+                await task
+            state.batch_executor.shutdown(wait=True)
             await store.flush_answers()
             await redis.aclose()
             await redis.connection_pool.aclose()
@@ -106,7 +100,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     problems = errors.Problems(retry_after_s=settings.retry_after_s)
     errors.install(app, problems)
-    for router in (events.router, backfill.router, meta.router, users.router):
+    for router in (events.router, backfill.router, meta.router, users.router, admin.router):
         app.include_router(router)
     openapi.install(app, settings)
     # POST /events, included above without a prefix or router dependencies.

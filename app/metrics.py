@@ -133,8 +133,13 @@ class Metrics:
         self.store_errors = Counter("seqguard_window_store_errors_total", "Failed window store calls.", registry=reg)
         self.duplicates = Counter("seqguard_duplicate_events_total", "Replayed event ids answered from the record.",
                                   registry=reg)
+        # liveall: with several workers, one series per worker (label pid), so a reload that
+        # one worker refused shows.
         self.model_info = Gauge("seqguard_model_info", "The model being served (value 1).",
-                                ("version", "provider", "arch"), multiprocess_mode="livemax", registry=reg)
+                                ("version", "provider", "arch"), multiprocess_mode="liveall", registry=reg)
+        self.model_reloads = Counter("seqguard_model_reloads_total", "Bundles loaded to replace the live model "
+                                     "(admin route, SIGHUP, another worker's reload), by result (ok, refused).",
+                                     ("result",), registry=reg)
         self.redis_memory_used = Gauge("seqguard_redis_memory_used_bytes",
                                        "Memory the window store's Redis uses (INFO memory used_memory), read at "
                                        "each scrape.", multiprocess_mode="livemostrecent", registry=reg)
@@ -261,6 +266,10 @@ class Metrics:
         if child is None:
             child = self._children[key] = self.store_duration.labels(op)
         child.observe(seconds)
+
+    def track_model_reload(self, result: str) -> None:
+        """A bundle loaded to replace the live model: ``ok`` (swapped in) or ``refused``."""
+        self.model_reloads.labels(result).inc()
 
     def track_store_error(self, n: int = 1) -> None:
         self.store_errors.inc(n)

@@ -102,6 +102,7 @@ class MicroBatcher:
         self._task = asyncio.create_task(self._worker(self._queue), name="micro-batcher")
 
     async def stop(self) -> None:
+        self._queue = None  # score() refuses from now on, rather than queue for no one
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -110,6 +111,11 @@ class MicroBatcher:
         self._executor.shutdown(wait=True)
 
     # -- scoring -----------------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Windows queued or being scored now."""
+        return self._pending
 
     def has_room(self, n: int) -> bool:
         """Whether ``n`` more windows fit in the queue now (admission control before any

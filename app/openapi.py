@@ -27,7 +27,7 @@ from starlette.responses import FileResponse, HTMLResponse
 from app.deps import ScopeCheck, docs_access
 from app.errors import PROBLEM_JSON, NotFound
 from app.routes import json_response
-from app.schemas import BatchScoreRequest, EventIn, EventsBatch
+from app.schemas import BatchScoreRequest, EventIn, EventsBatch, ModelChange
 from app.settings import Scope, Settings
 
 NDJSON = "application/x-ndjson"
@@ -98,6 +98,7 @@ _ERRORS = {
 def _component_schemas(settings: Settings) -> dict[str, Any]:
     _, top = models_json_schema(
         [(EventIn, "validation"), (EventsBatch, "validation"), (BatchScoreRequest, "validation"),
+         (ModelChange, "validation"),
          (Problem, "serialization"), (Readiness, "serialization")],
         ref_template="#/components/schemas/{model}",
     )
@@ -121,6 +122,8 @@ def _request_bodies() -> dict[tuple[str, str], dict[str, Any]]:
             "schema": {"oneOf": [_ref("EventIn"), _ref("EventsBatch")]},
             "examples": {"event": one, "batch": many},
         }}},
+        ("/admin/model", "post"): {"required": True, "content": {"application/json": {
+            "schema": _ref("ModelChange"), "example": {"bundle": "/srv/seqguard/bundles/2026-12-01"}}}},
         ("/batch-score", "post"): {"required": True, "content": {
             "application/json": {"schema": _ref("BatchScoreRequest"), "example": many["value"]},
             NDJSON: {"schema": {"type": "array", "items": _ref("EventIn"),

@@ -218,10 +218,35 @@ class ModelInfo(BaseModel):
     provider: str = Field(description="execution provider in use, e.g. CUDAExecutionProvider")
     fp16: bool = Field(False, description="the session runs model.fp16.onnx")
     model_file: str = Field(description="the bundle's model file the session runs: model.onnx or model.fp16.onnx")
+    bundle: str = Field(description="the bundle directory this worker loaded, as named (SEQGUARD_BUNDLE or "
+                                    "POST /admin/model)")
+    loaded_at: str = Field(description="when this worker loaded it (RFC 3339, UTC)")
+    worker_pid: int = Field(description="the worker process that answered (each worker answers for itself)")
     created_at: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict, description="architecture hyperparameters")
     evaluation: dict[str, Any] = Field(default_factory=dict, description="the bundle's evaluation summary")
     vocabulary: Vocabulary
+
+
+class ModelChange(BaseModel):
+    """``POST /admin/model``: the bundle to serve now, in every worker and replica on this
+    Redis. The path is read by the service's own processes (a path on their host)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    bundle: str = Field(min_length=1, max_length=4096, description="bundle directory, as the workers see it")
+
+
+class ModelChanged(BaseModel):
+    """The answer of ``POST /admin/model``: what this worker serves now."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    version: str = Field(description="the model now served (model_version of the answers it gives)")
+    previous: str = Field(description="the model served before")
+    bundle: str
+    workers_follow_within_s: float = Field(description="the other workers and replicas serve it within this time "
+                                                       "(SEQGUARD_MODEL_POLL_S)")
 
 
 # Parsing helpers ----------------------------------------------------------------------
@@ -277,6 +302,18 @@ def parse_batch_request(body: bytes | str, *, max_events: int = BATCH_MAX_EVENTS
     body = without_bom(body)
     try:
         req = BatchScoreRequest.model_validate_json(body, context={"max_events": max_events})
+    except ValidationError as exc:
+        raise request_validation_error(exc, body=body) from None
+    _refuse_repeated_keys(body)
+    return req
+
+
+def parse_model_change(body: bytes | str) -> ModelChange:
+    """Body of ``POST /admin/model``, read as :func:`parse_events` reads one (a repeated key
+    refused). Raises ``RequestValidationError``."""
+    body = without_bom(body)
+    try:
+        req = ModelChange.model_validate_json(body)
     except ValidationError as exc:
         raise request_validation_error(exc, body=body) from None
     _refuse_repeated_keys(body)

@@ -20,13 +20,17 @@ them by a hash of the client address and port (Linux).
 
 uvicorn's supervisor (restarts, signals, health pings) is kept: it hands every worker it
 starts the same list of "sockets", and :class:`ReusePortListener` is a stand-in that
-becomes a fresh ``SO_REUSEPORT`` socket when the worker unpickles it.
+becomes a fresh ``SO_REUSEPORT`` socket when the worker unpickles it. SIGHUP is passed on
+to the workers (:class:`Supervisor`), which reload the model in place.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import os
+import signal
 import socket
 import sys
 from collections.abc import Callable
@@ -100,7 +104,19 @@ def run_workers(config: uvicorn.Config, announce: Callable[[str], None] | None =
     with reuse_port_socket(config.host, config.port):
         if announce is not None:
             announce(f"http://{_url_host(config.host)}:{config.port} ({config.workers} workers)")
-        Multiprocess(config, sockets=[ReusePortListener(config.host, config.port)]).run()  # type: ignore[list-item]
+        Supervisor(config, sockets=[ReusePortListener(config.host, config.port)]).run()  # type: ignore[list-item]
+
+
+class Supervisor(Multiprocess):
+    """uvicorn's supervisor, but SIGHUP reloads the model in place instead of restarting
+    the workers: it is passed on to each worker, which loads ``SEQGUARD_BUNDLE`` again
+    beside the live model and swaps it in without dropping a request (``app.live``)."""
+
+    def handle_hup(self) -> None:
+        for process in self.processes:
+            if process.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGHUP)
 
 
 def _problem_bytes(status: int, reason: bytes, slug: str, title: str, detail: str) -> bytes:

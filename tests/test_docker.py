@@ -53,6 +53,7 @@ CONTRACT_METRICS = {
     "seqguard_redis_memory_used_bytes",
     "seqguard_redis_memory_max_bytes",
     "seqguard_model_info",
+    "seqguard_model_reloads_total",
 }
 HISTOGRAMS = {
     "seqguard_request_duration_seconds",
@@ -61,7 +62,8 @@ HISTOGRAMS = {
     "seqguard_inference_duration_seconds",
     "seqguard_window_store_duration_seconds",
 }
-CONTRACT_LABELS = {"route", "status", "path", "decision", "op", "version", "provider", "arch", "event_type", "le"}
+CONTRACT_LABELS = {"route", "status", "path", "decision", "op", "version", "provider", "arch", "event_type", "le",
+                   "result"}
 SERVICES = {"redis", "seqguard", "prometheus", "grafana"}
 
 

@@ -41,6 +41,7 @@ CONTRACT = {
     "seqguard_window_store_errors_total": "counter",
     "seqguard_duplicate_events_total": "counter",
     "seqguard_model_info": "gauge",
+    "seqguard_model_reloads_total": "counter",
     "seqguard_unknown_event_types_total": "counter",
     "seqguard_redis_memory_used_bytes": "gauge",
     "seqguard_redis_memory_max_bytes": "gauge",
@@ -261,8 +262,9 @@ def test_multiprocess_aggregates_workers(monkeypatch: pytest.MonkeyPatch, tmp_pa
         assert v["seqguard_anomaly_probability_sum", ()] == pytest.approx(2 * (0.05 + 4.85 + 0.5))
         assert v["seqguard_inference_batch_size_count", ()] == 2
         assert v["seqguard_scoring_queue_depth", ()] == 11  # livesum over live workers
-        assert v["seqguard_model_info", (("arch", "transformer"), ("provider", "CPUExecutionProvider"),
-                                         ("version", "v1"))] == 1  # livemax: one series, not one per worker
+        model_info = {labels: n for (name, labels), n in v.items() if name == "seqguard_model_info"}
+        assert sorted(dict(labels)["pid"] for labels in model_info) == sorted(str(w.pid) for w in workers)
+        assert all(dict(labels)["version"] == "v1" and n == 1 for labels, n in model_info.items())  # liveall
     finally:
         release.set()
         for w in workers:

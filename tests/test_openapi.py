@@ -121,6 +121,7 @@ def test_every_error_answer_is_documented_as_a_problem(client: TestClient) -> No
     assert statuses[("/events", "post")] == every
     assert statuses[("/batch-score", "post")] == every
     assert statuses[("/model", "get")] == {"200", "401", "403"}
+    assert statuses[("/admin/model", "post")] == every
     assert statuses[("/readyz", "get")] == {"200", "503"}
     assert statuses[("/healthz", "get")] == {"200"}
     for path, method, op in operations(doc):
@@ -144,6 +145,7 @@ def test_security_scheme_and_the_scope_of_each_route(make_client: Callable[..., 
         ("/model", "get"): [{SECURITY_SCHEME: ["events"]}],
         ("/users/{user_id}/window", "get"): [{SECURITY_SCHEME: ["admin"]}],
         ("/users/{user_id}", "delete"): [{SECURITY_SCHEME: ["admin"]}],
+        ("/admin/model", "post"): [{SECURITY_SCHEME: ["admin"]}],
         ("/healthz", "get"): None,
         ("/readyz", "get"): None,
     }
@@ -155,7 +157,10 @@ def test_security_scheme_and_the_scope_of_each_route(make_client: Callable[..., 
 def test_routes_answer_what_the_document_says_about_keys(make_client: Callable[..., TestClient]) -> None:
     c = make_client(api_keys=HASHED)
     doc = c.get("/openapi.json").json()
-    bodies = {"/events": event("e1"), "/batch-score": {"events": [event("e2")]}}
+    from app.core.bundle import DEFAULT_BUNDLE
+
+    bodies = {"/events": event("e1"), "/batch-score": {"events": [event("e2")]},
+              "/admin/model": {"bundle": str(DEFAULT_BUNDLE)}}  # the same bundle again
     for path, method, op in operations(doc):
         kw: dict[str, Any] = {"json": bodies[path]} if path in bodies else {}
         if op.get("security"):
@@ -184,11 +189,11 @@ def test_update_windows_0_does_not_write(client: TestClient, redis_url: str) -> 
 
     problem(client.post("/batch-score", json={"events": [event("e1")], "update_windows": 0}), 422)
     with redis.Redis.from_url(redis_url) as r:
-        assert r.dbsize() == 0
+        assert r.keys("sg:{*") == []  # no user's key (sg:model:live is the service's own)
     r2 = client.post("/batch-score", json={"events": [event("e1")], "update_windows": True})
     assert r2.status_code == 200
     with redis.Redis.from_url(redis_url) as r:
-        assert r.dbsize() > 0
+        assert r.keys("sg:{*")
 
 
 @pytest.mark.parametrize("raw", ["1", "0", "yes", "no", "on", "off", "True", "FALSE", "", "maybe"])

@@ -36,6 +36,7 @@ from app.core.events import Events
 from app.core.scorer import OnnxModel
 from app.deps import AppState, StateDep, require
 from app.errors import PayloadTooLarge, ProblemError, RequestTimeout, ServiceUnavailable, json_path
+from app.live import Served
 from app.routes import JSON, media_type
 from app.routes.events import body_chunks, read_body
 from app.schemas import BatchScoreResults, QueryFlag, parse_batch_request, parse_event_line, to_records
@@ -70,10 +71,11 @@ async def batch_score(request: Request, state: StateDep, update_windows: QueryFl
     loop = asyncio.get_running_loop()
     parse = partial(_parse_json, body, max_events=state.settings.batch_max_events)
     records, update = await loop.run_in_executor(state.batch_executor, parse)
+    live = state.live  # one model for the whole backfill, even if another is swapped in meanwhile
     if update or update_windows:
         await _append(state, records)
-    scores = await _score(state, records)
-    encode = partial(_encode_json, records, scores, state.thresholds)
+    scores = await _score(state, live, records)
+    encode = partial(_encode_json, records, scores, live.thresholds)
     return await loop.run_in_executor(state.batch_executor, encode)
 
 
@@ -91,9 +93,9 @@ def _encode_json(records: list[dict[str, Any]], scores: EventScores, thresholds:
     return Response(body, media_type="application/json")
 
 
-async def _score(state: AppState, records: list[dict[str, Any]], answered_from: int = 0,
+async def _score(state: AppState, live: Served, records: list[dict[str, Any]], answered_from: int = 0,
                  seen: FirstAnswers | None = None) -> EventScores:
-    """EventScores of ``records``; the scoring metrics count those from ``answered_from`` on
+    """EventScores of ``records`` by ``live``'s model; the scoring metrics count those from ``answered_from`` on
     (before it: context carried over from an earlier chunk of a stream, counted there).
 
     A repeat of an earlier (user_id, event_id) gets the first one's scores and joins no
@@ -102,7 +104,7 @@ async def _score(state: AppState, records: list[dict[str, Any]], answered_from: 
     """
     loop = asyncio.get_running_loop()
     if seen is None:
-        events, scores = await loop.run_in_executor(state.batch_executor, _events_and_scores, state.model, records)
+        events, scores = await loop.run_in_executor(state.batch_executor, _events_and_scores, live.model, records)
     else:
         keys = FirstAnswers.keys(records)
         found = seen.find(keys)
@@ -110,7 +112,7 @@ async def _score(state: AppState, records: list[dict[str, Any]], answered_from: 
         earlier = found >= 0
         kept = np.flatnonzero(~earlier)
         rows = [records[i] for i in kept.tolist()] if earlier.any() else records
-        events, inner = await loop.run_in_executor(state.batch_executor, _events_and_scores, state.model, rows)
+        events, inner = await loop.run_in_executor(state.batch_executor, _events_and_scores, live.model, rows)
         scores = inner
         if earlier.any():
             prob, surprise = np.empty(len(records), np.float32), np.empty(len(records), np.float32)
@@ -125,10 +127,10 @@ async def _score(state: AppState, records: list[dict[str, Any]], answered_from: 
     answered = scores[answered_from:]
     fresh = ~answered.is_duplicate()  # a repeat is answered, not scored again (as online)
     fresh_prob = answered.probability[fresh]
-    state.metrics.track_scored("batch", fresh_prob, state.thresholds.decide(fresh_prob))
+    state.metrics.track_scored("batch", fresh_prob, live.thresholds.decide(fresh_prob))
     if repeats := int(fresh.size - fresh.sum()):
         state.metrics.track_duplicate(repeats)
-    if unknown := state.bundle.spec.unknown_types(events, rows=np.arange(answered_from, len(events))):
+    if unknown := live.bundle.spec.unknown_types(events, rows=np.arange(answered_from, len(events))):
         state.metrics.track_unknown_types(unknown)
     return scores
 
@@ -178,7 +180,8 @@ async def _ndjson(request: Request, state: StateDep, update_windows: bool) -> St
     first = await _chunk(lines, 0, executor)
     if first.errors:  # nothing streamed yet: a proper 422 naming every bad line of the first chunk
         raise RequestValidationError(first.errors)
-    history = state.bundle.spec.history
+    live = state.live  # one model for the whole stream
+    history = live.bundle.spec.history
     if update_windows:  # before the answer starts: a store failure is still a proper 503
         await _append(state, first.records)
 
@@ -200,9 +203,9 @@ async def _ndjson(request: Request, state: StateDep, update_windows: bool) -> St
             if records:
                 context = [e for r in records for e in tails.get(r["user_id"], ())] if tails else []
                 context = list({id(e): e for e in context}.values())  # once per user, not per event
-                scores = await _score(state, context + records, answered_from=len(context), seen=seen)
+                scores = await _score(state, live, context + records, answered_from=len(context), seen=seen)
                 tail = scores[len(context):]  # keeps the repeats' duplicate flags
-                yield await loop.run_in_executor(executor, _encode_lines, chunk, tail, state.thresholds)
+                yield await loop.run_in_executor(executor, _encode_lines, chunk, tail, live.thresholds)
                 _carry(tails, [r for r, d in zip(context + records, scores.is_duplicate(), strict=True) if not d],
                        history)
             elif chunk.errors:  # a chunk of invalid lines only: still answered, line by line

@@ -128,7 +128,7 @@ async def post_events(request: Request) -> Response:
     body = await read_body(request, s.max_body_bytes)
     events, batched = parse_events(body, max_events=s.max_events_per_request)
     records = to_records(events)
-    if not state.batcher.has_room(len(records)):
+    if not state.live.batcher.has_room(len(records)):
         raise ServiceUnavailable("scoring queue is full; nothing was written, retry")
     started = time.perf_counter()
     try:
@@ -152,9 +152,12 @@ async def post_events(request: Request) -> Response:
         else:
             fresh.append(i)
     if fresh:
-        thresholds = state.thresholds.as_dict()
+        # The model read once, after the store's await and with none before the batcher has
+        # the windows: a swap meanwhile retires a batcher only once it has nothing queued.
+        live = state.live
+        thresholds = live.thresholds.as_dict()
         try:
-            scores = await state.batcher.score([stored[i].events for i in fresh])
+            scores = await live.batcher.score([stored[i].events for i in fresh])
         except QueueFull:
             # Lost the race for the last slots after storing: a retry re-scores the stored
             # window and answers with duplicate=true.
@@ -166,7 +169,7 @@ async def post_events(request: Request) -> Response:
                 "event_id": w.event_id, "user_id": w.user_id,
                 "anomaly_probability": scores.probability[k], "decision": scores.decision[k],
                 "thresholds": thresholds, "window_size": scores.window_size[k],
-                "model_version": state.bundle.version, "duplicate": w.duplicate,
+                "model_version": live.version, "duplicate": w.duplicate,
             }
             if explain:
                 # Times in the form the client sent this event's in (the store keeps only ms).

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from fastapi import APIRouter, Depends, Response
 from redis.exceptions import RedisError
 
+from app.core.events import format_rfc3339_ms
 from app.deps import StateDep, require
 from app.redis_client import read_memory
 from app.routes import json_response
@@ -28,25 +30,30 @@ async def readyz(state: StateDep) -> Response:
         redis_ok = bool(await state.redis.ping())
     except (RedisError, OSError):
         redis_ok = False
-    body = {"status": "ready" if redis_ok else "unavailable", "model": state.bundle.version, "redis": redis_ok}
+    body = {"status": "ready" if redis_ok else "unavailable", "model": state.live.version, "redis": redis_ok}
     return json_response(body, status_code=200 if redis_ok else 503,
                           headers=None if redis_ok else {"Retry-After": str(state.settings.retry_after_s)})
 
 
 @router.get("/model", response_model=ModelInfo, dependencies=[Depends(require("events"))])
 async def model_info(state: StateDep) -> dict[str, Any]:
-    """The loaded bundle: version, architecture, window, thresholds, provider, vocabulary."""
-    meta = state.bundle.meta
-    spec = state.bundle.spec
+    """The model this worker serves: version, architecture, window, thresholds, provider,
+    vocabulary, where it was loaded from and when (each worker answers for itself)."""
+    live = state.live
+    meta = live.bundle.meta
+    spec = live.bundle.spec
     arch = meta["architecture"]
     return {
-        "version": state.bundle.version,
-        "architecture": state.bundle.arch,
-        "window": state.bundle.window,
-        "thresholds": state.thresholds.as_dict(),
-        "provider": state.model.provider,
-        "fp16": state.model.runs_fp16,
-        "model_file": state.model.model_file,
+        "version": live.version,
+        "architecture": live.bundle.arch,
+        "window": live.bundle.window,
+        "thresholds": live.thresholds.as_dict(),
+        "provider": live.model.provider,
+        "fp16": live.model.runs_fp16,
+        "model_file": live.model.model_file,
+        "bundle": live.path,
+        "loaded_at": format_rfc3339_ms(round(live.loaded_at * 1000)),
+        "worker_pid": os.getpid(),
         "created_at": meta.get("created_at"),
         "parameters": {k: arch[k] for k in ("d_model", "n_layers", "n_heads", "parameters") if k in arch},
         "evaluation": meta.get("evaluation") or {},

@@ -184,7 +184,9 @@ def test_two_workers_aggregate_metrics(live_server: Callable[..., LiveServer], r
         assert metric(s, "seqguard_inference_batch_size_sum") == sent
         assert metric(s, "seqguard_scoring_queue_depth") == 0
         info = [(lab, v) for n, lab, v in s if n == "seqguard_model_info"]
-        assert len(info) == 1 and info[0][0]["provider"] == "CPUExecutionProvider" and info[0][1] == 1
+        # one series per worker (liveall: what each serves), all the same model
+        assert len({lab["pid"] for lab, _ in info}) == len(info) == 2
+        assert all(lab["provider"] == "CPUExecutionProvider" and v == 1 for lab, v in info)
     assert db_size(redis_url) > 0
 
 

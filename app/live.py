@@ -1,0 +1,305 @@
+"""The model a worker serves, and changing it live (hot reload).
+
+A :class:`Served` is everything one bundle needs to answer: the bundle (with the
+deployment's event type aliases), its ONNX Runtime session, the thresholds (the bundle's,
+or the settings' overrides) and a micro-batcher of its own, warmed up on every shape.
+``AppState.live`` holds the current one. A request reads it once and keeps it to the end,
+so a swap never changes the model under a request in flight, and its answer names the
+model that scored it (``model_version``).
+
+A new bundle is loaded beside the old one (:func:`load_served`, in a thread: nothing waits
+on it), checked (:func:`check_bundle`), warmed up, and swapped in with one assignment
+(:func:`swap`); the old micro-batcher finishes what it has queued and then stops.
+
+Workers and replicas follow one record in Redis, ``sg:model:live`` (``{"bundle": path,
+"version": ..., "base": SEQGUARD_BUNDLE}``): the worker that takes ``POST /admin/model`` or
+SIGHUP writes it, and every worker reads it every ``SEQGUARD_MODEL_POLL_S`` seconds
+(:class:`ModelWatch`). A worker that starts follows the record only where its ``base`` is
+the worker's own ``SEQGUARD_BUNDLE`` (a restarted worker rejoins its siblings' model; a
+deployment with a new ``SEQGUARD_BUNDLE`` starts on it and writes the record anew).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from app.core.bundle import DEFAULT_BUNDLE, Bundle, BundleError, load_bundle
+from app.core.decisions import Thresholds
+from app.core.scorer import OnnxModel
+from app.core.vocabulary import alias_warnings
+from app.errors import ProblemError
+from app.metrics import Metrics
+from app.microbatcher import MicroBatcher
+from app.settings import Settings
+
+log = logging.getLogger("seqguard.live")
+
+#: The Redis key of the live model's record (one for the deployment, no TTL).
+LIVE_KEY = "sg:model:live"
+#: How long a swapped-out micro-batcher may take to answer what it has queued.
+DRAIN_TIMEOUT_S = 30.0
+
+
+class BundleRefused(ProblemError):
+    """A bundle that cannot replace the live model; ``problems`` says why, one line each.
+    As an answer (``POST /admin/model``): 422, the problems listed, the live model serving on."""
+
+    status, slug, title = 422, "bundle-refused", "Bundle refused"
+
+    def __init__(self, path: str, problems: list[str]) -> None:
+        super().__init__(f"{path} cannot be served: " + "; ".join(problems), problems=problems)
+        self.path, self.problems = path, problems
+
+
+@dataclass(frozen=True)
+class Served:
+    """One bundle, ready to answer: read ``AppState.live`` once per request."""
+
+    bundle: Bundle
+    model: OnnxModel
+    thresholds: Thresholds
+    batcher: MicroBatcher
+    path: str  # as asked for (SEQGUARD_BUNDLE, the admin route's body): a symlink stays one
+    loaded_at: float  # epoch seconds
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+
+def bundle_path(settings: Settings) -> str:
+    """The path ``SEQGUARD_BUNDLE`` names (the shipped bundle when unset)."""
+    return str(settings.bundle if settings.bundle is not None else DEFAULT_BUNDLE)
+
+
+def check_bundle(bundle: Bundle, *, store_history: int | None) -> list[str]:
+    """What stops ``bundle`` from replacing a live model (empty: nothing).
+
+    Its parity record (``seqguard export`` compares ONNX Runtime with PyTorch and records
+    the largest difference and its tolerance) must be there and within tolerance, and its
+    featurizer may not need more of a user's events than the window store keeps
+    (``store_history``: the live store's events per window; ``None``: no store yet).
+    """
+    problems = []
+    parity = bundle.meta.get("parity", {}).get("fp32")
+    if not isinstance(parity, dict) or "max_abs_diff" not in parity:
+        problems.append("no parity record (bundle.json parity.fp32): export it with `seqguard export`")
+    else:
+        over = parity.get("max_diff_over_allowed") or {}
+        if any(float(v) > 1.0 for v in over.values()):
+            problems.append(f"parity past its tolerance: {over}")
+    if store_history is not None and bundle.spec.history > store_history:
+        problems.append(f"its featurizer needs {bundle.spec.history} events per user, the window store "
+                        f"returns {store_history}: restart the service to serve it")
+    return problems
+
+
+def load_served(path: str, settings: Settings, metrics: Metrics, *, store_history: int | None = None,
+                check: bool = True) -> Served:
+    """Load, check (unless ``check`` is false: the bundle a worker starts on) and warm up
+    the bundle at ``path`` (slow: seconds; call it in a thread while serving).
+
+    Raises:
+        BundleRefused: the bundle is missing, unreadable, or fails :func:`check_bundle`, or
+            the settings' threshold overrides cross its thresholds.
+    """
+    try:
+        loaded = load_bundle(path)
+    except (BundleError, OSError, ValueError, KeyError) as e:
+        raise BundleRefused(path, [str(e)]) from None
+    if check and (problems := check_bundle(loaded, store_history=store_history)):
+        raise BundleRefused(path, problems)
+    for warning in alias_warnings(settings.event_aliases, loaded.spec.aliases, loaded.spec.event_types):
+        log.warning("SEQGUARD_EVENT_ALIASES: %s", warning)
+    bundle = loaded.with_aliases(settings.event_aliases)
+    try:
+        thresholds = bundle.thresholds.override(review=settings.review_threshold, block=settings.block_threshold)
+        model = OnnxModel(bundle, threads=settings.inference_threads, prefer_cuda=settings.prefer_cuda,
+                          fp16=settings.fp16)
+    except (ValueError, BundleError) as e:
+        raise BundleRefused(path, [str(e)]) from None
+    except Exception as e:  # ONNX Runtime's own errors: a file it cannot load
+        raise BundleRefused(path, [f"ONNX Runtime cannot load it: {type(e).__name__}: {e}"]) from None
+    batcher = MicroBatcher(model, metrics, thresholds=thresholds, max_batch=settings.max_batch,
+                           max_wait_ms=settings.max_wait_ms, queue_size=settings.queue_size)
+    batcher.warm_up()
+    return Served(bundle, model, thresholds, batcher, path, time.time())
+
+
+async def swap(state: Any, new: Served) -> Served:
+    """Make ``new`` (started here) the model of ``state`` (an ``AppState``) and let the old
+    one finish: its micro-batcher answers what it has queued, then stops. Returns the old."""
+    await new.batcher.start()
+    old: Served = state.live
+    state.live = new  # one assignment: a request sees the old model or the new, never a mix
+    state.metrics.set_model_info(new.version, new.model.provider, new.bundle.arch)
+    log.info("now serving %s (%s, from %s; was %s)", new.version, new.model.provider, new.path, old.version)
+    task = asyncio.create_task(_retire(old), name=f"retire-{old.version}")
+    state.retired.add(task)
+    task.add_done_callback(state.retired.discard)
+    return old
+
+
+async def _retire(old: Served) -> None:
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    while old.batcher.pending and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    await old.batcher.stop()
+
+
+async def read_record(redis: aioredis.Redis) -> dict[str, Any] | None:
+    """The live model's record in Redis (``None``: none, unreadable, or Redis down)."""
+    try:
+        raw = await redis.get(LIVE_KEY)
+    except (RedisError, OSError):
+        return None
+    try:
+        record = orjson.loads(raw) if raw is not None else None
+    except orjson.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and {"bundle", "version"} <= record.keys() else None
+
+
+async def write_record(redis: aioredis.Redis, served: Served, base: str) -> None:
+    """Tell every worker and replica on this Redis to serve ``served``."""
+    record = {"bundle": served.path, "version": served.version, "base": base, "at": round(time.time(), 3)}
+    await redis.set(LIVE_KEY, orjson.dumps(record))
+
+
+async def follow_record(redis: aioredis.Redis, served: Served, base: str, settings: Settings, metrics: Metrics,
+                        store_history: int) -> Served:
+    """At a worker's start: the model its siblings serve where the live record was written
+    under the same ``SEQGUARD_BUNDLE`` (``base``) and names another version; else ``served``,
+    which then becomes the record (a new deployment's bundle wins over an old reload)."""
+    record = await read_record(redis)
+    if record is not None and record.get("base") == base:
+        if record["version"] == served.version:
+            return served
+        try:
+            other = await asyncio.get_running_loop().run_in_executor(None, lambda: load_served(
+                str(record["bundle"]), settings, metrics, store_history=store_history))
+        except BundleRefused as e:
+            log.error("the live record names %s, refused here: %s; serving %s", record["version"], e, served.version)
+            return served
+        log.info("following the live record: %s (from %s) instead of %s", other.version, other.path, served.version)
+        return other
+    with contextlib.suppress(RedisError, OSError):
+        await write_record(redis, served, base)
+    return served
+
+
+def on_sighup(watch: ModelWatch) -> None:
+    """SIGHUP reloads ``SEQGUARD_BUNDLE`` (where this thread may take signals: the main
+    thread of a worker; not under a test client's thread)."""
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+        loop.add_signal_handler(signal.SIGHUP, lambda: watch.spawn(watch.reload_from_settings()))
+
+
+class ModelWatch:
+    """Each worker's follower of the live record: reloads when another worker (or replica)
+    has swapped the model, and reloads ``SEQGUARD_BUNDLE`` on SIGHUP. Loads run in a thread
+    and one at a time; a bundle refused is logged once per version and not retried."""
+
+    def __init__(self, state: Any, poll_s: float) -> None:
+        self.state, self.poll_s = state, poll_s
+        self.lock = asyncio.Lock()  # one load at a time in this worker (poll, SIGHUP, admin route)
+        self._refused: set[tuple[str, str]] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="model-watch")
+
+    def spawn(self, coro: Any) -> None:
+        """Run ``coro`` (a reload) in the background, keeping a reference until it ends."""
+        task = asyncio.create_task(coro, name="model-reload")
+        self.state.retired.add(task)
+        task.add_done_callback(self.state.retired.discard)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def load(self, path: str, *, publish: str | None = None) -> Served:
+        """Load ``path`` and swap it in (``BundleRefused`` leaves the live model serving).
+
+        With ``publish`` (the ``SEQGUARD_BUNDLE`` it is written under), it also becomes the
+        live record, before the lock is let go: the follower (:meth:`_run`) reads the record
+        under the same lock, so it never takes the record this swap replaces for a newer
+        one and swaps the old model back in. A failed write (``RedisError``, ``OSError``)
+        is raised after the swap, which stands.
+        """
+        async with self.lock:
+            new = await self._load(path)
+            if publish is not None:
+                await write_record(self.state.redis, new, base=publish)
+            return new
+
+    async def _load(self, path: str) -> Served:
+        """:meth:`load` without the lock (the caller holds it)."""
+        s = self.state
+        loop = asyncio.get_running_loop()
+        try:
+            new = await loop.run_in_executor(None, lambda: load_served(
+                path, s.settings, s.metrics, store_history=s.store.history))
+        except BundleRefused:
+            s.metrics.track_model_reload("refused")
+            raise
+        await swap(s, new)
+        s.metrics.track_model_reload("ok")
+        return new
+
+    async def reload_from_settings(self) -> None:
+        """SIGHUP: load ``SEQGUARD_BUNDLE`` again (a symlink may point elsewhere now) and
+        make it the deployment's live model."""
+        path = bundle_path(self.state.settings)
+        try:
+            await self.load(path, publish=path)
+        except BundleRefused as e:
+            log.error("SIGHUP: %s; still serving %s", e, self.state.live.version)
+        except (RedisError, OSError):
+            pass  # serving it here; the other workers are told at the next SIGHUP or reload
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            if self._differs(await read_record(self.state.redis)) is None:
+                continue
+            async with self.lock:
+                # Read again under the lock: a reload of this worker's own (admin route, SIGHUP)
+                # may have swapped and written its record meanwhile.
+                record = self._differs(await read_record(self.state.redis))
+                if record is not None:
+                    await self._follow(record)
+
+    def _differs(self, record: dict[str, Any] | None) -> dict[str, Any] | None:
+        """``record`` where it names another model than the live one, not refused before."""
+        if record is None or record["version"] == self.state.live.version:
+            return None
+        return None if (str(record["bundle"]), str(record["version"])) in self._refused else record
+
+    async def _follow(self, record: dict[str, Any]) -> None:
+        """Load the record's bundle (the lock held)."""
+        key = (str(record["bundle"]), str(record["version"]))
+        try:
+            new = await self._load(key[0])
+        except BundleRefused as e:
+            self._refused.add(key)
+            log.error("the live record names %s, refused here: %s; still serving %s",
+                      key[1], e, self.state.live.version)
+            return
+        if new.version != key[1]:  # the path holds another bundle than the record says
+            log.warning("the live record names %s at %s, which holds %s now", key[1], key[0], new.version)
+            self._refused.add(key)

@@ -1,0 +1,45 @@
+"""Operating the model: ``POST /admin/model`` serves another bundle without a restart
+(hot reload, :mod:`app.live`)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request, Response
+from redis.exceptions import RedisError
+
+from app.deps import StateDep, require
+from app.errors import ServiceUnavailable
+from app.live import bundle_path
+from app.routes import JSON, json_response, media_type
+from app.routes.events import read_body
+from app.schemas import ModelChanged, parse_model_change
+
+router = APIRouter(tags=["operations"])
+#: Largest body of POST /admin/model (one path).
+MAX_BODY_BYTES = 16 * 1024
+
+
+@router.post("/admin/model", response_model=ModelChanged, dependencies=[Depends(require("admin"))],
+             responses={422: {}, 503: {}})
+async def change_model(request: Request, state: StateDep) -> Response:
+    """Serve the bundle at ``bundle`` from now on, in every worker and replica on this Redis.
+
+    This worker loads it beside the live model, checks it (bundle.json's schema, its parity
+    record, a featurizer the window store can feed), warms it up and swaps it in; requests
+    in flight finish on the model they started with. The other workers follow within
+    ``SEQGUARD_MODEL_POLL_S``. A bundle that fails a check is a 422 naming each problem,
+    and the live model keeps serving.
+    """
+    media_type(request, (JSON,))
+    change = parse_model_change(await read_body(request, MAX_BODY_BYTES))
+    assert state.watch is not None
+    previous = state.live.version
+    try:
+        # BundleRefused: a 422, the live model serving on. The record is written before
+        # another load can start in this worker (app.live.ModelWatch.load).
+        new = await state.watch.load(change.bundle, publish=bundle_path(state.settings))
+    except (RedisError, OSError):  # swapped in here, the record not written
+        state.metrics.track_store_error()
+        raise ServiceUnavailable(f"this worker serves {state.live.version} now, but the other workers could not "
+                                 "be told (Redis is unavailable); retry") from None
+    return json_response({"version": new.version, "previous": previous, "bundle": new.path,
+                          "workers_follow_within_s": state.settings.model_poll_s})

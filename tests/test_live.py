@@ -1,0 +1,169 @@
+"""app/live.py and POST /admin/model: serving another bundle without a restart (issue 11).
+
+Real bundles (copies of the shipped one, with their own version, or broken on purpose),
+a real ONNX Runtime session and the session's real Redis; the service through its HTTP
+interface (TestClient runs the lifespan). Reloads under concurrent load, SIGHUP and
+several workers are in tests/e2e/test_e2e_reload.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis
+from bundle_copies import bundle_copy
+from fastapi.testclient import TestClient
+
+from app.core.bundle import DEFAULT_BUNDLE, load_bundle
+from app.live import LIVE_KEY, check_bundle
+
+SHIPPED = load_bundle(DEFAULT_BUNDLE).version
+PROBLEM = "application/problem+json"
+
+
+def event(eid: str, user: str = "u1", t: int = 1_511_596_870_000) -> dict[str, Any]:
+    return {"event_id": eid, "user_id": user, "event_type": "pv", "timestamp": t}
+
+
+def change(client: TestClient, bundle: Any) -> Any:
+    return client.post("/admin/model", json={"bundle": str(bundle)})
+
+
+def reloads(client: TestClient, result: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(f'seqguard_model_reloads_total{{result="{result}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_new_bundle_serves_the_next_request(make_client: Callable[..., TestClient], tmp_path: Path,
+                                               redis_url: str) -> None:
+    client = make_client()
+    assert client.post("/events", json=event("e1")).json()["model_version"] == SHIPPED
+    new = bundle_copy(tmp_path, "v-next")
+    r = change(client, new)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"version": "v-next", "previous": SHIPPED, "bundle": str(new), "workers_follow_within_s": 2.0}
+    answer = client.post("/events", json=event("e2")).json()
+    assert answer["model_version"] == "v-next" and answer["window_size"] == 2  # the same stored window
+    model = client.get("/model").json()
+    assert (model["version"], model["bundle"]) == ("v-next", str(new))
+    assert client.get("/readyz").json()["model"] == "v-next"
+    assert client.post("/batch-score", json={"events": [event("b1", "u9")]}).status_code == 200
+    with redis.Redis.from_url(redis_url) as r2:  # what the other workers and replicas follow
+        record = orjson.loads(r2.get(LIVE_KEY))
+    assert (record["bundle"], record["version"], record["base"]) == (str(new), "v-next", str(DEFAULT_BUNDLE))
+    assert reloads(client, "ok") == 1
+    assert 'seqguard_model_info{arch="transformer",provider="CPUExecutionProvider",version="v-next"} 1.0' \
+        in client.get("/metrics").text
+    # A replay is answered from its first answer, with the model that gave it.
+    replay = client.post("/events", json=event("e1")).json()
+    assert replay["duplicate"] is True and replay["model_version"] == SHIPPED
+
+
+@pytest.mark.parametrize(("why", "breaks", "says"), [
+    ("no such directory", lambda b: shutil.rmtree(b), "no bundle.json"),
+    ("no parity record", lambda b: _edit(b, lambda m: m.pop("parity")), "no parity record"),
+    ("parity past its tolerance",
+     lambda b: _edit(b, lambda m: m["parity"]["fp32"].update(max_diff_over_allowed={"anomaly_probability": 3.0})),
+     "parity past its tolerance"),
+    ("a featurizer that needs more events than the store keeps",
+     lambda b: _edit(b, lambda m: m["feature_spec"].update(window=4096)), "the window store returns"),
+    ("a model file ONNX Runtime cannot load", lambda b: (b / "model.onnx").write_bytes(b"not onnx"),
+     "ONNX Runtime cannot load it"),
+    ("another schema", lambda b: _edit(b, lambda m: m.update(schema_version=99)), "schema"),
+])
+def test_a_bad_bundle_is_refused_and_the_live_model_serves_on(
+        make_client: Callable[..., TestClient], tmp_path: Path, why: str, breaks: Callable[[Path], Any],
+        says: str) -> None:
+    client = make_client()
+    bad = bundle_copy(tmp_path, "v-bad")
+    breaks(bad)
+    r = change(client, bad)
+    assert r.status_code == 422 and r.headers["content-type"] == PROBLEM, (why, r.text)
+    body = r.json()
+    assert body["type"].endswith("/bundle-refused") and any(says in p for p in body["problems"]), (why, body)
+    assert client.get("/model").json()["version"] == SHIPPED
+    assert client.post("/events", json=event("e1")).json()["model_version"] == SHIPPED
+    assert reloads(client, "refused") == 1 and reloads(client, "ok") == 0
+
+
+def _edit(bundle: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    meta = orjson.loads((bundle / "bundle.json").read_bytes())
+    edit(meta)
+    (bundle / "bundle.json").write_bytes(orjson.dumps(meta))
+
+
+def test_thresholds_overrides_that_cross_the_new_bundle_are_refused(make_client: Callable[..., TestClient],
+                                                                    tmp_path: Path) -> None:
+    client = make_client(review_threshold=0.6)  # below the shipped block threshold, above this one's
+    low = bundle_copy(tmp_path, "v-low", lambda m: m["thresholds"].update(review=0.1, block=0.5))
+    r = change(client, low)
+    assert r.status_code == 422 and "review threshold 0.6 exceeds block 0.5" in r.json()["problems"], r.text
+    assert client.get("/model").json()["version"] == SHIPPED
+
+
+@pytest.mark.parametrize(("body", "path"), [
+    ({"bundle": 7}, "$.bundle"),
+    ({"bundle": ""}, "$.bundle"),
+    ({}, "$.bundle"),
+    ({"bundle": "x", "role": "live"}, "$.role"),
+    (b'{"bundle": "a", "bundle": "b"}', "$.bundle"),
+])
+def test_bad_bodies_name_the_field(client: TestClient, body: Any, path: str) -> None:
+    r = client.post("/admin/model", content=body if isinstance(body, bytes) else orjson.dumps(body),
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.headers["content-type"] == PROBLEM, r.text
+    assert path in [e["path"] for e in r.json()["errors"]]
+
+
+def test_other_workers_follow_the_record(make_client: Callable[..., TestClient], tmp_path: Path) -> None:
+    """Two workers on one Redis: the one that takes the reload swaps at once, the other
+    within its poll interval."""
+    a, b = make_client(model_poll_s=0.05), make_client(model_poll_s=0.05)
+    assert change(a, bundle_copy(tmp_path, "v-both")).status_code == 200
+    deadline = time.monotonic() + 30
+    while b.get("/model").json()["version"] != "v-both":
+        assert time.monotonic() < deadline, "the second worker never followed"
+        time.sleep(0.05)
+    assert b.post("/events", json=event("f1")).json()["model_version"] == "v-both"
+    assert reloads(b, "ok") == 1
+
+
+def test_a_record_a_worker_cannot_serve_is_refused_once(make_client: Callable[..., TestClient], tmp_path: Path,
+                                                        redis_url: str) -> None:
+    client = make_client(model_poll_s=0.05)
+    record = {"bundle": str(tmp_path / "gone"), "version": "v-gone", "base": str(DEFAULT_BUNDLE)}
+    with redis.Redis.from_url(redis_url) as r:
+        r.set(LIVE_KEY, orjson.dumps(record))
+    time.sleep(0.5)  # about ten polls
+    assert client.get("/model").json()["version"] == SHIPPED
+    assert reloads(client, "refused") == 1  # logged and counted once, not at every poll
+
+
+def test_a_starting_worker_joins_its_siblings_model(make_client: Callable[..., TestClient], tmp_path: Path,
+                                                    redis_url: str) -> None:
+    """A worker restarted after a reload serves what its siblings serve (the record was
+    written under its own SEQGUARD_BUNDLE); a deployment with another SEQGUARD_BUNDLE starts
+    on it and makes it the record."""
+    reloaded = bundle_copy(tmp_path, "v-reloaded")
+    with redis.Redis.from_url(redis_url) as r:
+        r.set(LIVE_KEY, orjson.dumps({"bundle": str(reloaded), "version": "v-reloaded",
+                                      "base": str(DEFAULT_BUNDLE)}))
+    assert make_client().get("/model").json()["version"] == "v-reloaded"
+    deployed = bundle_copy(tmp_path, "v-deployed")
+    assert make_client(bundle=deployed).get("/model").json()["version"] == "v-deployed"
+    with redis.Redis.from_url(redis_url) as r:
+        assert orjson.loads(r.get(LIVE_KEY))["base"] == str(deployed)
+
+
+def test_check_bundle_passes_the_shipped_bundle() -> None:
+    bundle = load_bundle(DEFAULT_BUNDLE)
+    assert check_bundle(bundle, store_history=bundle.spec.history) == []
+    assert check_bundle(bundle, store_history=bundle.spec.history - 1)  # a store that keeps too few
