@@ -135,7 +135,8 @@ def _unavailable(exc: rexc.ResponseError) -> bool:
     # redis-py maps some codes to classes and drops the code from the message (Redis 7
     # refuses a script with OOM before it runs); inside a script (Redis 6) the reply
     # arrives wrapped: "Error running script ...: -OOM command not allowed ..."
-    if isinstance(exc, rexc.OutOfMemoryError | rexc.ReadOnlyError | rexc.BusyLoadingError):
+    if isinstance(exc, rexc.OutOfMemoryError | rexc.ReadOnlyError | rexc.BusyLoadingError
+                  | rexc.ClusterDownError | rexc.TryAgainError):  # MasterDownError is a ClusterDownError
         return True
     msg = str(exc)
     return msg.split(" ", 1)[0].upper() in _UNAVAILABLE or any(f"-{code} " in msg for code in _UNAVAILABLE)
