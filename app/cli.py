@@ -377,9 +377,13 @@ def serve(
         if value is not None:
             os.environ[f"SEQGUARD_{name}"] = str(value)
     settings = _settings(Settings)  # validates the environment before anything starts
-    from app.core.bundle import load_bundle
+    from app.core.bundle import BundleError, load_bundle
+    from app.live import check_bundle
 
-    load_bundle(settings.bundle)  # a bad --bundle stops here; the service warns about risky aliases
+    # A bad --bundle stops here, in one line (the service checks it again, and warns about
+    # risky aliases); the checks are those a hot reload passes.
+    if problems := check_bundle(load_bundle(settings.bundle), store_history=None):
+        raise BundleError(f"{settings.bundle or 'the shipped bundle'} cannot be served: " + "; ".join(problems))
 
     _logging()
     embedded = None

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -71,6 +72,7 @@ class Served:
     batcher: MicroBatcher
     path: str  # as asked for (SEQGUARD_BUNDLE, the admin route's body): a symlink stays one
     loaded_at: float  # epoch seconds
+    resolved: str  # the directory ``path`` led to when it was loaded (symlinks followed)
 
     @property
     def version(self) -> str:
@@ -78,8 +80,9 @@ class Served:
 
 
 def bundle_path(settings: Settings) -> str:
-    """The path ``SEQGUARD_BUNDLE`` names (the shipped bundle when unset)."""
-    return str(settings.bundle if settings.bundle is not None else DEFAULT_BUNDLE)
+    """The path ``SEQGUARD_BUNDLE`` names (the shipped bundle when unset), made absolute
+    (symlinks kept: re-pointing one and SIGHUP is how a deployment changes models)."""
+    return os.path.abspath(settings.bundle if settings.bundle is not None else DEFAULT_BUNDLE)
 
 
 def check_bundle(bundle: Bundle, *, store_history: int | None) -> list[str]:
@@ -117,23 +120,31 @@ def load_served(path: str, settings: Settings, metrics: Metrics, *, store_histor
         loaded = load_bundle(path)
     except (BundleError, OSError, ValueError, KeyError) as e:
         raise BundleRefused(path, [str(e)]) from None
-    if check and (problems := check_bundle(loaded, store_history=store_history)):
-        raise BundleRefused(path, problems)
-    for warning in alias_warnings(settings.event_aliases, loaded.spec.aliases, loaded.spec.event_types):
-        log.warning("SEQGUARD_EVENT_ALIASES: %s", warning)
+    problems = check_bundle(loaded, store_history=store_history) if check else []
     bundle = loaded.with_aliases(settings.event_aliases)
+    thresholds = model = None
     try:
         thresholds = bundle.thresholds.override(review=settings.review_threshold, block=settings.block_threshold)
+    except (ValueError, KeyError, TypeError) as e:
+        problems.append(f"thresholds: {e}")
+    try:
         model = OnnxModel(bundle, threads=settings.inference_threads, prefer_cuda=settings.prefer_cuda,
                           fp16=settings.fp16)
-    except (ValueError, BundleError) as e:
-        raise BundleRefused(path, [str(e)]) from None
+    except BundleError as e:
+        problems.append(str(e))
     except Exception as e:  # ONNX Runtime's own errors: a file it cannot load
-        raise BundleRefused(path, [f"ONNX Runtime cannot load it: {type(e).__name__}: {e}"]) from None
+        problems.append(f"ONNX Runtime cannot load it: {type(e).__name__}: {e}")
+    if problems or thresholds is None or model is None:
+        raise BundleRefused(path, problems)
     batcher = MicroBatcher(model, metrics, thresholds=thresholds, max_batch=settings.max_batch,
                            max_wait_ms=settings.max_wait_ms, queue_size=settings.queue_size)
-    batcher.warm_up()
-    return Served(bundle, model, thresholds, batcher, path, time.time())
+    try:
+        batcher.warm_up()
+    except Exception as e:  # a model whose inputs or outputs are not the contract's
+        raise BundleRefused(path, [f"warm-up failed: {type(e).__name__}: {e}"]) from None
+    for warning in alias_warnings(settings.event_aliases, loaded.spec.aliases, loaded.spec.event_types):
+        log.warning("SEQGUARD_EVENT_ALIASES: %s", warning)
+    return Served(bundle, model, thresholds, batcher, path, time.time(), os.path.realpath(path))
 
 
 async def swap(state: Any, new: Served) -> Served:

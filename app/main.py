@@ -50,7 +50,7 @@ def create_app(settings: Settings) -> FastAPI:
         # the deployment's aliases. A bad bundle or threshold override stops the start here.
         metrics = Metrics()
         base = bundle_path(settings)
-        served = load_served(base, settings, metrics, check=False)
+        served = load_served(base, settings, metrics)  # the checks a reload passes (BundleRefused)
         embedded = None
         url = settings.redis_url
         if url is None:

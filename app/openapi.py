@@ -67,6 +67,8 @@ class Problem(BaseModel):
     detail: str | None = None
     instance: str | None = Field(None, description="the request path")
     errors: list[FieldError] | None = Field(None, description="422 only: every bad field")
+    problems: list[str] | None = Field(None, description="bundle-refused (POST /admin/model) only: each check the "
+                                                         "bundle failed, one line each")
     error_id: str | None = Field(None, description="500 only: quote it when reporting the error")
 
 
@@ -92,6 +94,14 @@ _ERRORS = {
     422: "Invalid fields: each is named in `errors` with its JSON path.",
     503: "Redis or the scoring queue cannot take the request now; retry after `Retry-After` seconds with the "
          "same event_id.",
+}
+#: Where a route's answer differs from :data:`_ERRORS`.
+_ROUTE_ERRORS = {
+    ("/admin/model", "post", 422): "Invalid fields (each named in `errors` with its JSON path), or a bundle refused "
+                                   "(type …/bundle-refused: each failed check in `problems`; the live model serves "
+                                   "on).",
+    ("/admin/model", "post", 503): "This worker serves the new model, but Redis could not record it for the other "
+                                   "workers and replicas; retry.",
 }
 
 
@@ -174,10 +184,12 @@ def document(app: FastAPI, settings: Settings) -> dict[str, Any]:
                 # OpenAPI 3.1 lets a non-OAuth requirement list roles: the scope needed.
                 op["security"] = [{SECURITY_SCHEME: [scopes[key]]}] + ([] if settings.api_keys else [{}])
                 errors |= {401, 403}
-                op["description"] = (op.get("description", "") + f"\n\nNeeds an API key with the `{scopes[key]}` "
-                                     "(or `admin`) scope.").strip()
+                either = "" if scopes[key] == "admin" else " (or `admin`)"
+                op["description"] = (op.get("description", "") + f"\n\nNeeds an API key with the `{scopes[key]}`"
+                                     f"{either} scope.").strip()
             for code in sorted(errors):
-                responses[str(code)] = {"description": _ERRORS.get(code, "Error."), "content": problem}
+                text = _ROUTE_ERRORS.get((path, method, code)) or _ERRORS.get(code, "Error.")
+                responses[str(code)] = {"description": text, "content": problem}
             op["responses"] = dict(sorted(responses.items()))
     readyz = doc["paths"].get("/readyz", {}).get("get")
     if readyz is not None:  # its 503 is a readiness answer, not a problem

@@ -220,6 +220,8 @@ class ModelInfo(BaseModel):
     model_file: str = Field(description="the bundle's model file the session runs: model.onnx or model.fp16.onnx")
     bundle: str = Field(description="the bundle directory this worker loaded, as named (SEQGUARD_BUNDLE or "
                                     "POST /admin/model)")
+    bundle_dir: str = Field(description="the directory that path led to when this worker loaded it (symlinks "
+                                        "followed)")
     loaded_at: str = Field(description="when this worker loaded it (RFC 3339, UTC)")
     worker_pid: int = Field(description="the worker process that answered (each worker answers for itself)")
     created_at: str | None = None

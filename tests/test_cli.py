@@ -247,6 +247,22 @@ def test_serve_given_a_run_directory_says_to_export_it(tmp_path, monkeypatch):
     assert "no bundle.json" in out and "seqguard export" in out
 
 
+def test_serve_refuses_a_bundle_a_reload_would_refuse(tmp_path, monkeypatch):
+    """A fresh-user review: a bundle without a parity record was refused by SIGHUP but
+    served by a restart; serve holds it to the same checks, in one line."""
+    import shutil
+
+    for name in ("SEQGUARD_BUNDLE", "SEQGUARD_PORT"):
+        monkeypatch.setenv(name, "unset-by-the-test")
+    bundle = tmp_path / "b"
+    shutil.copytree(ROOT / "app/bundles/default", bundle)
+    meta = json.loads((bundle / "bundle.json").read_text())
+    del meta["parity"]
+    (bundle / "bundle.json").write_text(json.dumps(meta))
+    out = fails("serve", "--bundle", bundle, "--port", "8791")
+    assert "cannot be served: no parity record" in out
+
+
 def test_info_tells_what_a_bundle_is():
     """Issue 9: `seqguard info BUNDLE`."""
     meta = json.loads((ROOT / "app/bundles/default/bundle.json").read_text())

@@ -55,7 +55,11 @@ def test_a_new_bundle_serves_the_next_request(make_client: Callable[..., TestCli
     model = client.get("/model").json()
     assert (model["version"], model["bundle"]) == ("v-next", str(new))
     assert client.get("/readyz").json()["model"] == "v-next"
-    assert client.post("/batch-score", json={"events": [event("b1", "u9")]}).status_code == 200
+    batch = client.post("/batch-score", json={"events": [event("b1", "u9")]})
+    assert batch.status_code == 200 and batch.headers["seqguard-model-version"] == "v-next"
+    stream = client.post("/batch-score", content=orjson.dumps(event("b2", "u9")),
+                         headers={"content-type": "application/x-ndjson"})
+    assert stream.status_code == 200 and stream.headers["seqguard-model-version"] == "v-next"
     with redis.Redis.from_url(redis_url) as r2:  # what the other workers and replicas follow
         record = orjson.loads(r2.get(LIVE_KEY))
     assert (record["bundle"], record["version"], record["base"]) == (str(new), "v-next", str(DEFAULT_BUNDLE))
@@ -68,13 +72,23 @@ def test_a_new_bundle_serves_the_next_request(make_client: Callable[..., TestCli
 
 
 @pytest.mark.parametrize(("why", "breaks", "says"), [
-    ("no such directory", lambda b: shutil.rmtree(b), "no bundle.json"),
+    ("no such directory", lambda b: shutil.rmtree(b), "no such directory"),
+    ("a file, not a directory", lambda b: (shutil.rmtree(b), b.write_text("x")), "not a directory"),
+    ("no bundle.json", lambda b: (b / "bundle.json").unlink(), "no bundle.json"),
+    ("a bundle.json that is not JSON", lambda b: (b / "bundle.json").write_text("{nope"), "bundle.json: not JSON"),
+    # A fresh-user review: window 100000 beside feature_spec.window 64 passed every check and
+    # the warm-up of every padded length up to it took 22 GB before the kernel killed the service.
+    ("a window the feature spec does not share", lambda b: _edit(b, lambda m: m.update(window=100_000)),
+     "must equal feature_spec.window"),
+    ("a window past the limit", lambda b: _edit(b, lambda m: (m.update(window=5000), m["feature_spec"].update(
+        window=5000))), "lie in 1..1024"),
     ("no parity record", lambda b: _edit(b, lambda m: m.pop("parity")), "no parity record"),
     ("parity past its tolerance",
      lambda b: _edit(b, lambda m: m["parity"]["fp32"].update(max_diff_over_allowed={"anomaly_probability": 3.0})),
      "parity past its tolerance"),
     ("a featurizer that needs more events than the store keeps",
-     lambda b: _edit(b, lambda m: m["feature_spec"].update(window=4096)), "the window store returns"),
+     lambda b: _edit(b, lambda m: (m.update(window=1000), m["feature_spec"].update(window=1000))),
+     "the window store returns"),
     ("a model file ONNX Runtime cannot load", lambda b: (b / "model.onnx").write_bytes(b"not onnx"),
      "ONNX Runtime cannot load it"),
     ("another schema", lambda b: _edit(b, lambda m: m.update(schema_version=99)), "schema"),
@@ -88,6 +102,7 @@ def test_a_bad_bundle_is_refused_and_the_live_model_serves_on(
     r = change(client, bad)
     assert r.status_code == 422 and r.headers["content-type"] == PROBLEM, (why, r.text)
     body = r.json()
+    assert body["detail"].startswith(f"{bad} cannot be served: ")
     assert body["type"].endswith("/bundle-refused") and any(says in p for p in body["problems"]), (why, body)
     assert client.get("/model").json()["version"] == SHIPPED
     assert client.post("/events", json=event("e1")).json()["model_version"] == SHIPPED
@@ -100,12 +115,38 @@ def _edit(bundle: Path, edit: Callable[[dict[str, Any]], None]) -> None:
     (bundle / "bundle.json").write_bytes(orjson.dumps(meta))
 
 
+def test_every_failed_check_is_listed(make_client: Callable[..., TestClient], tmp_path: Path) -> None:
+    """A fresh-user review: a bundle with three faults was answered with the first only."""
+    client = make_client()
+    bad = bundle_copy(tmp_path, "v-bad", lambda m: (m.pop("parity"), m["thresholds"].update(review=0.9, block=0.5)))
+    (bad / "model.onnx").write_bytes(b"not onnx")
+    problems = change(client, bad).json()["problems"]
+    assert len(problems) == 3, problems
+    assert [p.split(" ")[0] for p in problems] == ["no", "thresholds:", "ONNX"], problems
+
+
+def test_a_relative_path_is_recorded_absolute(make_client: Callable[..., TestClient], tmp_path: Path,
+                                              redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Other workers and replicas read the record from their own directories."""
+    client = make_client()
+    bundle_copy(tmp_path, "v-rel")
+    monkeypatch.chdir(tmp_path)
+    assert change(client, "v-rel").status_code == 200
+    with redis.Redis.from_url(redis_url) as r:
+        assert orjson.loads(r.get(LIVE_KEY))["bundle"] == str(tmp_path / "v-rel")
+    link = tmp_path / "current"
+    link.symlink_to(tmp_path / "v-rel")
+    assert change(client, link).status_code == 200
+    model = client.get("/model").json()
+    assert (model["bundle"], model["bundle_dir"]) == (str(link), str(tmp_path / "v-rel"))
+
+
 def test_thresholds_overrides_that_cross_the_new_bundle_are_refused(make_client: Callable[..., TestClient],
                                                                     tmp_path: Path) -> None:
     client = make_client(review_threshold=0.6)  # below the shipped block threshold, above this one's
     low = bundle_copy(tmp_path, "v-low", lambda m: m["thresholds"].update(review=0.1, block=0.5))
     r = change(client, low)
-    assert r.status_code == 422 and "review threshold 0.6 exceeds block 0.5" in r.json()["problems"], r.text
+    assert r.status_code == 422 and "thresholds: review threshold 0.6 exceeds block 0.5" in r.json()["problems"], r.text
     assert client.get("/model").json()["version"] == SHIPPED
 
 

@@ -253,8 +253,8 @@ def test_response_models() -> None:
     with pytest.raises(ValidationError):
         ScoreResult.model_validate({**r.model_dump(), "decision": "maybe"})
     info = ModelInfo(version="v", architecture="transformer", window=64, thresholds={"review": 0.1, "block": 0.5},
-                     provider="CPUExecutionProvider", model_file="model.onnx", bundle="/b", worker_pid=7,
-                     loaded_at="2026-11-30T01:00:00.000Z",
+                     provider="CPUExecutionProvider", model_file="model.onnx", bundle="/b", bundle_dir="/b",
+                     worker_pid=7, loaded_at="2026-11-30T01:00:00.000Z",
                      vocabulary={"event_types": ["view"], "aliases": {"pv": "view"}})
     assert info.model_dump()["evaluation"] == {}
     assert info.model_dump()["vocabulary"] == {"event_types": ["view"], "aliases": {"pv": "view"},

@@ -20,7 +20,7 @@ the first occurrence's scores and ``duplicate`` set, as ``POST /events`` answers
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -173,20 +173,26 @@ def score_events(
     return EventScores(prob, surprise)
 
 
-def result_lines(events: Events, scores: EventScores, thresholds: Thresholds) -> Iterator[bytes]:
-    """One JSON object per event, in input order, as `seqguard score` writes them; a repeat
-    also has ``"duplicate": true``."""
-    ids = events.event_ids().tolist()
-    users = events.user_id_strings().tolist()
+def results(event_ids: Sequence[str | None], user_ids: Sequence[str], scores: EventScores,
+            thresholds: Thresholds) -> list[dict[str, Any]]:
+    """The answer of each scored event, in input order, as `seqguard score` writes it and
+    ``/batch-score`` answers it: ``event_id``, ``user_id``, ``anomaly_probability`` (the
+    exact float32 value the decision was made on, so readers can re-derive it) and
+    ``decision``; a repeat of an earlier (user_id, event_id) also has ``"duplicate": true``."""
     decisions = thresholds.decide(scores.probability).tolist()
-    # The exact float32 value the decision was made on, so readers can re-derive it.
     probs = scores.probability.astype(np.float64).tolist()
-    dups = scores.is_duplicate().tolist()
+    out = [{"event_id": e, "user_id": u, "anomaly_probability": p, "decision": d}
+           for e, u, p, d in zip(event_ids, user_ids, probs, decisions, strict=True)]
+    if scores.duplicate is not None:
+        for i in np.flatnonzero(scores.duplicate).tolist():
+            out[i]["duplicate"] = True
+    return out
+
+
+def result_lines(events: Events, scores: EventScores, thresholds: Thresholds) -> Iterator[bytes]:
+    """:func:`results` of ``events``, one JSON line (without its newline) each."""
     dumps = orjson.dumps
-    for eid, uid, p, d, dup in zip(ids, users, probs, decisions, dups, strict=True):
-        res = {"event_id": eid, "user_id": uid, "anomaly_probability": p, "decision": d}
-        if dup:
-            res["duplicate"] = True
+    for res in results(events.event_ids().tolist(), events.user_id_strings().tolist(), scores, thresholds):
         yield dumps(res)
 
 

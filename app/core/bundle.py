@@ -56,13 +56,42 @@ class Bundle:
         return p
 
 
+#: The longest window a bundle may declare (the batcher warms every padded length up to it).
+MAX_WINDOW = 1024
+#: The largest bundle.json read (a real one is about 20 KB).
+MAX_META_BYTES = 16 << 20
+
+
 def load_bundle(path: Path | str | None = None) -> Bundle:
-    """Read ``bundle.json`` of a bundle directory (default: the shipped bundle)."""
+    """Read ``bundle.json`` of a bundle directory (default: the shipped bundle).
+
+    Raises:
+        BundleError: not a directory, no (or an oversized, unreadable, non-JSON)
+            ``bundle.json``, another schema version, or a window the feature spec does not
+            share or past :data:`MAX_WINDOW`; one line naming the file and the problem.
+    """
     root = Path(path) if path is not None else DEFAULT_BUNDLE
+    if not root.is_dir():
+        raise BundleError(f"{root}: {'not a directory' if root.exists() else 'no such directory'}")
     meta_path = root / "bundle.json"
     if not meta_path.is_file():
         raise BundleError(f"{root}: no bundle.json (build one with `seqguard export`)")
-    meta = orjson.loads(meta_path.read_bytes())
+    if meta_path.stat().st_size > MAX_META_BYTES:
+        raise BundleError(f"{meta_path}: {meta_path.stat().st_size} bytes, not a bundle.json")
+    try:
+        meta = orjson.loads(meta_path.read_bytes())
+    except orjson.JSONDecodeError as e:
+        raise BundleError(f"{meta_path}: not JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise BundleError(f"{meta_path}: not a JSON object")
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise BundleError(f"{meta_path}: schema_version {meta.get('schema_version')}, expected {SCHEMA_VERSION}")
-    return Bundle(root, meta, FeatureSpec.from_dict(meta["feature_spec"]))
+    try:
+        spec = FeatureSpec.from_dict(meta["feature_spec"])
+        window = meta["window"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{meta_path}: no usable feature_spec or window ({type(e).__name__}: {e})") from None
+    if window != spec.window or not isinstance(window, int) or not 1 <= window <= MAX_WINDOW:
+        raise BundleError(f"{meta_path}: window {window!r} must equal feature_spec.window ({spec.window}) "
+                          f"and lie in 1..{MAX_WINDOW}")
+    return Bundle(root, meta, spec)

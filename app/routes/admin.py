@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 from fastapi import APIRouter, Depends, Request, Response
 from redis.exceptions import RedisError
 
@@ -36,7 +38,8 @@ async def change_model(request: Request, state: StateDep) -> Response:
     try:
         # BundleRefused: a 422, the live model serving on. The record is written before
         # another load can start in this worker (app.live.ModelWatch.load).
-        new = await state.watch.load(change.bundle, publish=bundle_path(state.settings))
+        # Absolute: the record is read by workers and replicas whatever their directory.
+        new = await state.watch.load(os.path.abspath(change.bundle), publish=bundle_path(state.settings))
     except (RedisError, OSError):  # swapped in here, the record not written
         state.metrics.track_store_error()
         raise ServiceUnavailable(f"this worker serves {state.live.version} now, but the other workers could not "

@@ -31,6 +31,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from app.core.batch_engine import EventScores, FirstAnswers, score_events
+from app.core.batch_engine import results as answers
 from app.core.decisions import Thresholds
 from app.core.events import Events
 from app.core.scorer import OnnxModel
@@ -44,6 +45,9 @@ from app.schemas import BatchScoreResults, QueryFlag, parse_batch_request, parse
 router = APIRouter(tags=["scoring"])
 NDJSON = "application/x-ndjson"
 BOM = b"\xef\xbb\xbf"
+#: The answer's header naming the model that scored the whole backfill (one per request,
+#: whatever reload happens meanwhile; POST /events names it in each answer instead).
+MODEL_VERSION_HEADER = "Seqguard-Model-Version"
 #: Events per chunk of an NDJSON stream.
 CHUNK_EVENTS = 20_000
 log = logging.getLogger("seqguard.batch")
@@ -55,7 +59,9 @@ _ENCODE_SLICE = 2000
     "/batch-score",
     response_model=BatchScoreResults,
     dependencies=[Depends(require("batch"))],
-    responses={200: {"content": {NDJSON: {}}}, 413: {}, 422: {}, 503: {}},
+    responses={200: {"content": {NDJSON: {}}, "headers": {MODEL_VERSION_HEADER: {
+        "description": "the model that scored the whole backfill", "schema": {"type": "string"}}}},
+        413: {}, 422: {}, 503: {}},
 )
 async def batch_score(request: Request, state: StateDep, update_windows: QueryFlag = False) -> Any:
     """Score a backfill: JSON {"events": [...]} or an NDJSON stream of events."""
@@ -76,7 +82,9 @@ async def batch_score(request: Request, state: StateDep, update_windows: QueryFl
         await _append(state, records)
     scores = await _score(state, live, records)
     encode = partial(_encode_json, records, scores, live.thresholds)
-    return await loop.run_in_executor(state.batch_executor, encode)
+    response = await loop.run_in_executor(state.batch_executor, encode)
+    response.headers[MODEL_VERSION_HEADER] = live.version
+    return response
 
 
 def _parse_json(body: bytes, *, max_events: int) -> tuple[list[dict[str, Any]], bool]:
@@ -87,7 +95,7 @@ def _parse_json(body: bytes, *, max_events: int) -> tuple[list[dict[str, Any]], 
 def _encode_json(records: list[dict[str, Any]], scores: EventScores, thresholds: Thresholds) -> Response:
     # orjson holds the GIL for a whole call (about 0.1 s for 100k results): encoded in
     # slices, so that the event loop's thread gets the GIL back between them.
-    results = _results(records, scores, thresholds)
+    results = _answers(records, scores, thresholds)
     slices = (orjson.dumps(results[i: i + _ENCODE_SLICE])[1:-1] for i in range(0, len(results), _ENCODE_SLICE))
     body = b'{"results":[' + b",".join(slices) + b"]}"
     return Response(body, media_type="application/json")
@@ -152,21 +160,6 @@ async def _append(state: AppState, records: list[dict[str, Any]]) -> None:
                                  "retry with the same event_ids") from None
 
 
-def _results(records: list[dict[str, Any]], scores: EventScores, thresholds: Thresholds) -> list[dict[str, Any]]:
-    """The answer of each record; a repeat of an earlier (user_id, event_id) has its first
-    answer and ``"duplicate": true``, as ``POST /events`` answers a replay."""
-    decisions = thresholds.decide(scores.probability)
-    probs = scores.probability.astype(float).tolist()
-    results = [
-        {"event_id": r["event_id"], "user_id": r["user_id"], "anomaly_probability": p, "decision": d}
-        for r, p, d in zip(records, probs, decisions, strict=True)
-    ]
-    if scores.duplicate is not None:
-        for i in np.flatnonzero(scores.duplicate).tolist():
-            results[i]["duplicate"] = True
-    return results
-
-
 async def _ndjson(request: Request, state: StateDep, update_windows: bool) -> StreamingResponse:
     settings = state.settings
     declared = request.headers.get("content-length")
@@ -219,7 +212,7 @@ async def _ndjson(request: Request, state: StateDep, update_windows: bool) -> St
                 yield _error_line(exc)
                 return
 
-    return _ReadingStreamingResponse(stream(), media_type=NDJSON)
+    return _ReadingStreamingResponse(stream(), media_type=NDJSON, headers={MODEL_VERSION_HEADER: live.version})
 
 
 def _error_line(exc: ProblemError) -> bytes:
@@ -235,10 +228,15 @@ def _encode_errors(errors: list[dict[str, Any]]) -> bytes:
                     + b"\n" for e in errors)
 
 
+def _answers(records: list[dict[str, Any]], scores: EventScores, thresholds: Thresholds) -> list[dict[str, Any]]:
+    """The batch engine's answer of each record (``app.core.batch_engine.results``)."""
+    return answers([r["event_id"] for r in records], [r["user_id"] for r in records], scores, thresholds)
+
+
 def _encode_lines(chunk: _Chunk, scores: EventScores, thresholds: Thresholds) -> bytes:
     """A chunk's answer lines in input order: each valid line's result, and the error
     lines of each invalid one where that line was."""
-    results = [orjson.dumps(r) + b"\n" for r in _results(chunk.records, scores, thresholds)]
+    results = [orjson.dumps(r) + b"\n" for r in _answers(chunk.records, scores, thresholds)]
     if not chunk.errors:
         return b"".join(results)
     out: list[bytes] = []

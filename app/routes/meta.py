@@ -52,6 +52,7 @@ async def model_info(state: StateDep) -> dict[str, Any]:
         "fp16": live.model.runs_fp16,
         "model_file": live.model.model_file,
         "bundle": live.path,
+        "bundle_dir": live.resolved,
         "loaded_at": format_rfc3339_ms(round(live.loaded_at * 1000)),
         "worker_pid": os.getpid(),
         "created_at": meta.get("created_at"),

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                                 reason="needs chromium and chromium-driver (apt-get install chromium chromium-driver)")
 
 OPERATIONS = {("POST", "/events"), ("POST", "/batch-score"), ("GET", "/healthz"), ("GET", "/readyz"),
-              ("GET", "/model"), ("GET", "/users/{user_id}/window"), ("DELETE", "/users/{user_id}")}
+              ("GET", "/model"), ("GET", "/users/{user_id}/window"), ("DELETE", "/users/{user_id}"),
+              ("POST", "/admin/model")}
 WAIT_S = 60  # generous: two shared cores, a cold browser
 
 
