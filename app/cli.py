@@ -403,6 +403,7 @@ def serve(
     # end this process at once, skipping the `finally` and orphaning the embedded Redis.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     signal.signal(signal.SIGINT, _exit_on_sigterm)  # Ctrl-C: the same clean stop
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until a worker installs the reload (app.live)
     # log_config=None: uvicorn's own records go through this process's handler (plain or JSON lines)
     options: dict[str, Any] = dict(factory=True, host=settings.host, port=settings.port, workers=settings.workers,
                                    loop="uvloop", http="httptools", log_level="warning", access_log=False,

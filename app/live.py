@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +51,9 @@ log = logging.getLogger("seqguard.live")
 LIVE_KEY = "sg:model:live"
 #: How long a swapped-out micro-batcher may take to answer what it has queued.
 DRAIN_TIMEOUT_S = 30.0
+#: How long loading a bundle may take before it is refused (a path that never finishes
+#: reading, on a hung network file system say; the stuck thread is left behind).
+LOAD_TIMEOUT_S = 120.0
 
 
 class BundleRefused(ProblemError):
@@ -73,6 +78,7 @@ class Served:
     path: str  # as asked for (SEQGUARD_BUNDLE, the admin route's body): a symlink stays one
     loaded_at: float  # epoch seconds
     resolved: str  # the directory ``path`` led to when it was loaded (symlinks followed)
+    digest: str  # of bundle.json as loaded: two bundles of one version can differ (thresholds)
 
     @property
     def version(self) -> str:
@@ -99,8 +105,12 @@ def check_bundle(bundle: Bundle, *, store_history: int | None) -> list[str]:
         problems.append("no parity record (bundle.json parity.fp32): export it with `seqguard export`")
     else:
         over = parity.get("max_diff_over_allowed") or {}
-        if any(float(v) > 1.0 for v in over.values()):
-            problems.append(f"parity past its tolerance: {over}")
+        try:
+            past = not isinstance(over, dict) or any(not float(v) <= 1.0 for v in over.values())
+        except (TypeError, ValueError):
+            past = True
+        if past:
+            problems.append(f"parity past its tolerance (or unreadable): {over!r:.200}")
     if store_history is not None and bundle.spec.history > store_history:
         problems.append(f"its featurizer needs {bundle.spec.history} events per user, the window store "
                         f"returns {store_history}: restart the service to serve it")
@@ -120,12 +130,15 @@ def load_served(path: str, settings: Settings, metrics: Metrics, *, store_histor
         loaded = load_bundle(path)
     except (BundleError, OSError, ValueError, KeyError) as e:
         raise BundleRefused(path, [str(e)]) from None
-    problems = check_bundle(loaded, store_history=store_history) if check else []
+    try:
+        problems = check_bundle(loaded, store_history=store_history) if check else []
+    except Exception as e:  # a bundle.json of unexpected shapes: refused, never a 500
+        problems = [f"bundle.json unreadable: {type(e).__name__}: {e}"]
     bundle = loaded.with_aliases(settings.event_aliases)
     thresholds = model = None
     try:
         thresholds = bundle.thresholds.override(review=settings.review_threshold, block=settings.block_threshold)
-    except (ValueError, KeyError, TypeError) as e:
+    except Exception as e:
         problems.append(f"thresholds: {e}")
     try:
         model = OnnxModel(bundle, threads=settings.inference_threads, prefer_cuda=settings.prefer_cuda,
@@ -144,7 +157,8 @@ def load_served(path: str, settings: Settings, metrics: Metrics, *, store_histor
         raise BundleRefused(path, [f"warm-up failed: {type(e).__name__}: {e}"]) from None
     for warning in alias_warnings(settings.event_aliases, loaded.spec.aliases, loaded.spec.event_types):
         log.warning("SEQGUARD_EVENT_ALIASES: %s", warning)
-    return Served(bundle, model, thresholds, batcher, path, time.time(), os.path.realpath(path))
+    digest = hashlib.sha256(orjson.dumps(loaded.meta, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+    return Served(bundle, model, thresholds, batcher, path, time.time(), os.path.realpath(path), digest)
 
 
 async def swap(state: Any, new: Served) -> Served:
@@ -181,32 +195,54 @@ async def read_record(redis: aioredis.Redis) -> dict[str, Any] | None:
     return record if isinstance(record, dict) and {"bundle", "version"} <= record.keys() else None
 
 
-async def write_record(redis: aioredis.Redis, served: Served, base: str) -> None:
-    """Tell every worker and replica on this Redis to serve ``served``."""
-    record = {"bundle": served.path, "version": served.version, "base": base, "at": round(time.time(), 3)}
+def record_key(record: dict[str, Any]) -> tuple[str, ...]:
+    """What tells one model of the live record from another: its path, version and
+    bundle.json digest (two workers writing the same model after one SIGHUP write one key)."""
+    return str(record["bundle"]), str(record["version"]), str(record.get("digest"))
+
+
+async def write_record(redis: aioredis.Redis, served: Served, base: str) -> tuple[str, ...]:
+    """Tell every worker and replica on this Redis to serve ``served``; returns the
+    record's :func:`record_key`."""
+    record = {"bundle": served.path, "version": served.version, "digest": served.digest, "base": base,
+              "at": round(time.time(), 3)}
     await redis.set(LIVE_KEY, orjson.dumps(record))
+    return record_key(record)
 
 
 async def follow_record(redis: aioredis.Redis, served: Served, base: str, settings: Settings, metrics: Metrics,
-                        store_history: int) -> Served:
+                        store_history: int) -> tuple[Served, tuple[str, ...] | None]:
     """At a worker's start: the model its siblings serve where the live record was written
     under the same ``SEQGUARD_BUNDLE`` (``base``) and names another version; else ``served``,
-    which then becomes the record (a new deployment's bundle wins over an old reload)."""
+    which then becomes the record (a new deployment's bundle wins over an old reload).
+    Returns the model and the :func:`record_key` of the record it serves (``None``: none
+    could be read or written)."""
     record = await read_record(redis)
     if record is not None and record.get("base") == base:
         if record["version"] == served.version:
-            return served
+            return served, record_key(record)
         try:
-            other = await asyncio.get_running_loop().run_in_executor(None, lambda: load_served(
-                str(record["bundle"]), settings, metrics, store_history=store_history))
-        except BundleRefused as e:
+            other = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, lambda: load_served(
+                str(record["bundle"]), settings, metrics, store_history=store_history)), LOAD_TIMEOUT_S)
+            if other.version != record["version"]:
+                raise BundleRefused(str(record["bundle"]), [f"it holds {other.version} now, not {record['version']}"])
+        except (BundleRefused, TimeoutError) as e:
             log.error("the live record names %s, refused here: %s; serving %s", record["version"], e, served.version)
-            return served
+            return served, record_key(record)
         log.info("following the live record: %s (from %s) instead of %s", other.version, other.path, served.version)
-        return other
-    with contextlib.suppress(RedisError, OSError):
-        await write_record(redis, served, base)
-    return served
+        return other, record_key(record)
+    try:
+        return served, await write_record(redis, served, base)
+    except (RedisError, OSError):
+        return served, None
+
+
+def ignore_sighup_until_serving() -> None:
+    """SIGHUP's default action ends the process: a worker still starting (or a lone
+    `seqguard serve`) ignores it until :func:`on_sighup` installs the reload (an attack
+    review: SIGHUP during start-up took a single-worker service down, rc 129)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def on_sighup(watch: ModelWatch) -> None:
@@ -225,7 +261,9 @@ class ModelWatch:
     def __init__(self, state: Any, poll_s: float) -> None:
         self.state, self.poll_s = state, poll_s
         self.lock = asyncio.Lock()  # one load at a time in this worker (poll, SIGHUP, admin route)
-        self._refused: set[tuple[str, str]] = set()
+        self._refused: set[tuple[str, ...]] = set()
+        #: The record this worker serves (followed or written), by :func:`record_key`.
+        self.applied: tuple[str, ...] | None = None
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -253,23 +291,36 @@ class ModelWatch:
         is raised after the swap, which stands.
         """
         async with self.lock:
-            new = await self._load(path)
+            new = await self._prepare(path)
+            await swap(self.state, new)
+            self.state.metrics.track_model_reload("ok")
             if publish is not None:
-                await write_record(self.state.redis, new, base=publish)
+                self.applied = await write_record(self.state.redis, new, base=publish)
             return new
 
-    async def _load(self, path: str) -> Served:
-        """:meth:`load` without the lock (the caller holds it)."""
+    async def _prepare(self, path: str, version: str | None = None) -> Served:
+        """Load and check ``path`` in a thread, within :data:`LOAD_TIMEOUT_S` (a path that
+        never finishes reading must not hold the lock for ever); with ``version``, refuse
+        a bundle that is not that version (a directory changed since the record named it).
+        Every failure is a ``BundleRefused``, counted."""
         s = self.state
         loop = asyncio.get_running_loop()
         try:
-            new = await loop.run_in_executor(None, lambda: load_served(
-                path, s.settings, s.metrics, store_history=s.store.history))
+            new = await asyncio.wait_for(loop.run_in_executor(None, lambda: load_served(
+                path, s.settings, s.metrics, store_history=s.store.history)), LOAD_TIMEOUT_S)
+            if version is not None and new.version != version:
+                await new.batcher.stop()
+                raise BundleRefused(path, [f"it holds {new.version} now, not {version} as the live record says"])
         except BundleRefused:
             s.metrics.track_model_reload("refused")
             raise
-        await swap(s, new)
-        s.metrics.track_model_reload("ok")
+        except TimeoutError:
+            s.metrics.track_model_reload("refused")
+            raise BundleRefused(path, [f"not loaded within {LOAD_TIMEOUT_S:g} s"]) from None
+        except Exception as e:  # whatever else a bundle can do to a loader: refused, never a 500
+            s.metrics.track_model_reload("refused")
+            log.exception("loading %s failed", path)
+            raise BundleRefused(path, [f"{type(e).__name__}: {e}"]) from None
         return new
 
     async def reload_from_settings(self) -> None:
@@ -286,31 +337,43 @@ class ModelWatch:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.poll_s)
-            if self._differs(await read_record(self.state.redis)) is None:
-                continue
-            async with self.lock:
-                # Read again under the lock: a reload of this worker's own (admin route, SIGHUP)
-                # may have swapped and written its record meanwhile.
-                record = self._differs(await read_record(self.state.redis))
-                if record is not None:
-                    await self._follow(record)
+            try:
+                if self._new(await read_record(self.state.redis)) is None:
+                    continue
+                async with self.lock:
+                    # Read again under the lock: a reload of this worker's own (admin route,
+                    # SIGHUP) may have swapped and written its record meanwhile.
+                    record = self._new(await read_record(self.state.redis))
+                    if record is not None:
+                        await self._follow(record)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the follower must outlive anything one record does
+                log.exception("following the live record failed; still serving %s", self.state.live.version)
 
-    def _differs(self, record: dict[str, Any] | None) -> dict[str, Any] | None:
-        """``record`` where it names another model than the live one, not refused before."""
-        if record is None or record["version"] == self.state.live.version:
+    def _new(self, record: dict[str, Any] | None) -> dict[str, Any] | None:
+        """``record`` where this worker has not applied (or refused) it yet and does not
+        serve that very bundle (path, version and bundle.json digest): a bundle posted again
+        under the same version (other thresholds, say) is followed too."""
+        if record is None or record_key(record) in (self.applied, *self._refused):
             return None
-        return None if (str(record["bundle"]), str(record["version"])) in self._refused else record
+        live = self.state.live
+        if record_key(record) == (live.path, live.version, live.digest):
+            self.applied = record_key(record)
+            return None
+        return record
 
     async def _follow(self, record: dict[str, Any]) -> None:
-        """Load the record's bundle (the lock held)."""
-        key = (str(record["bundle"]), str(record["version"]))
+        """Load the record's bundle (the lock held); a bundle that is not the version the
+        record names (its directory changed since) is refused, not served."""
+        key = record_key(record)
         try:
-            new = await self._load(key[0])
+            new = await self._prepare(str(record["bundle"]), version=str(record["version"]))
         except BundleRefused as e:
             self._refused.add(key)
             log.error("the live record names %s, refused here: %s; still serving %s",
-                      key[1], e, self.state.live.version)
+                      record["version"], e, self.state.live.version)
             return
-        if new.version != key[1]:  # the path holds another bundle than the record says
-            log.warning("the live record names %s at %s, which holds %s now", key[1], key[0], new.version)
-            self._refused.add(key)
+        await swap(self.state, new)
+        self.state.metrics.track_model_reload("ok")
+        self.applied = key

@@ -18,7 +18,7 @@ from app import errors, openapi, serving
 from app.core import logs
 from app.deps import AppState
 from app.embedded_redis import EmbeddedRedis
-from app.live import ModelWatch, bundle_path, follow_record, load_served, on_sighup
+from app.live import ModelWatch, bundle_path, follow_record, ignore_sighup_until_serving, load_served, on_sighup
 from app.metrics import Metrics, mark_process_dead
 from app.middleware import DirectRoutes, LingeringClose, RequestMetrics
 from app.redis_client import connect, durability_warning, read_durability
@@ -63,12 +63,13 @@ def create_app(settings: Settings) -> FastAPI:
         store = WindowStore(redis, history=served.bundle.spec.history, window_ttl_s=settings.window_ttl_s,
                             idempotency_ttl_s=settings.idempotency_ttl_s,
                             on_answer_error=lambda e: metrics.track_store_error())
-        served = await follow_record(redis, served, base, settings, metrics, store.history)
+        served, applied = await follow_record(redis, served, base, settings, metrics, store.history)
         await served.batcher.start()
         metrics.set_model_info(served.version, served.model.provider, served.bundle.arch)
         state = app.state.seqguard = AppState(settings=settings, live=served, metrics=metrics, redis=redis,
                                               store=store)
         state.watch = ModelWatch(state, settings.model_poll_s)
+        state.watch.applied = applied
         state.watch.start()
         on_sighup(state.watch)
         t = served.thresholds
@@ -117,6 +118,7 @@ def create_app(settings: Settings) -> FastAPI:
 
 def app_from_env() -> FastAPI:
     """uvicorn factory for `seqguard serve` workers: settings from the environment."""
+    ignore_sighup_until_serving()
     settings = Settings()
     logs.setup(settings.log_level, settings.log_format)
     return create_app(settings)

@@ -91,11 +91,24 @@ class MicroBatcher:
     # -- lifecycle -------------------------------------------------------------------
 
     def warm_up(self) -> None:
-        """Run every shape the batcher will use once, before taking traffic."""
+        """Run every shape the batcher will use once, before taking traffic, and check what
+        the model gives back.
+
+        Raises:
+            ValueError: an output that is not (B, T) floats, or a probability outside [0, 1]
+                (a model of another contract would fail every request later, not now).
+        """
         f = len(self.spec.cardinalities)
         for t in self.padding.lengths:
             for b in sorted({1, self.max_batch}):
-                self.model.run(np.ones((b, t, f), dtype=np.int64))
+                outputs = self.model.run(np.ones((b, t, f), dtype=np.int64))
+                for name, out in zip(("anomaly_probability", "surprise"), outputs, strict=True):
+                    out = np.asarray(out)
+                    if out.shape != (b, t) or out.dtype.kind != "f":
+                        raise ValueError(f"{name} is {out.dtype}{list(out.shape)} for input [{b}, {t}, {f}], "
+                                         f"expected float[{b}, {t}]")
+                if not np.all((outputs[0] >= 0) & (outputs[0] <= 1)):
+                    raise ValueError("anomaly_probability outside [0, 1]")
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -188,12 +201,23 @@ class MicroBatcher:
             # would only contend for it.
             calls, seen, unknown = self._featurize(windows)
             outputs = await loop.run_in_executor(self._executor, self._infer, calls)
+            scored = self._answers(windows, calls, seen, unknown, outputs)
         except Exception as e:  # resolve every waiter; the route turns it into a 500
             log.exception("scoring a batch of %d windows failed", len(windows))
             for j in jobs:
                 if not j.future.done():
                     j.future.set_exception(e)
             return
+        i = 0
+        for j in jobs:
+            n = len(j.windows)
+            if not j.future.done():
+                j.future.set_result(scored[i : i + n])
+            i += n
+
+    def _answers(self, windows: list[Window], calls: list[_ModelInput], seen: list[int], unknown: dict[str, int],
+                 outputs: list[tuple[np.ndarray, np.ndarray, float]]) -> WindowScores:
+        """The batch's probabilities, decisions and surprises, and its metrics."""
         prob = np.empty(len(windows), np.float32)
         surprise: list[np.ndarray] = [np.empty(0, np.float32)] * len(windows)
         for (rows, x), (p, s, seconds) in zip(calls, outputs, strict=True):
@@ -206,13 +230,7 @@ class MicroBatcher:
         self.metrics.track_scored("online", prob, decision)
         if unknown:
             self.metrics.track_unknown_types(unknown)
-        scored = WindowScores(prob.tolist(), decision.tolist(), seen, surprise)
-        i = 0
-        for j in jobs:
-            n = len(j.windows)
-            if not j.future.done():
-                j.future.set_result(scored[i : i + n])
-            i += n
+        return WindowScores(prob.tolist(), decision.tolist(), seen, surprise)
 
     def _featurize(self, windows: list[Window]) -> tuple[list[_ModelInput], list[int], dict[str, int]]:
         """One featurizer pass over every event of the batch → one padded (n, T, F) array

@@ -208,3 +208,84 @@ def test_check_bundle_passes_the_shipped_bundle() -> None:
     bundle = load_bundle(DEFAULT_BUNDLE)
     assert check_bundle(bundle, store_history=bundle.spec.history) == []
     assert check_bundle(bundle, store_history=bundle.spec.history - 1)  # a store that keeps too few
+
+
+# An attack review's findings ------------------------------------------------------------
+
+
+def other_shape_onnx(path: Path) -> None:
+    """A valid ONNX model of the contract's input that answers (B, T, F) floats, not (B, T)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    feats = helper.make_tensor_value_info("features", TensorProto.INT64, ["batch", "time", 13])
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", "time", 13])
+            for n in ("anomaly_probability", "surprise")]
+    nodes = [helper.make_node("Cast", ["features"], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("Sigmoid", ["f"], ["anomaly_probability"]),
+             helper.make_node("Identity", ["f"], ["surprise"])]
+    graph = helper.make_graph(nodes, "other", [feats], outs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # what ONNX Runtime reads (the onnx package writes newer)
+    onnx.save(model, str(path))
+
+
+def test_a_model_of_another_output_shape_is_refused_before_it_serves(make_client: Callable[..., TestClient],
+                                                                     tmp_path: Path) -> None:
+    """It passed warm-up, was swapped in, and every /events request then hung: the
+    batcher's worker died on its outputs and nothing answered its waiters."""
+    client = make_client()
+    bad = bundle_copy(tmp_path, "v-shape")
+    other_shape_onnx(bad / "model.onnx")
+    r = change(client, bad)
+    assert r.status_code == 422 and any("warm-up failed" in p and "expected float" in p
+                                        for p in r.json()["problems"]), r.text
+    assert client.post("/events", json=event("e1")).json()["model_version"] == SHIPPED
+
+
+def test_a_record_that_breaks_the_loader_does_not_stop_the_follower(make_client: Callable[..., TestClient],
+                                                                    tmp_path: Path, redis_url: str) -> None:
+    """A parity record of strings raised ValueError in the check, which killed every
+    worker's follower for good (and was a 500 on the admin route)."""
+    client = make_client(model_poll_s=0.05)
+    odd = bundle_copy(tmp_path, "v-odd", lambda m: m["parity"]["fp32"].update(max_diff_over_allowed={"x": "abc"}))
+    r = change(client, odd)
+    assert r.status_code == 422 and "parity past its tolerance" in r.text, r.text
+    with redis.Redis.from_url(redis_url) as r2:
+        r2.set(LIVE_KEY, orjson.dumps({"bundle": str(odd), "version": "v-odd", "base": str(DEFAULT_BUNDLE)}))
+        time.sleep(0.3)
+        good = bundle_copy(tmp_path, "v-good")
+        r2.set(LIVE_KEY, orjson.dumps({"bundle": str(good), "version": "v-good", "base": str(DEFAULT_BUNDLE)}))
+    deadline = time.monotonic() + 30
+    while client.get("/model").json()["version"] != "v-good":
+        assert time.monotonic() < deadline, "the follower died on the bad record"
+        time.sleep(0.05)
+
+
+def test_the_same_version_with_other_thresholds_reaches_every_worker(make_client: Callable[..., TestClient],
+                                                                    tmp_path: Path) -> None:
+    """Followers compared versions only: a bundle posted again under its version with
+    other thresholds stayed in the worker that took the POST."""
+    a, b = make_client(model_poll_s=0.05), make_client(model_poll_s=0.05)
+    assert change(a, bundle_copy(tmp_path / "1", "v-same")).status_code == 200
+    stricter = bundle_copy(tmp_path / "2", "v-same", lambda m: m["thresholds"].update(review=0.2, block=0.3))
+    assert change(a, stricter).status_code == 200
+    deadline = time.monotonic() + 30
+    while b.get("/model").json()["thresholds"] != {"review": 0.2, "block": 0.3}:
+        assert time.monotonic() < deadline, "the second worker kept the old thresholds"
+        time.sleep(0.05)
+
+
+def test_a_directory_changed_since_the_record_is_not_served(make_client: Callable[..., TestClient],
+                                                           tmp_path: Path) -> None:
+    """A restarted worker (or a follower) served whatever the record's directory held
+    now, a model never made live, while its siblings served the one posted."""
+    a = make_client(model_poll_s=0.05)
+    current = bundle_copy(tmp_path, "current")
+    _edit(current, lambda m: m.update(model_version="v-posted"))
+    assert change(a, current).status_code == 200
+    _edit(current, lambda m: m.update(model_version="v-never-posted"))
+    b = make_client(model_poll_s=0.05)  # starts, reads the record, finds another version there
+    time.sleep(0.3)
+    assert b.get("/model").json()["version"] == SHIPPED
+    assert a.get("/model").json()["version"] == "v-posted"

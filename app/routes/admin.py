@@ -42,7 +42,8 @@ async def change_model(request: Request, state: StateDep) -> Response:
         new = await state.watch.load(os.path.abspath(change.bundle), publish=bundle_path(state.settings))
     except (RedisError, OSError):  # swapped in here, the record not written
         state.metrics.track_store_error()
-        raise ServiceUnavailable(f"this worker serves {state.live.version} now, but the other workers could not "
-                                 "be told (Redis is unavailable); retry") from None
+        raise ServiceUnavailable(f"this worker serves {state.live.version} now, but Redis did not confirm the "
+                                 "record the other workers follow (it may still be written when Redis answers); "
+                                 "retry") from None
     return json_response({"version": new.version, "previous": previous, "bundle": new.path,
                           "workers_follow_within_s": state.settings.model_poll_s})
