@@ -59,7 +59,10 @@ def test_missing_file_and_bad_choices(tmp_path):
     out = fails("train", "--events", TAOBAO_100, "--inject", "bots", "--out", tmp_path / "run")
     assert "bots" in out and "scraping_bot" in out
     out = fails("score", tmp_path / "nobundle", "--events", TAOBAO_100, "--out", tmp_path / "r.jsonl")
-    assert "bundle.json" in out
+    assert "nobundle: no such directory" in out
+    (tmp_path / "empty").mkdir()
+    out = fails("score", tmp_path / "empty", "--events", TAOBAO_100, "--out", tmp_path / "r.jsonl")
+    assert "no bundle.json" in out
 
 
 def test_cut_off_last_line_is_skipped_and_counted(tmp_path):
