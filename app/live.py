@@ -265,6 +265,7 @@ class ModelWatch:
         #: The record this worker serves (followed or written), by :func:`record_key`.
         self.applied: tuple[str, ...] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="model-watch")
@@ -276,10 +277,12 @@ class ModelWatch:
         task.add_done_callback(self.state.retired.discard)
 
     async def stop(self) -> None:
+        """Stop following. The flag, not only the cancellation: a cancellation that lands
+        inside a Redis call can be turned into an error there (and the loop would go on)."""
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task}, timeout=max(5.0, 2 * self.poll_s))
 
     async def load(self, path: str, *, publish: str | None = None) -> Served:
         """Load ``path`` and swap it in (``BundleRefused`` leaves the live model serving).
@@ -335,7 +338,7 @@ class ModelWatch:
             pass  # serving it here; the other workers are told at the next SIGHUP or reload
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.poll_s)
             try:
                 if self._new(await read_record(self.state.redis)) is None:
