@@ -44,11 +44,10 @@ from app.errors import ProblemError
 from app.metrics import Metrics
 from app.microbatcher import MicroBatcher
 from app.settings import Settings
+from app.windows import LIVE_MODEL_KEY
 
 log = logging.getLogger("seqguard.live")
 
-#: The Redis key of the live model's record (one for the deployment, no TTL).
-LIVE_KEY = "sg:model:live"
 #: How long a swapped-out micro-batcher may take to answer what it has queued.
 DRAIN_TIMEOUT_S = 30.0
 #: How long loading a bundle may take before it is refused (a path that never finishes
@@ -117,10 +116,9 @@ def check_bundle(bundle: Bundle, *, store_history: int | None) -> list[str]:
     return problems
 
 
-def load_served(path: str, settings: Settings, metrics: Metrics, *, store_history: int | None = None,
-                check: bool = True) -> Served:
-    """Load, check (unless ``check`` is false: the bundle a worker starts on) and warm up
-    the bundle at ``path`` (slow: seconds; call it in a thread while serving).
+def load_served(path: str, settings: Settings, metrics: Metrics, *, store_history: int | None = None) -> Served:
+    """Load, check and warm up the bundle at ``path`` (slow: seconds; call it in a thread
+    while serving; a worker's first bundle passes the same checks, ``store_history=None``).
 
     Raises:
         BundleRefused: the bundle is missing, unreadable, or fails :func:`check_bundle`, or
@@ -131,7 +129,7 @@ def load_served(path: str, settings: Settings, metrics: Metrics, *, store_histor
     except (BundleError, OSError, ValueError, KeyError) as e:
         raise BundleRefused(path, [str(e)]) from None
     try:
-        problems = check_bundle(loaded, store_history=store_history) if check else []
+        problems = check_bundle(loaded, store_history=store_history)
     except Exception as e:  # a bundle.json of unexpected shapes: refused, never a 500
         problems = [f"bundle.json unreadable: {type(e).__name__}: {e}"]
     bundle = loaded.with_aliases(settings.event_aliases)
@@ -185,7 +183,7 @@ async def _retire(old: Served) -> None:
 async def read_record(redis: aioredis.Redis) -> dict[str, Any] | None:
     """The live model's record in Redis (``None``: none, unreadable, or Redis down)."""
     try:
-        raw = await redis.get(LIVE_KEY)
+        raw = await redis.get(LIVE_MODEL_KEY)
     except (RedisError, OSError):
         return None
     try:
@@ -206,7 +204,7 @@ async def write_record(redis: aioredis.Redis, served: Served, base: str) -> tupl
     record's :func:`record_key`."""
     record = {"bundle": served.path, "version": served.version, "digest": served.digest, "base": base,
               "at": round(time.time(), 3)}
-    await redis.set(LIVE_KEY, orjson.dumps(record))
+    await redis.set(LIVE_MODEL_KEY, orjson.dumps(record))
     return record_key(record)
 
 

@@ -39,6 +39,11 @@ class QueueFull(RuntimeError):
     """The scoring queue is full: shed load."""
 
 
+class Stopped(QueueFull):
+    """The micro-batcher stopped before scoring these windows (shut down, or its model
+    swapped out and its drain time over): the caller answers 503 like a full queue."""
+
+
 @dataclass(frozen=True)
 class WindowScores:
     """Per window: the anomaly probability of its last event, its decision, the events
@@ -115,12 +120,16 @@ class MicroBatcher:
         self._task = asyncio.create_task(self._worker(self._queue), name="micro-batcher")
 
     async def stop(self) -> None:
-        self._queue = None  # score() refuses from now on, rather than queue for no one
+        """Stop scoring: every window not answered yet, queued or in the batch being run,
+        gets :class:`Stopped` (never a wait for ever), and so does every later call."""
+        queue, self._queue = self._queue, None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        while queue is not None and not queue.empty():
+            _fail([queue.get_nowait()])
         self._executor.shutdown(wait=True)
 
     # -- scoring -----------------------------------------------------------------------
@@ -145,7 +154,7 @@ class MicroBatcher:
         if any(not w for w in windows):
             raise ValueError("every window needs at least the event being scored")
         if self._queue is None:
-            raise RuntimeError("the micro-batcher is not started")
+            raise Stopped("the micro-batcher is not running")
         if self._pending + n > self._queue_size:
             raise QueueFull(f"{self._pending} windows waiting")
         loop = asyncio.get_running_loop()
@@ -172,8 +181,17 @@ class MicroBatcher:
 
     async def _worker(self, queue: asyncio.Queue[_Job]) -> None:
         loop = asyncio.get_running_loop()
+        jobs: list[_Job] = []
+        try:
+            await self._batches(queue, loop, jobs)
+        except asyncio.CancelledError:  # stopped: the jobs taken from the queue get an answer too
+            _fail(jobs)
+            raise
+
+    async def _batches(self, queue: asyncio.Queue[_Job], loop: asyncio.AbstractEventLoop, jobs: list[_Job]) -> None:
+        """Form and run batches for ever; ``jobs`` holds the batch taken from the queue."""
         while True:
-            jobs = [await queue.get()]
+            jobs[:] = [await queue.get()]
             size = len(jobs[0].windows)
             deadline = loop.time() + self.max_wait
             while size < self.max_batch:
@@ -193,6 +211,7 @@ class MicroBatcher:
                 jobs.append(job)
                 size += len(job.windows)
             await self._run(jobs, loop)
+            jobs.clear()
 
     async def _run(self, jobs: list[_Job], loop: asyncio.AbstractEventLoop) -> None:
         windows = [w for j in jobs for w in j.windows]
@@ -261,3 +280,9 @@ class MicroBatcher:
             p, s = self.model.run(x)
             out.append((p, s, time.perf_counter() - started))
         return out
+
+
+def _fail(jobs: list[_Job]) -> None:
+    for j in jobs:
+        if not j.future.done():
+            j.future.set_exception(Stopped("the model scoring these events was stopped before it answered"))

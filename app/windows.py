@@ -106,6 +106,11 @@ def user_key_tag(user_id: str) -> str:
     return hashlib.blake2b(user_id.encode("utf-8"), digest_size=10, person=b"seqguard-win").hexdigest()
 
 
+#: The service's one key that is no user's: the live model's record (``app.live``), one
+#: per deployment, no TTL.
+LIVE_MODEL_KEY = "sg:model:live"
+
+
 class UserKeys(NamedTuple):
     window: str  # sorted set of events
     seq: str  # arrival counter

@@ -21,7 +21,8 @@ from bundle_copies import bundle_copy
 from fastapi.testclient import TestClient
 
 from app.core.bundle import DEFAULT_BUNDLE, load_bundle
-from app.live import LIVE_KEY, check_bundle
+from app.live import check_bundle
+from app.windows import LIVE_MODEL_KEY as LIVE_KEY
 
 SHIPPED = load_bundle(DEFAULT_BUNDLE).version
 PROBLEM = "application/problem+json"

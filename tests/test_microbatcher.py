@@ -17,7 +17,7 @@ from app.core.events import Events
 from app.core.features import Padding, last_windows
 from app.core.scorer import OnnxModel
 from app.metrics import Metrics
-from app.microbatcher import MicroBatcher, QueueFull, WindowScores
+from app.microbatcher import MicroBatcher, QueueFull, Stopped, WindowScores
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +149,30 @@ def test_a_full_queue_is_refused_at_once(model, users):
             assert b.has_room(6)
         finally:
             await b.stop()
+
+    asyncio.run(main())
+
+
+def test_stopping_answers_every_waiting_window(model, users):
+    """A review of hot reload: a swapped-out batcher stopped after its drain time (and any
+    batcher at shutdown) cancelled its worker and left the windows still queued, and the
+    batch being run, waiting for ever; they get Stopped (a 503) now, and so does a later call."""
+    history = model.bundle.spec.history
+
+    async def main() -> None:
+        # a batch of up to 64 windows waits a second to fill: stop() lands while the worker
+        # holds the jobs it took and more are queued behind them
+        b = MicroBatcher(model, Metrics(), thresholds=model.bundle.thresholds, max_batch=64, max_wait_ms=1000,
+                         queue_size=64)
+        await b.start()
+        waiting = [asyncio.create_task(b.score(windows_of(users, history, seed=s, n=2))) for s in range(6)]
+        await asyncio.sleep(0.05)
+        await b.stop()
+        got = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 10)  # none waits for ever
+        assert all(isinstance(g, Stopped) for g in got), got
+        assert b.pending == 0
+        with pytest.raises(Stopped):
+            await b.score(windows_of(users, history, seed=9, n=1))
 
     asyncio.run(main())
 

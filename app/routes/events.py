@@ -17,7 +17,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from app.core.events import format_rfc3339_ms
 from app.deps import AppState, authorize
 from app.errors import PayloadTooLarge, RequestTimeout, ServiceUnavailable
-from app.microbatcher import QueueFull
+from app.microbatcher import QueueFull, Stopped
 from app.routes import json_response, media_type
 from app.schemas import ScoreResult, ScoreResults, parse_events, query_flag, to_records
 
@@ -158,10 +158,11 @@ async def post_events(request: Request) -> Response:
         thresholds = live.thresholds.as_dict()
         try:
             scores = await live.batcher.score([stored[i].events for i in fresh])
-        except QueueFull:
-            # Lost the race for the last slots after storing: a retry re-scores the stored
-            # window and answers with duplicate=true.
-            raise ServiceUnavailable("scoring queue is full; the events are stored, retry to get scores") from None
+        except QueueFull as e:
+            # Lost the race for the last slots after storing, or the model was stopped (a
+            # shutdown): a retry re-scores the stored window and answers with duplicate=true.
+            what = "the scoring model was stopped" if isinstance(e, Stopped) else "scoring queue is full"
+            raise ServiceUnavailable(f"{what}; the events are stored, retry to get scores") from None
         first = []
         for k, i in enumerate(fresh):
             w = stored[i]

@@ -24,7 +24,7 @@ from bundle_copies import bundle_copy
 
 from app import serving
 from app.core.bundle import DEFAULT_BUNDLE, load_bundle
-from app.live import LIVE_KEY
+from app.windows import LIVE_MODEL_KEY as LIVE_KEY
 
 from .e2e_support import T0, LiveServer, event, metric, parse_metrics
 
