@@ -115,6 +115,10 @@ def _disconnected(receive: Receive) -> bool:
     return False
 
 
+#: The longest discard after a 408 (:class:`LingeringClose`), in seconds.
+SLOW_CLIENT_LINGER_S = 1.0
+
+
 class LingeringClose:
     """Lets an answer given before the request body was read (413, 401, 422 of a
     streamed body, ...) reach the client, as nginx's lingering close does.
@@ -124,9 +128,12 @@ class LingeringClose:
     reset the connection, and the client sees ECONNRESET instead of the answer. Here the
     answer's bytes are sent at once, then up to ``max_bytes`` of the rest of the body
     are read and dropped (for at most ``timeout_s`` seconds) before the answer is
-    marked complete and the server may close. Skipped when the rest is known to be
-    larger, for 408 (the client is the slow one), and when the client waits for
-    ``100 Continue`` (it never sends the body). Must be the outermost middleware, so that
+    marked complete and the server may close. After a 408 the client is the slow one, and
+    the discard lasts at most :data:`SLOW_CLIENT_LINGER_S`: enough for the answer to arrive
+    before the close (a close with the trickle still arriving resets the connection, and
+    the reset can drop the 408 unread), not enough to hold the connection. Skipped when the
+    rest is known to be larger, and when the client waits for ``100 Continue`` (it never
+    sends the body). Must be the outermost middleware, so that
     the request metrics see the answer's status, not a disconnect during the discard.
     """
 
@@ -164,7 +171,8 @@ class LingeringClose:
             elif (message["type"] == "http.response.body" and not message.get("more_body", False)
                   and self._should_linger(body_done, status, expects_continue and not asked, size, received)):
                 await send({**message, "more_body": True})  # the answer's bytes go out now
-                await self._discard(receive_tracking)
+                await self._discard(receive_tracking,
+                                    min(self.timeout_s, SLOW_CLIENT_LINGER_S) if status == 408 else self.timeout_s)
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return
             await send(message)
@@ -173,14 +181,14 @@ class LingeringClose:
 
     def _should_linger(self, body_done: bool, status: int, waiting_for_continue: bool, size: int | None,
                        received: int) -> bool:
-        if body_done or status == 408 or waiting_for_continue:
+        if body_done or waiting_for_continue:
             return False
         return size is None or size - received <= self.max_bytes
 
-    async def _discard(self, receive: Receive) -> None:
+    async def _discard(self, receive: Receive, timeout_s: float) -> None:
         left = self.max_bytes
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.timeout_s):
+            async with asyncio.timeout(timeout_s):
                 while left > 0:
                     message = await receive()
                     if message["type"] != "http.request" or not message.get("more_body", False):

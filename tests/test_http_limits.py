@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -204,17 +205,17 @@ class Wire:
             self.answered = True
 
 
-def answer_413_at_once() -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+def answer_at_once(status: int) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 413, "headers": []})
-        await send({"type": "http.response.body", "body": b"too large"})
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b"answer"})
 
     return app
 
 
 def run_lingering(wire: Wire, headers: list[tuple[bytes, bytes]], *, max_bytes: int = 1000,
-                  timeout_s: float = 5.0) -> None:
-    mw = LingeringClose(answer_413_at_once(), max_bytes=max_bytes, timeout_s=timeout_s)
+                  timeout_s: float = 5.0, status: int = 413) -> None:
+    mw = LingeringClose(answer_at_once(status), max_bytes=max_bytes, timeout_s=timeout_s)
     asyncio.run(mw(http_scope(headers), wire.receive, wire.send))
 
 
@@ -223,7 +224,7 @@ def test_an_early_answer_goes_out_then_the_rest_of_the_body_is_read_before_it_co
     run_lingering(wire, [(b"content-length", b"500")])
     (start, _), (body, read_then), (end, read_at_end) = wire.sent
     assert start["status"] == 413
-    assert body == {"type": "http.response.body", "body": b"too large", "more_body": True} and read_then == 0
+    assert body == {"type": "http.response.body", "body": b"answer", "more_body": True} and read_then == 0
     assert end == {"type": "http.response.body", "body": b"", "more_body": False} and read_at_end == 5
 
 
@@ -243,6 +244,23 @@ def test_the_discard_is_bounded_and_skipped_where_it_cannot_help() -> None:
     wire = Wire([])  # no body at all: nothing to do
     run_lingering(wire, [])
     assert len(wire.sent) == 2 and wire.read == 0
+
+
+def test_a_408_lingers_briefly_so_that_a_trickling_client_reads_it_before_the_close() -> None:
+    """A close while the slow client's bytes still arrive resets the connection, and the
+    reset can drop the 408 unread: the 408 goes out, what arrives is dropped for at most
+    SLOW_CLIENT_LINGER_S (not the full linger_timeout_s), then the answer completes."""
+    from app.middleware import SLOW_CLIENT_LINGER_S
+
+    wire = Wire([b"x"] * 3)  # three more bytes arrive, then the client stalls
+    wire.messages[-1]["more_body"] = True
+    started = time.monotonic()
+    run_lingering(wire, [(b"content-length", b"100")], timeout_s=30.0, status=408)
+    took = time.monotonic() - started
+    (start, _), (body, read_then), (end, read_at_end) = wire.sent
+    assert start["status"] == 408 and body["more_body"] is True and read_then == 0
+    assert end["more_body"] is False and read_at_end == 3
+    assert SLOW_CLIENT_LINGER_S <= took < 30.0  # bounded by the short linger, not timeout_s
 
 
 class _State:
@@ -339,5 +357,5 @@ def test_an_answer_given_before_the_body_was_read_takes_none_of_it() -> None:
     """The last look for a disconnect is taken only once the body has been read: an early
     answer (413) must leave the unread body to the lingering close."""
     wire = Wire([b"x" * 100] * 5)
-    assert counted(answer_413_at_once(), wire, headers=[(b"content-length", b"500")]) == {"413": 1.0}
+    assert counted(answer_at_once(413), wire, headers=[(b"content-length", b"500")]) == {"413": 1.0}
     assert wire.read == 0
