@@ -26,7 +26,7 @@ import numpy as np
 
 from app.core.decisions import Thresholds
 from app.core.events import Events
-from app.core.features import Padding, last_windows
+from app.core.features import Padding, WindowInputs
 from app.core.scorer import OnnxModel
 from app.metrics import Metrics
 
@@ -256,20 +256,10 @@ class MicroBatcher:
         per time length in use, the events each window's model input holds, and the event
         types unknown to the model among the events scored (each window's last)."""
         lens = np.fromiter((len(w) for w in windows), np.int64, len(windows))
-        records = [e for w in windows for e in w]
-        groups = np.repeat(np.arange(len(windows)), lens)
-        events = Events.from_records(records)
-        feats = self.spec.transform(events, groups=groups)  # (N, F)
-        ends = np.cumsum(lens) - 1
-        starts = ends - lens + 1
-        seen = np.minimum(lens, self.spec.window)
-        t_of = self.padding.padded(seen)
-        calls = []
-        for t in sorted(set(t_of.tolist())):
-            rows = np.flatnonzero(t_of == t)
-            calls.append((rows, last_windows(feats, ends[rows], starts[rows], t)))
+        events = Events.from_records([e for w in windows for e in w])
+        inputs = WindowInputs.build(self.spec, events, lens)
         # history events are not counted: they were counted when they were scored
-        return calls, seen.tolist(), self.spec.unknown_types(events, rows=ends)
+        return inputs.calls, inputs.seen.tolist(), self.spec.unknown_types(events, rows=inputs.last)
 
     def _infer(self, calls: list[_ModelInput]) -> list[tuple[np.ndarray, np.ndarray, float]]:
         """The batch's ONNX Runtime calls, in the executor thread: each call's

@@ -361,8 +361,8 @@ def evaluate_bundle(bundle_dir: Path, prep: Any, out_dir: Path, *,
     baselines = default_baselines(seed=0, window=bundle.window)
     steps = Steps(len(baselines) + 4, on_step)
     steps.begin(f"score the test users (seqguard-{bundle.arch})")
-    detectors = [DetectorScores(f"seqguard-{bundle.arch}", score_events(model, test).probability,
-                        bundle.thresholds.as_dict())]
+    seqguard = score_events(model, test, as_arrived=False).probability  # the log in time order
+    detectors = [DetectorScores(f"seqguard-{bundle.arch}", seqguard, bundle.thresholds.as_dict())]
     for base in baselines:
         steps.begin(f"baseline {base.name}")
         base.fit(train)
@@ -380,7 +380,8 @@ def evaluate_bundle(bundle_dir: Path, prep: Any, out_dir: Path, *,
                                           rules={r: USER_RULES[r] for r in rules}, min_events=3)
     steps.begin("real traffic of the test users")
     real, source = real_test_events(prep)
-    rt = real_traffic(real, score_events(model, real).probability, bundle.thresholds, bundle.spec)
+    real_prob = score_events(model, real, as_arrived=False).probability
+    rt = real_traffic(real, real_prob, bundle.thresholds, bundle.spec)
     comparison["real_traffic"] = {"source": source, **rt}
 
     steps.begin("report")

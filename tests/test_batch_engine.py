@@ -7,7 +7,7 @@ import orjson
 import pytest
 from conftest import TAOBAO_100
 
-from app.core.batch_engine import FirstAnswers, result_lines, score_events
+from app.core.batch_engine import FirstAnswers, arrived_out_of_order, result_lines, score_events
 from app.core.bundle import load_bundle
 from app.core.events import Events
 from app.core.features import BATCH_STEP, SHORT_LENGTH, group_starts, last_windows
@@ -155,3 +155,44 @@ def test_first_answers_of_a_stream():
     assert at[1] == -1 and len(seen) == 2
     prob, surprise = seen.answers(at[[0, 2]])
     assert prob.tolist() == pytest.approx([0.2, 0.1]) and surprise.tolist() == [2.0, 1.0]
+
+
+def _late_log(events: Events, users: int = 6, seed: int = 3) -> Events:
+    """Some users' events interleaved in time order, then some events of half the users
+    delivered late: moved a few places later in the input, often past later-stamped events
+    of their user."""
+    ev = events.sorted()
+    chosen = np.unique(ev.user)[:users]
+    order = sorted(np.flatnonzero(np.isin(ev.user, chosen)).tolist(), key=lambda r: (ev.timestamp_ms[r], r))
+    rng = np.random.default_rng(seed)
+    movable = [i for i, r in enumerate(order) if ev.user[r] in chosen[: users // 2]]
+    for i in rng.choice(movable, size=len(movable) // 4, replace=False).tolist():
+        order.insert(min(len(order) - 1, i + int(rng.integers(1, 12))), order.pop(i))
+    return ev.take(np.asarray(order))
+
+
+def test_each_event_is_answered_as_at_its_arrival(model, events):
+    """The live store's rule (arrival order): an event's answer depends only on the events
+    that arrived before it, so it is the same in the whole log and in the log cut just after
+    it (what an NDJSON stream of any chunking sees), and late events change no earlier answer."""
+    log = _late_log(events)
+    redo = arrived_out_of_order(log)
+    assert redo.any() and not redo.all()
+    told: list[tuple[int, int]] = []
+    whole = score_events(model, log, on_progress=lambda d, t: told.append((d, t)))
+    total = len(log) + int(redo.sum())  # the out-of-order events are scored again
+    assert told[-1] == (total, total) and all(t == total for _, t in told)
+    assert [d for d, _ in told] == sorted(d for d, _ in told)
+    for end in range(1, len(log) + 1, 7):
+        prefix = score_events(model, log.take(np.arange(end)))
+        assert abs(prefix.probability[-1] - whole.probability[end - 1]) <= 2e-6, end
+    in_time = score_events(model, log, as_arrived=False)  # the log as the truth: every event on all before it in time
+    assert np.abs(in_time.probability - score_events(model, log.sorted(), as_arrived=False).probability[
+        np.argsort(np.lexsort((log.timestamp_ms, log.user)), kind="stable")]).max() <= 2e-6
+    assert np.abs(in_time.probability - whole.probability).max() > 1e-4  # lateness matters here
+
+
+def test_a_log_in_time_order_scores_alike_either_way(model, events):
+    ev = events.sorted()
+    a, b = score_events(model, ev), score_events(model, ev, as_arrived=False)
+    np.testing.assert_array_equal(a.probability, b.probability)

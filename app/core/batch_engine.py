@@ -10,16 +10,29 @@ padded lengths follow the windowing rules of :mod:`app.core.features`
 (:func:`~app.core.features.chunk_segments`, :meth:`~app.core.features.Padding.batch`), which
 training cuts its chunks by too.
 
-Order within a user is by timestamp; events of one user with the same timestamp are
-taken in input order, i.e. the order in which they would have arrived online.
+The input order is the order of arrival, and the live window store's rules hold (they are
+what a backfill must reproduce, whatever its body form, size or chunking):
 
-The live window store's rules hold here too: an event whose (user_id, event_id) came
-earlier in the input is a repeat (a redelivery). It joins no window and is answered with
-the first occurrence's scores and ``duplicate`` set, as ``POST /events`` answers a replay.
+- Each event is scored on the events of its user that arrived before it (and itself),
+  ordered by timestamp, as far back as the store keeps them: the ``history`` newest by
+  timestamp (``app/lua/append_events.lua``). Events of one user with the same timestamp
+  are taken in input order. For a user whose events arrive in time order this is simply
+  the user's time-ordered sequence, scored in chunks as above. A user with an event that
+  arrives after a later-stamped one of theirs (a late event) is scored event by event on
+  exactly the window the live store would have held (:func:`arrival_windows`), through
+  the micro-batcher's input builder (:class:`~app.core.features.WindowInputs`): the late
+  event sees only what had arrived, and the earlier arrivals do not see it.
+- An event whose (user_id, event_id) came earlier in the input is a repeat (a
+  redelivery). It joins no window and is answered with the first occurrence's scores
+  and ``duplicate`` set, as ``POST /events`` answers a replay.
+
+``as_arrived=False`` scores a log in time order instead, every event on all the events
+of its user before it in time (evaluation and training, where the log is the truth).
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +43,7 @@ import orjson
 
 from app.core.decisions import Thresholds
 from app.core.events import Events
-from app.core.features import Padding, chunk_segments
+from app.core.features import Padding, WindowInputs, chunk_segments
 from app.core.scorer import OnnxModel
 
 
@@ -116,6 +129,79 @@ def first_occurrences(events: Events) -> np.ndarray:
     return np.fromiter(map(first.__getitem__, keys), np.int64, n)
 
 
+def arrived_out_of_order(events: Events) -> np.ndarray:
+    """(N,) bool: the events whose live window (:func:`arrival_windows`) is not simply their
+    user's events before them in time: late ones (an earlier arrival of their user has a
+    later timestamp) and those that a later arrival of their user precedes in time. The
+    others' windows hold exactly the events before them in time (the store's trimming
+    never reaches them: it drops only events older than what their window reads).
+
+    >>> ev = Events.from_records([{"user_id": u, "event_type": "view", "timestamp": t}
+    ...                           for u, t in [("a", 1), ("a", 3), ("b", 1), ("a", 2), ("a", 4), ("b", 1)]])
+    >>> arrived_out_of_order(ev).tolist()
+    [False, True, False, True, False, False]
+    """
+    n = len(events)
+    if n < 2:
+        return np.zeros(n, bool)
+    by_user = np.argsort(events.user, kind="stable")  # input order within each user
+    ts_rank = np.unique(events.timestamp_ms, return_inverse=True)[1].reshape(-1)[by_user]
+    key = events.user[by_user].astype(np.int64) * (n + 1) + ts_rank  # increases with the user
+    new_user = np.ones(n, bool)
+    new_user[1:] = events.user[by_user][1:] != events.user[by_user][:-1]
+    before = np.maximum.accumulate(key)  # the latest stamp so far within the user (keys grow by user)
+    late = np.zeros(n, bool)
+    late[1:] = (key[1:] < before[:-1]) & ~new_user[1:]
+    after = np.minimum.accumulate(key[::-1])[::-1]  # the earliest stamp from here on within the user
+    last_of_user = np.append(new_user[1:], True)
+    overtaken = np.zeros(n, bool)
+    overtaken[:-1] = (after[1:] < key[:-1]) & ~last_of_user[:-1]
+    out = np.empty(n, bool)
+    out[by_user] = late | overtaken
+    return out
+
+
+def arrival_windows(events: Events, keep: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The window the live store answers each event with, events taken in input order:
+    its user's events that arrived before it and are still kept (the ``keep`` newest by
+    (timestamp, arrival)), and itself, up to it in that order, the last ``keep`` of them.
+    ``keep`` is the store's (``FeatureSpec.history``: ``WindowStore``'s default).
+
+    Parameters
+    ----------
+    events : in order of arrival.
+    keep : events the store keeps per user.
+    rows : (N,) bool, the events whose windows are wanted (default: all); every event
+        still goes through the store.
+
+    Returns
+    -------
+    window_rows : int64, the windows' rows one window after another, oldest first.
+    lens : int64, per wanted event, its window length (≥ 1; the last row of each is the event).
+
+    >>> ev = Events.from_records([{"user_id": "u", "event_type": "view", "timestamp": t} for t in [10, 30, 20, 5]])
+    >>> rows, lens = arrival_windows(ev, keep=2)
+    >>> np.split(rows, np.cumsum(lens)[:-1])  # 20 arrives after 30; 5 after 10 was trimmed
+    [array([0]), array([0, 1]), array([0, 2]), array([3])]
+    """
+    ts, user = events.timestamp_ms.tolist(), events.user.tolist()
+    wanted = [True] * len(ts) if rows is None else rows.tolist()
+    kept: dict[int, list[tuple[int, int]]] = {}
+    window_rows: list[int] = []
+    lens: list[int] = []
+    for i, (t, u, want) in enumerate(zip(ts, user, wanted, strict=True)):
+        w = kept.setdefault(u, [])
+        at = bisect.bisect(w, (t, i))  # after every kept event at or before it (arrival breaks ties)
+        w.insert(at, (t, i))
+        if want:
+            first = max(0, at - keep + 1)
+            window_rows.extend(r for _, r in w[first: at + 1])
+            lens.append(at + 1 - first)
+        if len(w) > keep:
+            del w[0]
+    return np.asarray(window_rows, np.int64), np.asarray(lens, np.int64)
+
+
 def score_events(
     model: OnnxModel,
     events: Events,
@@ -123,25 +209,54 @@ def score_events(
     chunk_len: int = 512,
     batch_tokens: int = 32768,
     on_progress: Callable[[int, int], None] | None = None,
+    as_arrived: bool = True,
 ) -> EventScores:
-    """Score every event on its own last W events (at or before it in time); a repeat of an
-    earlier (user_id, event_id) joins no window and gets the first one's scores.
+    """Score every event by the live store's rules (module docstring): on its own last W
+    events, as they stood when it arrived; a repeat of an earlier (user_id, event_id)
+    joins no window and gets the first one's scores.
 
     Parameters
     ----------
     model : the bundle's ONNX Runtime session.
-    events : any order; rows are grouped by user and time-sorted internally.
+    events : in order of arrival; rows are grouped by user and time-sorted internally.
     chunk_len : longest chunk, context included (> W - 1).
     batch_tokens : chunk rows × padded length per ONNX Runtime call.
-    on_progress : called after each ONNX Runtime call with (events scored, events to score).
+    on_progress : called after each ONNX Runtime call with (events scored, events to
+        score); an event that arrived out of order is scored twice, and counted twice.
+    as_arrived : False: a log in time order, each event on all its user's events before it
+        in time, whatever their input order (evaluation).
     """
+    n = len(events)
     first = first_occurrences(events)
-    repeat = first != np.arange(len(events))
+    repeat = first != np.arange(n)
     if repeat.any():
         kept = score_events(model, events.take(~repeat), chunk_len=chunk_len, batch_tokens=batch_tokens,
-                            on_progress=on_progress)
+                            on_progress=on_progress, as_arrived=as_arrived)
         at = np.cumsum(~repeat) - 1  # row -> its place among the kept rows
         return EventScores(kept.probability[at[first]], kept.surprise[at[first]], repeat)
+    redo = arrived_out_of_order(events) if as_arrived else np.zeros(n, bool)
+    total = n + int(redo.sum())
+    told = 0
+
+    def progress(done: int, _: int) -> None:
+        nonlocal told
+        told = done
+        if on_progress is not None:
+            on_progress(done, total)
+
+    scores = _score_in_time_order(model, events, chunk_len, batch_tokens, progress)
+    if redo.any():  # their users' events go through the store again; only they are scored again
+        users = np.flatnonzero(np.isin(events.user, np.unique(events.user[redo])))
+        p, s = _score_as_arrived(model, events.take(users), redo[users], batch_tokens,
+                                 lambda done: progress(told + done, total))
+        scores.probability[users[redo[users]]] = p
+        scores.surprise[users[redo[users]]] = s
+    return scores
+
+
+def _score_in_time_order(model: OnnxModel, events: Events, chunk_len: int, batch_tokens: int,
+                         on_progress: Callable[[int, int], None] | None) -> EventScores:
+    """Each event on its user's last W events in time order, in chunks (module docstring)."""
     window = model.bundle.spec.window
     n = len(events)
     order = events.order()
@@ -171,6 +286,29 @@ def score_events(
     prob[order] = p_sorted
     surprise[order] = s_sorted
     return EventScores(prob, surprise)
+
+
+def _score_as_arrived(model: OnnxModel, events: Events, wanted: np.ndarray, batch_tokens: int,
+                      on_progress: Callable[[int], None]) -> tuple[np.ndarray, np.ndarray]:
+    """(probability, surprise) of the ``wanted`` events (bool mask) on the window the live
+    store would answer each with (:func:`arrival_windows`; ``events``: whole users, in order
+    of arrival), built and padded as the micro-batcher does. Costs one window of up to W
+    events per event (the online cost), not one position of a chunk."""
+    spec = model.bundle.spec
+    rows, lens = arrival_windows(events, spec.history, wanted)
+    ends = np.cumsum(lens)
+    prob = np.empty(lens.size, np.float32)
+    surprise = np.empty(lens.size, np.float32)
+    per_call = max(1, batch_tokens // spec.window)
+    for lo in range(0, lens.size, per_call):
+        hi = min(lo + per_call, lens.size)
+        start = ends[lo] - lens[lo]
+        inputs = WindowInputs.build(spec, events.take(rows[start: ends[hi - 1]]), lens[lo:hi])
+        for which, x in inputs.calls:
+            p, s = model.run(x)  # (b, T) each
+            prob[lo + which], surprise[lo + which] = p[:, -1], s[:, -1]
+        on_progress(hi)
+    return prob, surprise
 
 
 def results(event_ids: Sequence[str | None], user_ids: Sequence[str], scores: EventScores,

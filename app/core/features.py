@@ -371,6 +371,41 @@ def last_windows(
     return out
 
 
+@dataclass(frozen=True)
+class WindowInputs:
+    """Model inputs for the last event of each of B windows (the online path's rule): one
+    featurizer pass over every window's events, then one left-padded (b, T, F) array per
+    padded length T in use (:meth:`Padding.online`). The micro-batcher and the batch
+    engine's arrival-order path (events late for their user) build their inputs here, so
+    an event's answer does not depend on which of them scored it.
+
+    ``calls`` holds (rows, x) per T: the windows (indices into the B) and their inputs;
+    ``seen`` (B,) the events of each window the model reads (at most W); ``last`` (B,)
+    the row of each window's last event in ``events``.
+    """
+
+    calls: list[tuple[np.ndarray, np.ndarray]]
+    seen: np.ndarray
+    last: np.ndarray
+
+    @classmethod
+    def build(cls, spec: FeatureSpec, events: Events, lens: np.ndarray) -> WindowInputs:
+        """``events``: the windows' events one window after another, each oldest first;
+        ``lens`` (B,): events per window (≥ 1 each)."""
+        groups = np.repeat(np.arange(lens.size), lens)
+        feats = spec.transform(events, groups=groups)  # (N, F)
+        last = np.cumsum(lens) - 1
+        first = last - lens + 1
+        seen = np.minimum(lens, spec.window)
+        padding = Padding.online(spec.window)
+        t_of = padding.padded(seen)
+        calls = []
+        for t in sorted(set(t_of.tolist())):
+            rows = np.flatnonzero(t_of == t)
+            calls.append((rows, last_windows(feats, last[rows], first[rows], t)))
+        return cls(calls, seen, last)
+
+
 def group_starts(groups: np.ndarray) -> np.ndarray:
     """(N,) index of the first row of each row's group (rows grouped contiguously)."""
     n = groups.shape[0]

@@ -127,7 +127,7 @@ def main() -> None:
         per_session: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for name in ("held_out", "abnormal"):
             ev, _ = read_events(files[name], "jsonl", dedupe=False, sort=True)
-            sc = score_events(model, ev)
+            sc = score_events(model, ev, as_arrived=False)
             p_max = np.zeros(ev.n_users)
             s_max = np.zeros(ev.n_users)
             np.maximum.at(p_max, ev.user, sc.probability)

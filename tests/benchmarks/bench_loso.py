@@ -31,7 +31,7 @@ def detection(bundle_dir: Path, prep, scenario: str) -> dict[str, float]:
 
     bundle = load_bundle(bundle_dir)
     test = prep.splits["test"]
-    p = score_events(OnnxModel(bundle, threads=0), test).probability
+    p = score_events(OnnxModel(bundle, threads=0), test, as_arrived=False).probability
     pos = (test.label == 1) & (test.scenario == test.scenarios.index(scenario))
     neg = test.label == 0
     y = np.r_[np.zeros(neg.sum()), np.ones(pos.sum())]

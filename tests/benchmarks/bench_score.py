@@ -1,9 +1,13 @@
 """Batch engine throughput (`seqguard score`): the Taobao sample replicated with new
 user ids to ~1M events, scored end to end on the default bundle, with where the time goes;
 then the engine's worst case, short histories: the head of the time-ordered stream slice
-(1-4 events for most users), scored with the service's one ONNX Runtime thread.
+(1-4 events for most users), scored with the service's one ONNX Runtime thread; then late
+events: the first ``--late-rows`` Taobao events in time order against the same events
+with a share ``--late`` of them delivered 5 places later (each out-of-order event costs
+an online window: app/core/batch_engine.py), in the same run.
 
     .venv/bin/python tests/benchmarks/bench_score.py [--rows 1000000] [--short-rows 50000] [--bundle DIR]
+        [--late 0.01] [--late-rows 40000]
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import FLINK, machine, replicated_taobao
+from _common import FLINK, TAOBAO, machine, replicated_taobao
 
-from app.core.batch_engine import score_events, write_results
+from app.core.batch_engine import arrived_out_of_order, score_events, write_results
 from app.core.bundle import Bundle, load_bundle
 from app.core.events import Events
 from app.core.scorer import OnnxModel
@@ -29,6 +33,8 @@ def main() -> None:
     ap.add_argument("--bundle", type=Path, default=None)
     ap.add_argument("--chunk-len", type=int, default=512)
     ap.add_argument("--short-rows", type=int, default=50_000, help="events of the stream slice (0: skip)")
+    ap.add_argument("--late", type=float, default=0.01, help="share of events delivered late (0: skip)")
+    ap.add_argument("--late-rows", type=int, default=40_000, help="events of the late-events comparison")
     args = ap.parse_args()
     bundle = load_bundle(args.bundle)
     model = OnnxModel(bundle)
@@ -56,6 +62,8 @@ def main() -> None:
           f"(scoring alone {n / (t3 - t2):,.0f} events/s)")
     if args.short_rows:
         short_histories(bundle, args.short_rows)
+    if args.late:
+        late_events(model, args.late_rows, args.late)
 
 
 def short_histories(bundle: Bundle, rows: int) -> None:
@@ -72,6 +80,30 @@ def short_histories(bundle: Bundle, rows: int) -> None:
           f"{(per_user <= 4).mean():.0%} with 1-4 events; 1 ONNX Runtime thread")
     print(f"  score           {min(secs):6.2f} s  = {len(ev) / min(secs):,.0f} events/s (best of 3; "
           f"worst {len(ev) / max(secs):,.0f})")
+
+
+def late_events(model: OnnxModel, rows: int, share: float, repeats: int = 3) -> None:
+    ev, _ = read_events(TAOBAO, "taobao")
+    ev = ev.take(np.arange(min(rows, len(ev))))
+    rng = np.random.default_rng(0)
+    order = list(range(len(ev)))
+    for i in rng.choice(len(order) - 1, size=int(len(order) * share), replace=False).tolist():
+        order.insert(min(len(order) - 1, i + 5), order.pop(i))
+    late = ev.take(np.asarray(order))
+    again = float(arrived_out_of_order(late).mean())
+    score_events(model, ev)  # warm-up
+    best = {"in time order": np.inf, f"{share:.0%} delivered late": np.inf}
+    for _ in range(repeats):  # A and B alternate, so that drift hits both
+        for name, log in zip(best, (ev, late), strict=True):
+            t = time.perf_counter()
+            score_events(model, log)
+            best[name] = min(best[name], time.perf_counter() - t)
+    print(f"late events: {len(ev):,} Taobao events; {again:.1%} of them out of order once "
+          f"{share:.0%} are delivered 5 places late (best of {repeats}, alternating)")
+    for name, secs in best.items():
+        print(f"  {name:22s} {secs:6.2f} s  = {len(ev) / secs:,.0f} events/s")
+    a, b = best.values()
+    print(f"  ratio                  {b / a:.2f}x the time")
 
 
 if __name__ == "__main__":

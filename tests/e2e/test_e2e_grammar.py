@@ -236,6 +236,35 @@ def test_redeliveries_in_a_real_log_answer_alike_live_and_in_backfills(
         assert worst < 2e-6, f"{name}: {worst:.2e}"
 
 
+
+def test_late_events_are_answered_alike_live_and_in_every_backfill_form(
+        client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bundle_meta: dict[str, Any]) -> None:
+    """Events that arrive after later-stamped events of their user (the issue's kind: the
+    same answer whatever the body form, size or chunking). Each backfill form answers as
+    the live store did: a late event on what had arrived before it, the events before it
+    without it, and one older than every event the store still keeps on itself alone."""
+    by_user = taobao_events(["100", "10001"])
+    history = bundle_meta["history"]
+    u100, u10001 = by_user["100"], by_user["10001"]
+    assert len(u100) > history + 10
+    log = [e for pair in itertools.zip_longest(u100, u10001) for e in pair if e]  # round robin
+    for moved, by in ((u100[20], 9), (u10001[5], 30), (u100[40], 3)):  # late by a few events
+        i = log.index(moved)
+        log.insert(i + by, log.pop(i))
+    log.remove(u100[2])
+    log.append(u100[2])  # older than every event the store keeps of its user
+    same_second = {**u10001[-1], "event_id": "10001-again", "event_type": "cart"}
+    log.insert(log.index(u10001[-1]), same_second)  # arrives first, same timestamp
+    assert any(a["timestamp"] > b["timestamp"] for a, b in itertools.pairwise(log[:30])), "the log must be late"
+    live = [client.post("/events", json=e).json() for e in log]
+    assert live[-1]["window_size"] == 1  # the very late event: the store kept nothing older
+    for name, rows in backfills(client, tmp_path, log, monkeypatch).items():
+        assert [x["event_id"] for x in rows] == [e["event_id"] for e in log], name
+        worst = max(abs(x["anomaly_probability"] - y["anomaly_probability"]) for x, y in zip(rows, live, strict=True))
+        assert worst < 2e-6, f"{name}: {worst:.2e}"
+        assert [x["decision"] for x in rows] == [y["decision"] for y in live], name
+
+
 def test_batch_update_windows_stores_a_repeat_once(client: TestClient, redis_url: str) -> None:
     log = [ev("r1", T), ev("r1", T), ev("r2", T + 60_000)]
     r = client.post("/batch-score?update_windows=true", json={"events": log})
