@@ -529,6 +529,143 @@ def replay(
         raise typer.Exit(1)
 
 
+@cli.command(cls=_Command)
+@_friendly
+def rekey(
+    redis_url: Annotated[str, typer.Option("--redis-url", help="URL of the service's Redis (redis://, rediss:// or "
+                                                               "unix://), as in its SEQGUARD_REDIS_URL.")],
+    users: Annotated[Path, typer.Option("--users", help="The user ids to move, one per line (UTF-8; a leading BOM "
+                                                        "and blank lines are skipped); - reads them from stdin.")],
+    from_key_env: Annotated[str | None, typer.Option(
+        "--from-key-env", metavar="NAME",
+        help="Name of the environment variable holding the old tag key (what SEQGUARD_USER_TAG_KEY was); unset or "
+             "empty: the unkeyed tag. A name, never the key: a key on the command line lands in shell history.")
+    ] = None,
+    to_key_env: Annotated[str | None, typer.Option(
+        "--to-key-env", metavar="NAME",
+        help="Name of the environment variable holding the new tag key (what SEQGUARD_USER_TAG_KEY will be); "
+             "unset or empty: the unkeyed tag.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would move; write nothing.")] = False,
+) -> None:
+    """Move users' Redis keys from one user tag key (SEQGUARD_USER_TAG_KEY) to another, TTLs kept.
+
+    Run it with the service stopped, or before the service serves with the new key, then
+    switch SEQGUARD_USER_TAG_KEY to it: an event of a user stored while that user moves is
+    lost, and one stored under the old key afterwards stays there until its TTL. Users not
+    listed start new windows under the new key and lose their idempotency records (a replay
+    of their earlier events is scored as new); their old keys expire with their TTL. A user
+    with keys under the new key already (the service wrote there) is skipped, nothing of
+    theirs overwritten, and counted as a conflict. Each key moves by DUMP, PTTL, RESTORE and
+    DEL, which works on one Redis and on a Redis Cluster. Prints counts, never a user id;
+    exit code 2 for a bad file or variable, or a Redis that cannot be reached."""
+    import asyncio
+
+    from redis.exceptions import RedisError
+
+    from app.core import progress
+    from app.redis_client import connect
+    from app.windows import Moved, Rekeyer
+
+    old, old_said = _tag_key_from("--from-key-env", from_key_env)
+    new, new_said = _tag_key_from("--to-key-env", to_key_env)
+    if old == new:
+        raise ValueError(f"the old tag key ({old_said}) and the new one ({new_said}) are the same: nothing to move")
+    ids = _read_user_ids(users)
+    distinct = len(set(ids))
+    where = _redacted(redis_url)
+    done = 0
+
+    async def run() -> dict[Moved, int]:
+        redis = connect(redis_url, pool_size=32, timeout_s=10.0)
+        try:
+            try:
+                await redis.ping()
+            except (RedisError, OSError) as e:
+                raise ValueError(f"cannot reach Redis at {where}: {e}") from None
+            with progress.bars(_bars()) as shown:
+                bar = progress.counter(shown, "rekey", total=distinct)
+
+                def on_progress(n: int, total: int) -> None:
+                    nonlocal done
+                    done = n
+                    bar(n, total)
+
+                counts = await Rekeyer(redis, from_key=old, to_key=new).move_many(
+                    ids, dry_run=dry_run, in_flight=32, on_progress=on_progress)
+            return counts
+        except (RedisError, OSError) as e:
+            raise ValueError(f"Redis at {where} failed after {done:,} of {distinct:,} users: {e}; run the command "
+                             "again (users moved already count as absent then)") from None
+        finally:
+            await redis.aclose()
+            await redis.connection_pool.aclose()
+
+    counts = asyncio.run(run())
+    repeats = len(ids) - distinct
+    _say(f"{'dry run, nothing written: ' if dry_run else ''}{len(ids):,} users read"
+         f"{f' ({repeats:,} listed more than once, counted once)' if repeats else ''}; "
+         f"{'would move' if dry_run else 'moved'} {counts['moved']:,}, absent {counts['absent']:,} (no keys under "
+         f"the old tag), conflicts {counts['conflict']:,}; from {old_said} to {new_said}")
+    if counts["conflict"]:
+        _say(f"{counts['conflict']:,} users {'would be' if dry_run else 'were'} skipped: they have keys under the new "
+             "tag already (the service wrote there); their old keys are left as they are and expire with their TTL",
+             logging.WARNING)
+
+
+def _tag_key_from(option: str, variable: str | None) -> tuple[bytes, str]:
+    """The user tag key held by the environment variable named by ``option``, and how to say
+    which tag it gives: never the key, and the name only of a variable that is set (an unset
+    "name" may be a key typed by mistake)."""
+    from app.settings import tag_key
+
+    value = os.environ.get(variable) if variable is not None else None
+    if variable is None:
+        return b"", f"the unkeyed tag ({option} not given)"
+    if not value:
+        return b"", f"the unkeyed tag (the variable {option} names is {'empty' if value == '' else 'not set'})"
+    return tag_key(value, variable), f"the tag keyed by ${variable}"
+
+
+def _read_user_ids(path: Path) -> list[str]:
+    """The user ids of a ``--users`` file (``-``: stdin), in file order: one per line, UTF-8,
+    a leading BOM and blank lines skipped. Errors name the file and line, never an id."""
+    import codecs
+    import sys
+
+    stdin = str(path) == "-"
+    where = "stdin" if stdin else str(path)
+    try:
+        data = sys.stdin.buffer.read() if stdin else path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: a directory, not a file of user ids") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror})") from None
+    data = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{where}: line {line}: not UTF-8") from None
+    ids = [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
+    if not ids:
+        raise ValueError(f"{where}: no user ids (an empty file, or blank lines only)")
+    return ids
+
+
+def _redacted(url: str) -> str:
+    """``url`` without its password, fit to print."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return parts._replace(netloc=user + netloc).geturl()
+
+
 def _report_unknown_types(unknown: dict[str, int], n_events: int, known: tuple[str, ...]) -> None:
     """The share of events whose type the model does not know, per type; a warning past
     ``UNKNOWN_SHARE_WARN`` (those events were scored with the out-of-vocabulary id)."""

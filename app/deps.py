@@ -29,8 +29,12 @@ class AppState:
     metrics: Metrics
     redis: aioredis.Redis
     store: WindowStore
+    #: The shadow model, if one is served (``app.shadow``); read once, like ``live``.
+    shadow: Served | None = None
     #: Swapped-out models finishing their queued windows (``app.live.swap``).
     retired: set[asyncio.Task[None]] = field(default_factory=set)
+    #: The shadow's comparisons under way (``app.shadow.score_soon``).
+    shadow_tasks: set[asyncio.Task[None]] = field(default_factory=set)
     #: This worker's follower of the live model's record (``app.live.ModelWatch``).
     watch: ModelWatch | None = None
     #: Backfills run here, one at a time, beside the online batcher's own thread.

@@ -11,12 +11,21 @@ A new bundle is loaded beside the old one (:func:`load_served`, in a thread: not
 on it), checked (:func:`check_bundle`), warmed up, and swapped in with one assignment
 (:func:`swap`); the old micro-batcher finishes what it has queued and then stops.
 
+A shadow (:mod:`app.shadow`) is a second :class:`Served`, ``AppState.shadow``: a
+candidate that scores the live windows after the answers are sent, with a micro-batcher
+of its own that runs in the background (one ONNX Runtime thread, lower CPU priority, no
+live metrics). It is loaded by the same checks (:func:`load_served` with ``shadow=True``),
+started and stopped by :func:`set_shadow`, and made live by :meth:`ModelWatch.promote`
+(loaded again as a live model, then swapped in).
+
 Workers and replicas follow one record in Redis, ``sg:model:live`` (``{"bundle": path,
 "version": ..., "base": SEQGUARD_BUNDLE}``): the worker that takes ``POST /admin/model`` or
 SIGHUP writes it, and every worker reads it every ``SEQGUARD_MODEL_POLL_S`` seconds
 (:class:`ModelWatch`). A worker that starts follows the record only where its ``base`` is
 the worker's own ``SEQGUARD_BUNDLE`` (a restarted worker rejoins its siblings' model; a
-deployment with a new ``SEQGUARD_BUNDLE`` starts on it and writes the record anew).
+deployment with a new ``SEQGUARD_BUNDLE`` starts on it and writes the record anew). The
+shadow has a record of its own, ``sg:model:shadow``, of the same form (absent: no shadow),
+followed the same way (:func:`start_shadow` at a worker's start).
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ from app.errors import ProblemError
 from app.metrics import Metrics
 from app.microbatcher import MicroBatcher
 from app.settings import Settings
-from app.windows import LIVE_MODEL_KEY
+from app.windows import LIVE_MODEL_KEY, SHADOW_MODEL_KEY
 
 log = logging.getLogger("seqguard.live")
 
@@ -53,6 +62,17 @@ DRAIN_TIMEOUT_S = 30.0
 #: How long loading a bundle may take before it is refused (a path that never finishes
 #: reading, on a hung network file system say; the stuck thread is left behind).
 LOAD_TIMEOUT_S = 120.0
+#: A shadow's micro-batcher waits at least this long to fill a batch (fewer, larger
+#: batches: less of the CPU the live model shares with it).
+SHADOW_MAX_WAIT_MS = 20.0
+#: :meth:`ModelWatch.shadow_applied` when no shadow is served (its record absent).
+NO_SHADOW: tuple[str, ...] = ()
+
+
+class NoShadow(ProblemError):
+    """``POST /admin/model`` with ``"promote": true`` while no shadow is served: a 409."""
+
+    status, slug, title = 409, "no-shadow", "No shadow to promote"
 
 
 class BundleRefused(ProblemError):
@@ -78,6 +98,7 @@ class Served:
     loaded_at: float  # epoch seconds
     resolved: str  # the directory ``path`` led to when it was loaded (symlinks followed)
     digest: str  # of bundle.json as loaded: two bundles of one version can differ (thresholds)
+    shadow: bool = False  # a shadow's (app.shadow): background batcher, no live metrics
 
     @property
     def version(self) -> str:
@@ -116,9 +137,12 @@ def check_bundle(bundle: Bundle, *, store_history: int | None) -> list[str]:
     return problems
 
 
-def load_served(path: str, settings: Settings, metrics: Metrics, *, store_history: int | None = None) -> Served:
+def load_served(path: str, settings: Settings, metrics: Metrics, *, store_history: int | None = None,
+                shadow: bool = False) -> Served:
     """Load, check and warm up the bundle at ``path`` (slow: seconds; call it in a thread
     while serving; a worker's first bundle passes the same checks, ``store_history=None``).
+    A ``shadow`` gets one ONNX Runtime thread and a background micro-batcher that feeds no
+    metrics (:class:`~app.microbatcher.MicroBatcher`), and the same checks.
 
     Raises:
         BundleRefused: the bundle is missing, unreadable, or fails :func:`check_bundle`, or
@@ -139,16 +163,17 @@ def load_served(path: str, settings: Settings, metrics: Metrics, *, store_histor
     except Exception as e:
         problems.append(f"thresholds: {e}")
     try:
-        model = OnnxModel(bundle, threads=settings.inference_threads, prefer_cuda=settings.prefer_cuda,
-                          fp16=settings.fp16)
+        model = OnnxModel(bundle, threads=1 if shadow else settings.inference_threads,
+                          prefer_cuda=settings.prefer_cuda, fp16=settings.fp16)
     except BundleError as e:
         problems.append(str(e))
     except Exception as e:  # ONNX Runtime's own errors: a file it cannot load
         problems.append(f"ONNX Runtime cannot load it: {type(e).__name__}: {e}")
     if problems or thresholds is None or model is None:
         raise BundleRefused(path, problems)
-    batcher = MicroBatcher(model, metrics, thresholds=thresholds, max_batch=settings.max_batch,
-                           max_wait_ms=settings.max_wait_ms, queue_size=settings.queue_size)
+    wait_ms = max(settings.max_wait_ms, SHADOW_MAX_WAIT_MS) if shadow else settings.max_wait_ms
+    batcher = MicroBatcher(model, None if shadow else metrics, thresholds=thresholds, max_batch=settings.max_batch,
+                           max_wait_ms=wait_ms, queue_size=settings.queue_size, background=shadow)
     try:
         batcher.warm_up()
     except Exception as e:  # a model whose inputs or outputs are not the contract's
@@ -156,7 +181,7 @@ def load_served(path: str, settings: Settings, metrics: Metrics, *, store_histor
     for warning in alias_warnings(settings.event_aliases, loaded.spec.aliases, loaded.spec.event_types):
         log.warning("SEQGUARD_EVENT_ALIASES: %s", warning)
     digest = hashlib.sha256(orjson.dumps(loaded.meta, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
-    return Served(bundle, model, thresholds, batcher, path, time.time(), os.path.realpath(path), digest)
+    return Served(bundle, model, thresholds, batcher, path, time.time(), os.path.realpath(path), digest, shadow)
 
 
 async def swap(state: Any, new: Served) -> Served:
@@ -173,6 +198,26 @@ async def swap(state: Any, new: Served) -> Served:
     return old
 
 
+async def set_shadow(state: Any, new: Served | None) -> Served | None:
+    """Make ``new`` (a shadow, started here; ``None``: none) the shadow of ``state`` and
+    retire the one before, as :func:`swap` retires a live model. Returns the old one."""
+    if new is not None:
+        await new.batcher.start()
+    old: Served | None = state.shadow
+    state.shadow = new
+    state.metrics.set_shadow_info(None if new is None else (new.version, new.model.provider, new.bundle.arch))
+    if new is not None:
+        log.info("shadow: %s (%s, from %s) scores the live windows after their answers", new.version,
+                 new.model.provider, new.path)
+    elif old is not None:
+        log.info("shadow %s stopped", old.version)
+    if old is not None:
+        task = asyncio.create_task(_retire(old), name=f"retire-shadow-{old.version}")
+        state.retired.add(task)
+        task.add_done_callback(state.retired.discard)
+    return old
+
+
 async def _retire(old: Served) -> None:
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     while old.batcher.pending and time.monotonic() < deadline:
@@ -180,17 +225,34 @@ async def _retire(old: Served) -> None:
     await old.batcher.stop()
 
 
-async def read_record(redis: aioredis.Redis) -> dict[str, Any] | None:
-    """The live model's record in Redis (``None``: none, unreadable, or Redis down)."""
+async def read_record(redis: aioredis.Redis, key: str = LIVE_MODEL_KEY) -> dict[str, Any] | None:
+    """The live model's record in Redis, or the shadow's with ``key=SHADOW_MODEL_KEY``
+    (``None``: none, unreadable, or Redis down)."""
     try:
-        raw = await redis.get(LIVE_MODEL_KEY)
+        raw = await redis.get(key)
     except (RedisError, OSError):
         return None
+    return _parse_record(raw)
+
+
+def _parse_record(raw: bytes | str | None) -> dict[str, Any] | None:
     try:
         record = orjson.loads(raw) if raw is not None else None
     except orjson.JSONDecodeError:
         return None
     return record if isinstance(record, dict) and {"bundle", "version"} <= record.keys() else None
+
+
+async def read_shadow_key(redis: aioredis.Redis) -> tuple[str, ...] | None:
+    """:func:`record_key` of the shadow's record, :data:`NO_SHADOW` where there is none
+    (or it is unreadable), ``None`` where Redis did not answer (nothing to follow then:
+    an outage must not stop every worker's shadow)."""
+    try:
+        raw = await redis.get(SHADOW_MODEL_KEY)
+    except (RedisError, OSError):
+        return None
+    record = _parse_record(raw)
+    return NO_SHADOW if record is None else record_key(record)
 
 
 def record_key(record: dict[str, Any]) -> tuple[str, ...]:
@@ -199,12 +261,17 @@ def record_key(record: dict[str, Any]) -> tuple[str, ...]:
     return str(record["bundle"]), str(record["version"]), str(record.get("digest"))
 
 
-async def write_record(redis: aioredis.Redis, served: Served, base: str) -> tuple[str, ...]:
-    """Tell every worker and replica on this Redis to serve ``served``; returns the
-    record's :func:`record_key`."""
+async def write_record(redis: aioredis.Redis, served: Served | None, base: str,
+                       key: str = LIVE_MODEL_KEY) -> tuple[str, ...]:
+    """Tell every worker and replica on this Redis to serve ``served`` (with
+    ``key=SHADOW_MODEL_KEY``: as their shadow; ``None``: no shadow); returns the record's
+    :func:`record_key` (:data:`NO_SHADOW` for none)."""
+    if served is None:
+        await redis.delete(key)
+        return NO_SHADOW
     record = {"bundle": served.path, "version": served.version, "digest": served.digest, "base": base,
               "at": round(time.time(), 3)}
-    await redis.set(LIVE_MODEL_KEY, orjson.dumps(record))
+    await redis.set(key, orjson.dumps(record))
     return record_key(record)
 
 
@@ -235,6 +302,38 @@ async def follow_record(redis: aioredis.Redis, served: Served, base: str, settin
         return served, None
 
 
+async def start_shadow(redis: aioredis.Redis, base: str, settings: Settings, metrics: Metrics,
+                       store_history: int) -> tuple[Served | None, tuple[str, ...] | None]:
+    """At a worker's start: the shadow that ``SEQGUARD_SHADOW_BUNDLE`` names (then written
+    as the shadow's record), else the one the shadow's record names where it was written
+    under this worker's ``SEQGUARD_BUNDLE`` (``base``), else none. A shadow that cannot be
+    loaded is logged and left out: serving never depends on a candidate. Returns the
+    shadow (not started) and the :func:`record_key` of the record it follows."""
+    loop = asyncio.get_running_loop()
+    record = None
+    if settings.shadow_bundle is not None:
+        path, version = os.path.abspath(settings.shadow_bundle), None
+    else:
+        record = await read_record(redis, SHADOW_MODEL_KEY)
+        if record is None or record.get("base") != base:
+            return None, NO_SHADOW
+        path, version = str(record["bundle"]), str(record["version"])
+    try:
+        shadow = await asyncio.wait_for(loop.run_in_executor(None, lambda: load_served(
+            path, settings, metrics, store_history=store_history, shadow=True)), LOAD_TIMEOUT_S)
+        if version is not None and shadow.version != version:
+            raise BundleRefused(path, [f"it holds {shadow.version} now, not {version}"])
+    except (BundleRefused, TimeoutError) as e:
+        log.error("shadow %s not loaded: %s; serving without a shadow", path, e or "timed out")
+        return None, None
+    if record is not None:
+        return shadow, record_key(record)
+    try:
+        return shadow, await write_record(redis, shadow, base, SHADOW_MODEL_KEY)
+    except (RedisError, OSError):
+        return shadow, None
+
+
 def ignore_sighup_until_serving() -> None:
     """SIGHUP's default action ends the process: a worker still starting (or a lone
     `seqguard serve`) ignores it until :func:`on_sighup` installs the reload (an attack
@@ -262,6 +361,8 @@ class ModelWatch:
         self._refused: set[tuple[str, ...]] = set()
         #: The record this worker serves (followed or written), by :func:`record_key`.
         self.applied: tuple[str, ...] | None = None
+        #: The same for the shadow's record (:data:`NO_SHADOW`: none).
+        self.shadow_applied: tuple[str, ...] | None = NO_SHADOW
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -299,7 +400,35 @@ class ModelWatch:
                 self.applied = await write_record(self.state.redis, new, base=publish)
             return new
 
-    async def _prepare(self, path: str, version: str | None = None) -> Served:
+    async def load_shadow(self, path: str | None, *, publish: str) -> Served | None:
+        """Load ``path`` as the shadow (``None``: stop shadowing) and make it the shadow's
+        record, under ``publish`` (the ``SEQGUARD_BUNDLE`` of the deployment), for every
+        worker and replica on this Redis. ``BundleRefused`` leaves the shadow as it was."""
+        async with self.lock:
+            new = None if path is None else await self._prepare(path, shadow=True)
+            await set_shadow(self.state, new)
+            self.shadow_applied = await write_record(self.state.redis, new, publish, SHADOW_MODEL_KEY)
+            return new
+
+    async def promote(self, *, publish: str) -> Served:
+        """Make the shadow the live model, in every worker and replica: it is loaded again
+        as a live model (its own threads, the live metrics), swapped in, and the shadow
+        stopped; the live record names it and the shadow's record goes. Raises
+        :class:`NoShadow` where there is none, ``BundleRefused`` where its directory no
+        longer holds that version (the live model and the shadow stay as they were)."""
+        async with self.lock:
+            shadow = self.state.shadow
+            if shadow is None:
+                raise NoShadow("no shadow is served here: load one with {\"role\": \"shadow\", \"bundle\": ...}")
+            new = await self._prepare(shadow.path, version=shadow.version)
+            await swap(self.state, new)
+            await set_shadow(self.state, None)
+            self.state.metrics.track_model_reload("ok")
+            self.applied = await write_record(self.state.redis, new, base=publish)
+            self.shadow_applied = await write_record(self.state.redis, None, publish, SHADOW_MODEL_KEY)
+            return new
+
+    async def _prepare(self, path: str, version: str | None = None, *, shadow: bool = False) -> Served:
         """Load and check ``path`` in a thread, within :data:`LOAD_TIMEOUT_S` (a path that
         never finishes reading must not hold the lock for ever); with ``version``, refuse
         a bundle that is not that version (a directory changed since the record named it).
@@ -308,7 +437,7 @@ class ModelWatch:
         loop = asyncio.get_running_loop()
         try:
             new = await asyncio.wait_for(loop.run_in_executor(None, lambda: load_served(
-                path, s.settings, s.metrics, store_history=s.store.history)), LOAD_TIMEOUT_S)
+                path, s.settings, s.metrics, store_history=s.store.history, shadow=shadow)), LOAD_TIMEOUT_S)
             if version is not None and new.version != version:
                 await new.batcher.stop()
                 raise BundleRefused(path, [f"it holds {new.version} now, not {version} as the live record says"])
@@ -339,18 +468,41 @@ class ModelWatch:
         while not self._stopping:
             await asyncio.sleep(self.poll_s)
             try:
-                if self._new(await read_record(self.state.redis)) is None:
-                    continue
-                async with self.lock:
-                    # Read again under the lock: a reload of this worker's own (admin route,
-                    # SIGHUP) may have swapped and written its record meanwhile.
-                    record = self._new(await read_record(self.state.redis))
-                    if record is not None:
-                        await self._follow(record)
+                if self._new(await read_record(self.state.redis)) is not None:
+                    async with self.lock:
+                        # Read again under the lock: a reload of this worker's own (admin route,
+                        # SIGHUP) may have swapped and written its record meanwhile.
+                        record = self._new(await read_record(self.state.redis))
+                        if record is not None:
+                            await self._follow(record)
+                if self._new_shadow(await read_shadow_key(self.state.redis)):
+                    async with self.lock:
+                        if self._new_shadow(await read_shadow_key(self.state.redis)):
+                            await self._follow_shadow(await read_record(self.state.redis, SHADOW_MODEL_KEY))
             except asyncio.CancelledError:
                 raise
             except Exception:  # the follower must outlive anything one record does
                 log.exception("following the live record failed; still serving %s", self.state.live.version)
+
+    def _new_shadow(self, key: tuple[str, ...] | None) -> bool:
+        """Whether the shadow's record (by key; ``None``: unread) asks for another shadow."""
+        return key is not None and key != self.shadow_applied and key not in self._refused
+
+    async def _follow_shadow(self, record: dict[str, Any] | None) -> None:
+        """Serve the shadow ``record`` names (``None``: none), the lock held."""
+        if record is None:
+            await set_shadow(self.state, None)
+            self.shadow_applied = NO_SHADOW
+            return
+        key = record_key(record)
+        try:
+            new = await self._prepare(str(record["bundle"]), version=str(record["version"]), shadow=True)
+        except BundleRefused as e:
+            self._refused.add(key)
+            log.error("the shadow's record names %s, refused here: %s", record["version"], e)
+            return
+        await set_shadow(self.state, new)
+        self.shadow_applied = key
 
     def _new(self, record: dict[str, Any] | None) -> dict[str, Any] | None:
         """``record`` where this worker has not applied (or refused) it yet and does not

@@ -18,12 +18,21 @@ from app import errors, openapi, serving
 from app.core import logs
 from app.deps import AppState
 from app.embedded_redis import EmbeddedRedis
-from app.live import ModelWatch, bundle_path, follow_record, ignore_sighup_until_serving, load_served, on_sighup
+from app.live import (
+    ModelWatch,
+    bundle_path,
+    follow_record,
+    ignore_sighup_until_serving,
+    load_served,
+    on_sighup,
+    set_shadow,
+    start_shadow,
+)
 from app.metrics import Metrics, mark_process_dead
 from app.middleware import DirectRoutes, LingeringClose, RequestMetrics
 from app.redis_client import connect, durability_warning, read_durability
 from app.routes import admin, backfill, events, meta, users
-from app.settings import Settings
+from app.settings import Settings, tag_key
 from app.windows import WindowStore
 
 log = logging.getLogger("seqguard")
@@ -62,14 +71,20 @@ def create_app(settings: Settings) -> FastAPI:
         await log_durability(redis)
         store = WindowStore(redis, history=served.bundle.spec.history, window_ttl_s=settings.window_ttl_s,
                             idempotency_ttl_s=settings.idempotency_ttl_s,
-                            on_answer_error=lambda e: metrics.track_store_error())
+                            on_answer_error=lambda e: metrics.track_store_error(),
+                            tag_key=tag_key(settings.user_tag_key, "SEQGUARD_USER_TAG_KEY"))
+        for warning in settings.warnings():
+            log.warning("%s", warning)
         served, applied = await follow_record(redis, served, base, settings, metrics, store.history)
+        shadow, shadow_applied = await start_shadow(redis, base, settings, metrics, store.history)
         await served.batcher.start()
         metrics.set_model_info(served.version, served.model.provider, served.bundle.arch)
         state = app.state.seqguard = AppState(settings=settings, live=served, metrics=metrics, redis=redis,
                                               store=store)
+        await set_shadow(state, shadow)
         state.watch = ModelWatch(state, settings.model_poll_s)
         state.watch.applied = applied
+        state.watch.shadow_applied = shadow_applied
         state.watch.start()
         on_sighup(state.watch)
         t = served.thresholds
@@ -81,6 +96,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             await state.watch.stop()
             await state.live.batcher.stop()
+            await set_shadow(state, None)  # its comparisons under way end with it (counted as dropped)
             for task in list(state.retired):
                 await task
             state.batch_executor.shutdown(wait=True)

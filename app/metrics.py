@@ -78,6 +78,13 @@ PROBABILITY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.2,
                        0.9, 0.925, 0.95, 0.975, 0.99, 0.995, 0.999, 1.0)
 BATCH_SIZE_BUCKETS = tuple(float(2**i) for i in range(13))  # 1 .. 4096
 SCORE_PATHS = ("online", "batch")
+#: Routes that stream their answer, and the statuses of the problems that can end a stream
+#: after its 200 went out (body too slow, body or line too large, an unexpected error, the
+#: window store down): their ``seqguard_stream_errors_total`` series exist from the start
+#: at 0, so that the first error of a process is an increase (``increase()`` and
+#: ``rate()`` do not see a series that appears at 1).
+STREAM_ROUTES = ("/batch-score",)
+STREAM_ERROR_STATUSES = (408, 413, 500, 503)
 _SMALL = 8
 #: Unknown event types with a label of their own (the first a process sees); later ones: ``other``.
 UNKNOWN_TYPE_LABELS = 20
@@ -114,6 +121,11 @@ class Metrics:
 
         self.requests = Counter("seqguard_requests_total", "HTTP requests answered, by route template and status.",
                                 ("route", "status"), registry=reg)
+        self.stream_errors = Counter(
+            "seqguard_stream_errors_total",
+            "Streamed answers (NDJSON /batch-score) that a problem ended after their status (200) was sent, by "
+            "route and the problem's status (the stream's last line); seqguard_requests_total counts them as 200.",
+            ("route", "status"), registry=reg)
         self.request_duration = Histogram("seqguard_request_duration_seconds", "HTTP request latency.", ("route",),
                                           buckets=LATENCY_BUCKETS, registry=reg)
         self.events_scored = Counter("seqguard_events_scored_total", "Events scored, online or in batch.", ("path",),
@@ -152,13 +164,33 @@ class Metrics:
             "Scored events whose event type the model does not know (scored with the out-of-vocabulary id), by "
             f"type: the first {UNKNOWN_TYPE_LABELS} types a process sees, later ones as 'other'.",
             ("event_type",), registry=reg)
+        # The shadow (app/shadow.py): what a candidate would have decided on the live windows.
+        self.shadow_info = Gauge("seqguard_shadow_model_info", "The shadow model scoring the live windows after "
+                                 "their answers (value 1; no series: no shadow).", ("version", "provider", "arch"),
+                                 multiprocess_mode="liveall", registry=reg)
+        self.shadow_decisions = Counter("seqguard_shadow_decisions_total", "Events the shadow scored, by the live "
+                                        "decision and the shadow's.", ("live", "shadow"), registry=reg)
+        self.shadow_disagreements = Counter("seqguard_shadow_disagreements_total", "Events on which the shadow's "
+                                            "decision differs from the live one (share: over the sum of "
+                                            "seqguard_shadow_decisions_total).", registry=reg)
+        self.shadow_probability = Histogram("seqguard_shadow_anomaly_probability", "The shadow's anomaly "
+                                            "probability of the events it scored.", buckets=PROBABILITY_BUCKETS,
+                                            registry=reg)
+        self.shadow_dropped = Counter("seqguard_shadow_dropped_total", "Live windows the shadow did not score, by "
+                                      "reason (queue_full, stopped, failed); the live answers never wait on it.",
+                                      ("reason",), registry=reg)
 
         # Children bound once: the hot path skips labels() (a lock and a tuple per call);
         # the fixed label values are created now so their series exist at 0.
         self._scored = {p: self.events_scored.labels(p) for p in SCORE_PATHS}
         self._decided = {d: self.decisions.labels(d) for d in DECISIONS}
         self._children: dict[tuple[Any, ...], Any] = {}
+        for route in STREAM_ROUTES:
+            for status in STREAM_ERROR_STATUSES:
+                self._children["e", route, status] = self.stream_errors.labels(route, str(status))
         self._model_labels: tuple[str, str, str] | None = None
+        self._shadow_labels: tuple[str, str, str] | None = None
+        self._shadow_pairs = {(a, b): self.shadow_decisions.labels(a, b) for a in DECISIONS for b in DECISIONS}
         self._unknown: dict[str, Any] = {}  # unknown event type -> its child (at most UNKNOWN_TYPE_LABELS)
         self._warned: set[str] = set()  # unknown event types warned about (at most UNKNOWN_TYPE_WARNINGS)
         self._warned_full = False
@@ -175,6 +207,15 @@ class Metrics:
             pair = self._children[key] = (self.requests.labels(route, str(status)), self.request_duration.labels(route))
         pair[0].inc()
         pair[1].observe(seconds)
+
+    def track_stream_error(self, route: str, status: int) -> None:
+        """A streamed answer that a problem of status ``status`` ended, as its last line,
+        after the answer's 200 had gone out (``track_request`` counts that 200)."""
+        key = ("e", route, status)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.stream_errors.labels(route, str(status))
+        child.inc()
 
     # Scoring ----------------------------------------------------------------------------
 
@@ -294,6 +335,31 @@ class Metrics:
             self.model_info.remove(*self._model_labels)
         self.model_info.labels(*labels).set(1)
         self._model_labels = labels
+
+    def set_shadow_info(self, labels: tuple[str, str, str] | None) -> None:
+        """The shadow model as (version, provider, arch), one series at 1; ``None``: no
+        shadow, no series."""
+        if self._shadow_labels is not None and self._shadow_labels != labels:
+            self.shadow_info.labels(*self._shadow_labels).set(0)
+            self.shadow_info.remove(*self._shadow_labels)
+        if labels is not None:
+            self.shadow_info.labels(*labels).set(1)
+        self._shadow_labels = labels
+
+    def track_shadow(self, live: Iterable[str], shadow: Iterable[str], probs: Iterable[float]) -> None:
+        """The shadow's decisions and probabilities on windows the live model decided ``live``."""
+        differ = 0
+        for pair in _Tally(zip(live, shadow, strict=True)).items():
+            (a, b), n = pair
+            self._shadow_pairs[a, b].inc(n)
+            differ += n if a != b else 0
+        if differ:
+            self.shadow_disagreements.inc(differ)
+        self._observe_many(self.shadow_probability, np.asarray(list(probs), dtype=np.float64))
+
+    def track_shadow_dropped(self, reason: str, n: int) -> None:
+        """``n`` live windows the shadow did not score, and why."""
+        self.shadow_dropped.labels(reason).inc(n)
 
     # Exposition -------------------------------------------------------------------------
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -78,8 +80,13 @@ class MicroBatcher:
     the featurizer's ``history`` of them) in shared batches, and decides on them with
     ``thresholds``. Decisions and the scoring metrics are computed once per batch."""
 
-    def __init__(self, model: OnnxModel, metrics: Metrics, *, thresholds: Thresholds, max_batch: int,
-                 max_wait_ms: float, queue_size: int) -> None:
+    def __init__(self, model: OnnxModel, metrics: Metrics | None, *, thresholds: Thresholds, max_batch: int,
+                 max_wait_ms: float, queue_size: int, background: bool = False) -> None:
+        """``metrics``: the scoring metrics this batcher feeds (``None``: none, a shadow's).
+        ``background``: a shadow's batcher, which must not slow the live one down: it
+        featurizes in its own thread too (not on the event loop), and that thread runs at
+        a lower CPU priority (nice +:data:`BACKGROUND_NICE`), so that the live model's
+        thread and the event loop win the cores when both want them."""
         self.model = model
         self.thresholds = thresholds
         self.spec = model.bundle.spec
@@ -87,10 +94,12 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.padding = Padding.online(model.bundle.window)
+        self.background = background
         self._queue: asyncio.Queue[_Job] | None = None
         self._queue_size = queue_size
         self._pending = 0
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime",
+                                            initializer=_lower_priority if background else None)
         self._task: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
@@ -159,7 +168,8 @@ class MicroBatcher:
             raise QueueFull(f"{self._pending} windows waiting")
         loop = asyncio.get_running_loop()
         self._pending += n
-        self.metrics.set_queue_depth(self._pending)
+        if self.metrics is not None:
+            self.metrics.set_queue_depth(self._pending)
         try:
             # Large requests are cut so that no job is bigger than one batch; the parts are
             # queued at once and counted once (above), not again per part.
@@ -177,7 +187,8 @@ class MicroBatcher:
             return WindowScores.concat(done)
         finally:
             self._pending -= n
-            self.metrics.set_queue_depth(self._pending)
+            if self.metrics is not None:
+                self.metrics.set_queue_depth(self._pending)
 
     async def _worker(self, queue: asyncio.Queue[_Job]) -> None:
         loop = asyncio.get_running_loop()
@@ -218,7 +229,10 @@ class MicroBatcher:
         try:
             # On the loop: the featurizer is numpy calls with the GIL held; a thread
             # would only contend for it.
-            calls, seen, unknown = self._featurize(windows)
+            if self.background:  # a shadow's: the loop is the live model's
+                calls, seen, unknown = await loop.run_in_executor(self._executor, self._featurize, windows)
+            else:
+                calls, seen, unknown = self._featurize(windows)
             outputs = await loop.run_in_executor(self._executor, self._infer, calls)
             scored = self._answers(windows, calls, seen, unknown, outputs)
         except Exception as e:  # resolve every waiter; the route turns it into a 500
@@ -240,15 +254,17 @@ class MicroBatcher:
         prob = np.empty(len(windows), np.float32)
         surprise: list[np.ndarray] = [np.empty(0, np.float32)] * len(windows)
         for (rows, x), (p, s, seconds) in zip(calls, outputs, strict=True):
-            self.metrics.track_inference(len(rows), seconds)
+            if self.metrics is not None:
+                self.metrics.track_inference(len(rows), seconds)
             t = x.shape[1]
             prob[rows] = p[:, -1]
             for k, i in enumerate(rows.tolist()):
                 surprise[i] = s[k, t - seen[i]:]
         decision = self.thresholds.decide(prob)
-        self.metrics.track_scored("online", prob, decision)
-        if unknown:
-            self.metrics.track_unknown_types(unknown)
+        if self.metrics is not None:
+            self.metrics.track_scored("online", prob, decision)
+            if unknown:
+                self.metrics.track_unknown_types(unknown)
         return WindowScores(prob.tolist(), decision.tolist(), seen, surprise)
 
     def _featurize(self, windows: list[Window]) -> tuple[list[_ModelInput], list[int], dict[str, int]]:
@@ -270,6 +286,16 @@ class MicroBatcher:
             p, s = self.model.run(x)
             out.append((p, s, time.perf_counter() - started))
         return out
+
+
+#: How much lower a background (shadow) batcher's thread runs: ``nice`` +10.
+BACKGROUND_NICE = 10
+
+
+def _lower_priority() -> None:
+    """Lower the calling thread's CPU priority (Linux: a thread is a task of its own)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
 
 
 def _fail(jobs: list[_Job]) -> None:

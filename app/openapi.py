@@ -102,6 +102,7 @@ _ROUTE_ERRORS = {
                                    "on).",
     ("/admin/model", "post", 503): "This worker serves the new model, but Redis could not record it for the other "
                                    "workers and replicas; retry.",
+    ("/admin/model", "post", 409): "promote with no shadow served (type …/no-shadow).",
 }
 
 

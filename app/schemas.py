@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
+import orjson
 from fastapi.exceptions import RequestValidationError
 from pydantic import (
     BaseModel,
@@ -206,6 +207,19 @@ class Vocabulary(BaseModel):
                                                description="this deployment's aliases (SEQGUARD_EVENT_ALIASES)")
 
 
+class ShadowInfo(BaseModel):
+    """The shadow model a worker runs beside the live one (``GET /model``)."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    version: str
+    architecture: str
+    thresholds: Thresholds
+    provider: str
+    bundle: str
+    loaded_at: str = Field(description="when this worker loaded it (RFC 3339, UTC)")
+
+
 class ModelInfo(BaseModel):
     """``GET /model``: the loaded bundle and how it is served."""
 
@@ -228,26 +242,42 @@ class ModelInfo(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict, description="architecture hyperparameters")
     evaluation: dict[str, Any] = Field(default_factory=dict, description="the bundle's evaluation summary")
     vocabulary: Vocabulary
+    shadow: ShadowInfo | None = Field(None, description="the shadow model scoring the same windows after each "
+                                                        "answer (app/shadow.py); null: none")
 
 
 class ModelChange(BaseModel):
-    """``POST /admin/model``: the bundle to serve now, in every worker and replica on this
-    Redis. The path is read by the service's own processes (a path on their host)."""
+    """``POST /admin/model``: the bundle to serve now, as the live model or as its shadow,
+    in every worker and replica on this Redis; or the shadow made live. The path is read by
+    the service's own processes (a path on their host).
+
+    - ``{"bundle": DIR}``: serve DIR (``"role": "live"``, the default);
+    - ``{"bundle": DIR, "role": "shadow"}``: DIR scores the live windows after each answer;
+    - ``{"bundle": null, "role": "shadow"}``: stop shadowing;
+    - ``{"promote": true}``: the shadow becomes the live model (no shadow after).
+    """
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    bundle: str = Field(min_length=1, max_length=4096, description="bundle directory, as the workers see it")
+    bundle: str | None = Field(None, min_length=1, max_length=4096,
+                               description="bundle directory, as the workers see it; null with role shadow: "
+                                           "stop shadowing")
+    role: Literal["live", "shadow"] = Field("live", description="serve the bundle as the live model or as its "
+                                                                "shadow")
+    promote: bool = Field(False, description="make the shadow the live model (no bundle, no role)")
 
 
 class ModelChanged(BaseModel):
-    """The answer of ``POST /admin/model``: what this worker serves now."""
+    """The answer of ``POST /admin/model``: what this worker serves now in ``role``."""
 
     model_config = ConfigDict(protected_namespaces=())
 
-    version: str = Field(description="the model now served (model_version of the answers it gives)")
-    previous: str = Field(description="the model served before")
-    bundle: str
-    workers_follow_within_s: float = Field(description="the other workers and replicas serve it within this time "
+    role: Literal["live", "shadow"] = Field(description="the role changed (promote: live)")
+    version: str | None = Field(description="the model now in that role (model_version of the answers the live "
+                                            "one gives); null: no shadow any more")
+    previous: str | None = Field(description="the model in that role before (null: none)")
+    bundle: str | None
+    workers_follow_within_s: float = Field(description="the other workers and replicas follow within this time "
                                                        "(SEQGUARD_MODEL_POLL_S)")
 
 
@@ -319,6 +349,17 @@ def parse_model_change(body: bytes | str) -> ModelChange:
     except ValidationError as exc:
         raise request_validation_error(exc, body=body) from None
     _refuse_repeated_keys(body)
+    fields = orjson.loads(body).keys()
+    errors = []
+    if req.promote:
+        errors = [{"type": "value_error", "loc": ("body", k), "input": getattr(req, k),
+                   "msg": f"{k} cannot be given with promote (promote makes the shadow live)"}
+                  for k in ("bundle", "role") if k in fields]
+    elif req.role == "live" and req.bundle is None:
+        errors = [{"type": "missing", "loc": ("body", "bundle"), "input": None,
+                   "msg": "bundle is required (the directory to serve), unless promote is true"}]
+    if errors:
+        raise RequestValidationError(errors)
     return req
 
 

@@ -19,10 +19,16 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SEQGUARD_", env_file=None, extra="ignore")
+    # hide_input_in_errors: a refused value is never echoed (pydantic's "input_value=..."
+    # would print a secret, user_tag_key or the whole input of a model check, in a traceback).
+    model_config = SettingsConfigDict(env_prefix="SEQGUARD_", env_file=None, extra="ignore",
+                                      hide_input_in_errors=True)
 
     # Model
     bundle: Path | None = Field(None, description="Bundle directory; default: the shipped bundle.")
+    shadow_bundle: Path | None = Field(None, description="A candidate bundle that scores the same windows after "
+                                       "each answer, for comparison only (seqguard_shadow_* metrics); unset: none, "
+                                       "or the one POST /admin/model set for this SEQGUARD_BUNDLE.")
     prefer_cuda: bool = Field(True, description="Use the CUDA execution provider when it loads.")
     fp16: bool = Field(False, description="Serve model.fp16.onnx when the bundle has one, on whichever "
                                     "provider loads (meant for CUDA; GET /model names the file that runs).")
@@ -102,8 +108,12 @@ class Settings(BaseSettings):
     )
     user_hash_key: str = Field("seqguard", description="Key of the keyed hash (HMAC-SHA-256) that stands for a user "
                                "id in the privacy routes' audit log (user_hash); prod needs a secret one.")
+    user_tag_key: str = Field("", repr=False, description="Key of the keyed hash (BLAKE2b, at most 64 bytes in "
+                              "UTF-8) that names each user's Redis keys (sg:{<tag>}:...), so that whoever reads "
+                              "Redis cannot test a guessed user id against them; empty: unkeyed. A new key renames "
+                              "every key: move the windows first with `seqguard rekey`; prod warns when it is empty.")
     environment: Literal["dev", "prod"] = Field("dev", description="prod refuses to start without API keys or with "
-                                                "the default user_hash_key.")
+                                                "the default user_hash_key, and warns with an empty user_tag_key.")
     log_level: str = Field("INFO", description="Python log level.")
     log_format: Literal["auto", "plain", "json"] = Field(
         "auto", description="auto: rich on a terminal, else plain lines; plain: one line per record, never "
@@ -117,6 +127,12 @@ class Settings(BaseSettings):
                 raise ValueError("api_keys must map SHA-256 hex digests (never raw keys) to scopes")
             if not scopes:
                 raise ValueError(f"api key {digest[:8]}… has no scopes")
+        return v
+
+    @field_validator("user_tag_key")
+    @classmethod
+    def _tag_key_size(cls, v: str) -> str:
+        tag_key(v, "SEQGUARD_USER_TAG_KEY")
         return v
 
     @field_validator("redis_maxmemory", mode="before")
@@ -137,6 +153,15 @@ class Settings(BaseSettings):
     def min_rate_grace_s(self) -> float:
         """``body_min_rate_grace_s``, or ``body_read_timeout_s`` where it is unset."""
         return self.body_read_timeout_s if self.body_min_rate_grace_s is None else self.body_min_rate_grace_s
+
+    def warnings(self) -> list[str]:
+        """What the service warns about at start: settings it serves with, though prod should not."""
+        if self.environment == "prod" and not self.user_tag_key:
+            return ["SEQGUARD_USER_TAG_KEY is empty: each user's Redis keys are named by an unkeyed hash of the "
+                    "user id, so whoever can read Redis (or its AOF/RDB files) can test a guessed user id against "
+                    "them. Set a secret key after moving the windows to it with `seqguard rekey` (users not moved "
+                    "start new windows)."]
+        return []
 
     @model_validator(mode="after")
     def _safe(self) -> Settings:
@@ -169,6 +194,23 @@ def parse_bytes(text: str) -> int:
     if m is None:
         raise ValueError(f"{text!r}: expected bytes, or a number with kb, mb or gb")
     return int(m.group(1)) * _UNITS[(m.group(2) or "").lower()]
+
+
+def tag_key(text: str, variable: str) -> bytes:
+    """The bytes of a user tag key (``user_tag_key``: UTF-8, at most 64 bytes, BLAKE2b's
+    largest key); ``variable`` names where it came from in the error, never its value.
+
+    >>> tag_key("k1", "SEQGUARD_USER_TAG_KEY")
+    b'k1'
+    """
+    try:
+        key = text.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that were not UTF-8 in the environment (surrogate escapes)
+        raise ValueError(f"{variable} is not valid UTF-8") from None
+    if len(key) > hashlib.blake2b.MAX_KEY_SIZE:
+        raise ValueError(f"{variable} is {len(key)} bytes long (UTF-8); a user tag key has at most "
+                         f"{hashlib.blake2b.MAX_KEY_SIZE} (BLAKE2b's key size)")
+    return key
 
 
 def hash_api_key(key: str) -> str:

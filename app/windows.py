@@ -2,7 +2,10 @@
 Redis key, TTL and Lua script of the project.
 
 Keys of one user share a Redis Cluster hash tag derived from the user id (never the raw
-id, which appears nowhere in Redis):
+id, which appears nowhere in Redis): BLAKE2b of the id, keyed with the deployment's
+``user_tag_key`` when it has one (:func:`user_key_tag`), so that whoever reads Redis cannot
+test a guessed id against the tags. A new key renames every key: :class:`Rekeyer` moves
+them (``seqguard rekey``).
 
 - ``sg:{<tag>}:w``   sorted set, the window: score = timestamp (epoch ms), member =
   ``f"{seq:012d}|" + JSON(event without user_id)``. ``seq`` is the user's arrival
@@ -20,8 +23,9 @@ id, which appears nowhere in Redis):
 One Lua script (``app/lua/append_events.lua``) appends a user's events atomically (checks
 idempotency, assigns seq, inserts in timestamp order, reads the window at the event, trims,
 refreshes TTLs), in one round trip; another (``app/lua/save_answer.lua``) records a first
-answer. :mod:`app.redis_scripts` runs them (EVALSHA, the calls of concurrent requests in one
-pipeline; re-loaded after NOSCRIPT). Idempotency is per user: a replay carries the same
+answer; a third (``app/lua/restore_user.lua``) restores a user's keys under a new tag
+(:class:`Rekeyer`). :mod:`app.redis_scripts` runs them (EVALSHA, the calls of concurrent
+requests in one pipeline; re-loaded after NOSCRIPT). Idempotency is per user: a replay carries the same
 ``user_id`` and ``event_id``.
 """
 
@@ -33,7 +37,7 @@ import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import orjson
 import redis.asyncio as aioredis
@@ -95,20 +99,27 @@ def unpack_answer(packed: bytes | str, user_id: str, event_id: str) -> bytes:
                          "model_version": version, "duplicate": False})
 
 
-def user_key_tag(user_id: str) -> str:
-    """The user's Redis Cluster hash tag: 20 hex chars of BLAKE2b of the user id.
+def user_key_tag(user_id: str, tag_key: bytes = b"") -> str:
+    """The user's Redis Cluster hash tag: 20 hex chars of BLAKE2b of the user id, keyed with
+    ``tag_key`` (the deployment's ``user_tag_key``, at most 64 bytes). An empty key is
+    BLAKE2b's unkeyed mode: the tags of deployments without a key.
 
     Examples
     --------
     >>> len(user_key_tag("u1")), user_key_tag("u1") == user_key_tag("u1")
     (20, True)
+    >>> user_key_tag("u1", b"k1") == user_key_tag("u1", b"k1") != user_key_tag("u1", b"k2")
+    True
     """
-    return hashlib.blake2b(user_id.encode("utf-8"), digest_size=10, person=b"seqguard-win").hexdigest()
+    return hashlib.blake2b(user_id.encode("utf-8"), key=tag_key, digest_size=10,
+                           person=b"seqguard-win").hexdigest()
 
 
 #: The service's one key that is no user's: the live model's record (``app.live``), one
 #: per deployment, no TTL.
 LIVE_MODEL_KEY = "sg:model:live"
+#: The shadow model's record (``app.live``, ``app.shadow``), of the same form; absent: no shadow.
+SHADOW_MODEL_KEY = "sg:model:shadow"
 
 
 class UserKeys(NamedTuple):
@@ -118,9 +129,10 @@ class UserKeys(NamedTuple):
     id_times: str  # sorted set event_id → arrival ms
 
 
-def user_keys(user_id: str) -> UserKeys:
-    """Every Redis key of one user (one hash tag: one cluster slot)."""
-    base = f"sg:{{{user_key_tag(user_id)}}}:"
+def user_keys(user_id: str, tag_key: bytes = b"") -> UserKeys:
+    """Every Redis key of one user (one hash tag: one cluster slot) under ``tag_key``
+    (:func:`user_key_tag`)."""
+    base = f"sg:{{{user_key_tag(user_id, tag_key)}}}:"
     return UserKeys(base + "w", base + "n", base + "ids", base + "idt")
 
 
@@ -151,8 +163,9 @@ def _script(name: str) -> Script:
 
 _APPEND = _script("append_events.lua")
 _SAVE_ANSWER = _script("save_answer.lua")
-#: Every Lua script the store runs.
-SCRIPTS = (_APPEND, _SAVE_ANSWER)
+_RESTORE_USER = _script("restore_user.lua")
+#: Every Lua script the store (and :class:`Rekeyer`) runs.
+SCRIPTS = (_APPEND, _SAVE_ANSWER, _RESTORE_USER)
 
 
 class WindowStore:
@@ -168,11 +181,12 @@ class WindowStore:
     max_ids_per_user : idempotency records kept per user at most.
     on_answer_error : called with the error when answers queued by
         :meth:`save_answers_soon` could not be saved.
+    tag_key : the key of the users' hash tags (``user_tag_key``, UTF-8); empty: unkeyed.
     """
 
     def __init__(self, redis: aioredis.Redis, *, history: int, keep: int | None = None, window_ttl_s: int,
                  idempotency_ttl_s: int, max_ids_per_user: int = MAX_IDS_PER_USER,
-                 on_answer_error: Callable[[BaseException], None] | None = None) -> None:
+                 on_answer_error: Callable[[BaseException], None] | None = None, tag_key: bytes = b"") -> None:
         keep = history if keep is None else keep
         if history < 1:
             raise ValueError("history must be ≥ 1")
@@ -180,6 +194,7 @@ class WindowStore:
             raise ValueError(f"keep ({keep}) must be ≥ history ({history})")
         if window_ttl_s < 1 or idempotency_ttl_s < 1 or max_ids_per_user < 1:
             raise ValueError("TTLs and max_ids_per_user must be ≥ 1")
+        user_key_tag("", tag_key)  # a key BLAKE2b refuses (over 64 bytes) fails here, not per event
         self.redis = redis
         self.history = history
         self.keep = keep
@@ -191,6 +206,11 @@ class WindowStore:
         self._unsaved: dict[tuple[str, str], bytes] = {}
         self._saver: asyncio.Task[None] | None = None
         self._scripts = ScriptPipeline(redis, name="window store")
+        self._tag_key = tag_key
+
+    def keys(self, user_id: str) -> UserKeys:
+        """Every Redis key of one user, under this store's tag key."""
+        return user_keys(user_id, self._tag_key)
 
     # ------------------------------------------------------------------ writes
 
@@ -224,7 +244,7 @@ class WindowStore:
                 for i in idx:
                     _, eid, ts, payload = encoded[i]
                     args += (eid, ts, payload)
-                calls.append(ScriptCall(_APPEND, tuple(user_keys(uid)), tuple(args)))
+                calls.append(ScriptCall(_APPEND, tuple(self.keys(uid)), tuple(args)))
             replies = await self._scripts.run(calls)
             for (uid, idx), reply in zip(chunks, replies, strict=True):
                 for i, r in zip(idx, reply, strict=True):
@@ -239,7 +259,7 @@ class WindowStore:
         await self._save_packed([(uid, eid, pack_answer(answer)) for uid, eid, answer in items if answer])
 
     async def _save_packed(self, items: Sequence[tuple[str, str, bytes]]) -> None:
-        calls = [ScriptCall(_SAVE_ANSWER, (user_keys(uid).ids,), (eid, packed)) for uid, eid, packed in items]
+        calls = [ScriptCall(_SAVE_ANSWER, (self.keys(uid).ids,), (eid, packed)) for uid, eid, packed in items]
         if calls:
             await self._scripts.run(calls)
 
@@ -289,7 +309,7 @@ class WindowStore:
 
         Raises: ``redis`` errors (the caller answers 503).
         """
-        keys = user_keys(user_id)
+        keys = self.keys(user_id)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zrange(keys.window, 0, -1)
             pipe.zrange(keys.id_times, 0, -1, withscores=True)
@@ -308,7 +328,81 @@ class WindowStore:
         """
         for key in [k for k in self._unsaved if k[0] == user_id]:
             self._unsaved.pop(key, None)
-        return int(await self.redis.delete(*user_keys(user_id)))
+        return int(await self.redis.delete(*self.keys(user_id)))
+
+
+#: What :meth:`Rekeyer.move` did with one user: moved (or would move, in a dry run), had
+#: nothing under the old tag, or skipped (keys under the new tag exist already).
+Moved = Literal["moved", "absent", "conflict"]
+
+
+class Rekeyer:
+    """Moves users' keys from one tag key to another (``seqguard rekey``), TTLs kept.
+
+    The old and new keys of a user lie in two cluster slots, so RENAME (one slot) cannot
+    move them, and no command here spans two slots: the old keys are read with DUMP and
+    PTTL in one MULTI, one script restores them under the new tag unless a key of the user
+    is there already (``app/lua/restore_user.lua``: no REPLACE), then one DEL removes the
+    old ones. The same commands work on one Redis and on a Redis Cluster.
+
+    Not atomic with the service: an event the service appends under the old tag while its
+    user is moved (between the read and the DEL) is lost, and one appended after it stays
+    under the old tag until its TTL. Move users with the service stopped, or before it
+    serves with the new key.
+    """
+
+    def __init__(self, redis: aioredis.Redis, *, from_key: bytes, to_key: bytes) -> None:
+        if from_key == to_key:
+            raise ValueError("the old and the new tag key are the same: nothing to move")
+        for k in (from_key, to_key):
+            user_key_tag("", k)  # refused now if BLAKE2b refuses it
+        self.redis = redis
+        self._from, self._to = from_key, to_key
+        self._scripts = ScriptPipeline(redis, name="window store")
+
+    async def move(self, user_id: str, *, dry_run: bool = False) -> Moved:
+        """Move one user's keys; with ``dry_run``, say what would happen and write nothing.
+
+        Raises: ``redis`` errors (nothing of this user moved, or only the DEL of its old
+        keys is missing: a second run then finds it a conflict).
+        """
+        old, new = user_keys(user_id, self._from), user_keys(user_id, self._to)
+        async with self.redis.pipeline(transaction=True) as pipe:  # one slot: a consistent snapshot
+            for key in old:
+                pipe.dump(key)
+                pipe.pttl(key)
+            replies = await pipe.execute()
+        dumps, ttls = replies[0::2], replies[1::2]
+        if all(d is None for d in dumps):
+            return "absent"
+        if dry_run:
+            return "conflict" if await self.redis.exists(*new) else "moved"
+        args: list[str | bytes | int] = []
+        for dump, ttl in zip(dumps, ttls, strict=True):
+            args += (max(int(ttl), 0), dump) if dump is not None else (0, b"")
+        [restored] = await self._scripts.run([ScriptCall(_RESTORE_USER, tuple(new), tuple(args))])
+        if int(restored) < 0:
+            return "conflict"
+        await self.redis.delete(*(k for k, d in zip(old, dumps, strict=True) if d is not None))
+        return "moved"
+
+    async def move_many(self, user_ids: Sequence[str], *, dry_run: bool = False, in_flight: int = 32,
+                        on_progress: Callable[[int, int], None] | None = None) -> dict[Moved, int]:
+        """:meth:`move` each user (``in_flight`` at a time); how many were moved, absent and
+        in conflict, each user counted once however often listed. ``on_progress(done,
+        total)`` after each group.
+
+        Raises: ``redis`` errors, the users before the failing group moved.
+        """
+        counts: dict[Moved, int] = {"moved": 0, "absent": 0, "conflict": 0}
+        unique = list(dict.fromkeys(user_ids))  # one user twice in a group would race with itself
+        for start in range(0, len(unique), in_flight):
+            group = unique[start:start + in_flight]
+            for outcome in await asyncio.gather(*(self.move(u, dry_run=dry_run) for u in group)):
+                counts[outcome] += 1
+            if on_progress is not None:
+                on_progress(start + len(group), len(unique))
+        return counts
 
 
 def _encode(event: Mapping[str, Any]) -> tuple[str, str, str, bytes]:

@@ -25,7 +25,7 @@ def fails(*args: str | Path) -> str:
     return " ".join(res.output.split())  # unwrap the console's line folding
 
 
-@pytest.mark.parametrize("command", ["train", "export", "evaluate", "score", "serve", "replay", "info"])
+@pytest.mark.parametrize("command", ["train", "export", "evaluate", "score", "serve", "replay", "info", "rekey"])
 def test_every_command_has_help(command):
     res = runner.invoke(cli, [command, "--help"])
     assert res.exit_code == 0 and "Usage" in res.output

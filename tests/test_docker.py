@@ -39,6 +39,7 @@ DASHBOARD_PROVIDERS = DOCKER / "grafana" / "provisioning" / "dashboards" / "seqg
 # docs/DESIGN.md, "Metrics (Prometheus names)"; test_contract_metrics_match_design holds the two together.
 CONTRACT_METRICS = {
     "seqguard_requests_total",
+    "seqguard_stream_errors_total",
     "seqguard_request_duration_seconds",
     "seqguard_events_scored_total",
     "seqguard_decisions_total",
@@ -54,6 +55,11 @@ CONTRACT_METRICS = {
     "seqguard_redis_memory_max_bytes",
     "seqguard_model_info",
     "seqguard_model_reloads_total",
+    "seqguard_shadow_model_info",
+    "seqguard_shadow_decisions_total",
+    "seqguard_shadow_disagreements_total",
+    "seqguard_shadow_anomaly_probability",
+    "seqguard_shadow_dropped_total",
 }
 HISTOGRAMS = {
     "seqguard_request_duration_seconds",
@@ -61,8 +67,10 @@ HISTOGRAMS = {
     "seqguard_inference_batch_size",
     "seqguard_inference_duration_seconds",
     "seqguard_window_store_duration_seconds",
+    "seqguard_shadow_anomaly_probability",
 }
 CONTRACT_LABELS = {"route", "status", "path", "decision", "op", "version", "provider", "arch", "event_type", "le",
+                   "live", "shadow", "reason",
                    "result"}
 SERVICES = {"redis", "seqguard", "prometheus", "grafana"}
 

@@ -50,7 +50,8 @@ def test_a_new_bundle_serves_the_next_request(make_client: Callable[..., TestCli
     new = bundle_copy(tmp_path, "v-next")
     r = change(client, new)
     assert r.status_code == 200, r.text
-    assert r.json() == {"version": "v-next", "previous": SHIPPED, "bundle": str(new), "workers_follow_within_s": 2.0}
+    assert r.json() == {"role": "live", "version": "v-next", "previous": SHIPPED, "bundle": str(new),
+                        "workers_follow_within_s": 2.0}
     answer = client.post("/events", json=event("e2")).json()
     assert answer["model_version"] == "v-next" and answer["window_size"] == 2  # the same stored window
     model = client.get("/model").json()
@@ -155,7 +156,8 @@ def test_thresholds_overrides_that_cross_the_new_bundle_are_refused(make_client:
     ({"bundle": 7}, "$.bundle"),
     ({"bundle": ""}, "$.bundle"),
     ({}, "$.bundle"),
-    ({"bundle": "x", "role": "live"}, "$.role"),
+    ({"bundle": "x", "mode": "live"}, "$.mode"),
+    ({"bundle": "x", "role": "canary"}, "$.role"),
     (b'{"bundle": "a", "bundle": "b"}', "$.bundle"),
 ])
 def test_bad_bodies_name_the_field(client: TestClient, body: Any, path: str) -> None:

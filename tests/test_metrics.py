@@ -20,6 +20,7 @@ from app import metrics as metrics_module
 from app.metrics import (
     MULTIPROC_ENV,
     PROBABILITY_BUCKETS,
+    STREAM_ERROR_STATUSES,
     UNKNOWN_TYPE_LABELS,
     Metrics,
     mark_process_dead,
@@ -30,6 +31,7 @@ from app.metrics import (
 
 CONTRACT = {
     "seqguard_requests_total": "counter",
+    "seqguard_stream_errors_total": "counter",
     "seqguard_request_duration_seconds": "histogram",
     "seqguard_events_scored_total": "counter",
     "seqguard_decisions_total": "counter",
@@ -45,6 +47,11 @@ CONTRACT = {
     "seqguard_unknown_event_types_total": "counter",
     "seqguard_redis_memory_used_bytes": "gauge",
     "seqguard_redis_memory_max_bytes": "gauge",
+    "seqguard_shadow_model_info": "gauge",
+    "seqguard_shadow_decisions_total": "counter",
+    "seqguard_shadow_disagreements_total": "counter",
+    "seqguard_shadow_anomaly_probability": "histogram",
+    "seqguard_shadow_dropped_total": "counter",
 }
 
 
@@ -105,6 +112,23 @@ def test_helpers_update_values() -> None:
     assert value(m, "seqguard_window_store_duration_seconds_count", op="append") == 1
     assert value(m, "seqguard_window_store_errors_total") == 1
     assert value(m, "seqguard_duplicate_events_total") == 3
+
+
+def test_stream_errors_counted_by_route_and_status_from_zero() -> None:
+    """Each known status of /batch-score has its series at 0 before any stream was cut, so
+    that the first cut of a process shows in ``increase()``; an unforeseen status gets one."""
+    m = Metrics()
+    for status in STREAM_ERROR_STATUSES:
+        assert value(m, "seqguard_stream_errors_total", route="/batch-score", status=str(status)) == 0
+    m.track_stream_error("/batch-score", 413)
+    m.track_stream_error("/batch-score", 413)
+    m.track_stream_error("/batch-score", 503)
+    m.track_stream_error("/batch-score", 429)
+    assert value(m, "seqguard_stream_errors_total", route="/batch-score", status="413") == 2
+    assert value(m, "seqguard_stream_errors_total", route="/batch-score", status="503") == 1
+    assert value(m, "seqguard_stream_errors_total", route="/batch-score", status="429") == 1
+    assert value(m, "seqguard_stream_errors_total", route="/batch-score", status="408") == 0
+    assert value(m, "seqguard_requests_total", route="/batch-score", status="200") is None  # a count of its own
 
 
 def test_unknown_event_types_bounded_labels_and_one_warning_each(
@@ -221,6 +245,7 @@ def _worker(requests: int, depth: int, ready: mp.synchronize.Event, release: mp.
     m.track_scored("online", np.array([0.01] * 5 + [0.97] * 5), ["allow"] * 5 + ["block"] * 5)  # vectorised path
     m.track_scored("online", np.array([0.5]), ["review"])
     m.track_inference(2, 0.001)
+    m.track_stream_error("/batch-score", 408)
     m.set_queue_depth(depth)
     m.set_model_info("v1", "CPUExecutionProvider", "transformer")
     ready.set()
@@ -261,6 +286,8 @@ def test_multiprocess_aggregates_workers(monkeypatch: pytest.MonkeyPatch, tmp_pa
         assert v["seqguard_anomaly_probability_bucket", (("le", "0.5"),)] == 12
         assert v["seqguard_anomaly_probability_sum", ()] == pytest.approx(2 * (0.05 + 4.85 + 0.5))
         assert v["seqguard_inference_batch_size_count", ()] == 2
+        assert v["seqguard_stream_errors_total", (("route", "/batch-score"), ("status", "408"))] == 2
+        assert v["seqguard_stream_errors_total", (("route", "/batch-score"), ("status", "503"))] == 0
         assert v["seqguard_scoring_queue_depth", ()] == 11  # livesum over live workers
         model_info = {labels: n for (name, labels), n in v.items() if name == "seqguard_model_info"}
         assert sorted(dict(labels)["pid"] for labels in model_info) == sorted(str(w.pid) for w in workers)

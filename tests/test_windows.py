@@ -360,6 +360,47 @@ def test_keys_carry_the_hash_tag_and_never_the_raw_user_id(redis_url: str) -> No
     run(redis_url, body)
 
 
+def test_keyed_tags_differ_from_unkeyed_ones_and_between_keys() -> None:
+    """SEQGUARD_USER_TAG_KEY: a keyed BLAKE2b, so that a guessed user id cannot be tested
+    against the tags without the key; an empty key keeps the tags deployments have now."""
+    user = "1001"
+    unkeyed, a, b = user_key_tag(user), user_key_tag(user, b"key-a"), user_key_tag(user, b"key-b")
+    assert unkeyed == user_key_tag(user, b"") == "02293d64de19188582a1"  # the tag of every key stored so far
+    assert len({unkeyed, a, b}) == 3
+    assert a == user_key_tag(user, b"key-a") and all(re.fullmatch(r"[0-9a-f]{20}", t) for t in (a, b))
+    assert user_key_tag("1002", b"key-a") != a
+    assert user_keys(user, b"key-a") == tuple(f"sg:{{{a}}}:{x}" for x in ("w", "n", "ids", "idt"))
+    assert user_keys(user) == user_keys(user, b"") != user_keys(user, b"key-a")
+    assert not any(user in k for key in (b"", b"key-a", b"\xff" * 64) for k in user_keys(user, key))
+    with pytest.raises(ValueError):  # over BLAKE2b's 64 bytes
+        user_keys(user, b"k" * 65)
+    with pytest.raises(ValueError):  # refused when the store is built, not at its first event
+        store(None, tag_key=b"k" * 65)  # type: ignore[arg-type]
+
+
+def test_a_store_with_a_tag_key_keeps_every_key_under_the_keyed_tag(redis_url: str) -> None:
+    user, key = "alice@example.com", b"s3cret-tag-key"
+
+    async def body(r: aioredis.Redis) -> None:
+        s = store(r, tag_key=key)
+        await s.append(ev("e1", 1, user=user, item_id="i1"))
+        await s.append(ev("e2", 2, user=user))
+        await s.save_answers([(user, "e1", answer(0.5, user=user))])
+        keys = sorted([k.decode() async for k in r.scan_iter(match="*")])
+        assert keys == sorted(user_keys(user, key)) == sorted(s.keys(user))
+        assert not set(keys) & set(user_keys(user)), "nothing under the unkeyed tag"
+        assert not any(user in k for k in keys)
+        assert ids(await kept(s, user)) == ["e1", "e2"]
+        assert [x["event_id"] for x in (await s.stored(user))["event_ids"]] == ["e1", "e2"]
+        replay = await s.append(ev("e1", 1, user=user))
+        assert replay.duplicate and same(replay.answer, answer(0.5, user=user))
+        assert await store(r).stored(user) == {"events": [], "event_ids": []}, "an unkeyed store sees none of it"
+        assert await store(r, tag_key=b"another-key").stored(user) == {"events": [], "event_ids": []}
+        assert await s.forget(user) == 4 and await r.dbsize() == 0
+
+    run(redis_url, body)
+
+
 # ------------------------------------------------------------------------- scripts
 
 
@@ -367,7 +408,7 @@ def test_the_lua_scripts_are_package_resources_and_load(redis_url: str) -> None:
     """app/lua/*.lua ship as package data, one file per script the store runs, and each
     compiles in Redis under the SHA the store calls it by."""
     lua = {p.name: p.read_text(encoding="utf-8") for p in (files("app") / "lua").iterdir() if p.name.endswith(".lua")}
-    assert sorted(lua) == ["append_events.lua", "save_answer.lua"]
+    assert sorted(lua) == ["append_events.lua", "restore_user.lua", "save_answer.lua"]
     assert sorted(s.source for s in SCRIPTS) == sorted(lua.values())
     assert all(src.startswith("-- ") and "KEYS" in src and "ARGV" in src for src in lua.values())
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -36,8 +37,9 @@ from app.core.decisions import Thresholds
 from app.core.events import Events
 from app.core.scorer import OnnxModel
 from app.deps import AppState, StateDep, require
-from app.errors import PayloadTooLarge, ProblemError, RequestTimeout, ServiceUnavailable, json_path
+from app.errors import PayloadTooLarge, ProblemError, ServiceUnavailable, json_path
 from app.live import Served
+from app.metrics import Metrics
 from app.routes import JSON, media_type
 from app.routes.events import body_chunks, read_body
 from app.schemas import BatchScoreResults, QueryFlag, parse_batch_request, parse_event_line, to_records
@@ -188,10 +190,9 @@ async def _ndjson(request: Request, state: StateDep, update_windows: bool) -> St
             if update_windows and not stored:
                 try:
                     await _append(state, records)
-                except ServiceUnavailable as exc:  # the answer has started: the problem is its last line
+                except ServiceUnavailable:  # the answer has started: the problem is its last line
                     log.warning("window store unavailable during an NDJSON /batch-score stream; ended it")
-                    yield _error_line(exc)
-                    return
+                    raise
             stored = False
             if records:
                 context = [e for r in records for e in tails.get(r["user_id"], ())] if tails else []
@@ -205,20 +206,46 @@ async def _ndjson(request: Request, state: StateDep, update_windows: bool) -> St
                 yield _encode_errors(chunk.errors)
             if chunk.finished:
                 return
-            try:
-                chunk = await _chunk(lines, chunk.next_line, executor)
-            except (PayloadTooLarge, RequestTimeout) as exc:
-                # The answer has started: the problem goes in the stream, as its last line.
-                yield _error_line(exc)
-                return
+            # A limit crossed now (413, 408) ends the stream with its problem as the last line.
+            chunk = await _chunk(lines, chunk.next_line, executor)
 
-    return _ReadingStreamingResponse(stream(), media_type=NDJSON, headers={MODEL_VERSION_HEADER: live.version})
+    route = getattr(request.scope.get("route"), "path", "/batch-score")  # the label seqguard_requests_total uses
+    return _ReadingStreamingResponse(_ended_by_problems(stream(), state.metrics, route), media_type=NDJSON,
+                                     headers={MODEL_VERSION_HEADER: live.version})
+
+
+async def _ended_by_problems(body: AsyncIterator[bytes], metrics: Metrics, route: str) -> AsyncIterator[bytes]:
+    """``body``'s lines; if a failure ends it, the problem as the last line, since the
+    answer's status (200) has gone out. Each such end is counted in
+    ``seqguard_stream_errors_total`` under the problem's status: the request metrics count
+    the request as the 200 it was sent as. A problem (413, 408, 503) is its own line; any
+    other exception is logged once, with its traceback, under an ``error_id`` that a 500
+    line names (it used to cut the stream off with no last line, and no terminating chunk).
+    A client that went away (``ClientDisconnect``) is the request metrics' 499 alone.
+    """
+    try:
+        async for piece in body:
+            yield piece
+        return
+    except ClientDisconnect:
+        raise
+    except ProblemError as exc:
+        problem = exc
+    except Exception as exc:
+        error_id = uuid.uuid4().hex
+        log.error("unexpected error %s (%s) on POST %s after its NDJSON answer had started: ended it with a 500 "
+                  "line", error_id, type(exc).__name__, route, exc_info=exc)
+        problem = ProblemError("An unexpected error occurred; quote error_id when reporting it.", error_id=error_id)
+    yield _error_line(problem)
+    # Counted once the line has gone to the server: if that send failed, the client had
+    # left, and the request is the request metrics' 499 alone.
+    metrics.track_stream_error(route, problem.status)
 
 
 def _error_line(exc: ProblemError) -> bytes:
     """The last line of a stream that a problem ended after its answer had started."""
     return orjson.dumps({"error": {"type": exc.type, "title": exc.title, "status": exc.status,
-                                   "detail": exc.detail}}) + b"\n"
+                                   "detail": exc.detail, **exc.extensions}}) + b"\n"
 
 
 def _encode_errors(errors: list[dict[str, Any]]) -> bytes:

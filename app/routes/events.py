@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request, Response
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from app import shadow
 from app.core.events import format_rfc3339_ms
 from app.deps import AppState, authorize
 from app.errors import PayloadTooLarge, RequestTimeout, ServiceUnavailable
@@ -156,8 +157,9 @@ async def post_events(request: Request) -> Response:
         # the windows: a swap meanwhile retires a batcher only once it has nothing queued.
         live = state.live
         thresholds = live.thresholds.as_dict()
+        windows = [stored[i].events for i in fresh]
         try:
-            scores = await live.batcher.score([stored[i].events for i in fresh])
+            scores = await live.batcher.score(windows)
         except QueueFull as e:
             # Lost the race for the last slots after storing, or the model was stopped (a
             # shutdown): a retry re-scores the stored window and answers with duplicate=true.
@@ -180,6 +182,7 @@ async def post_events(request: Request) -> Response:
         # The first answer of each event, for replays (never overwrites an earlier one),
         # saved after the reply: the events are stored already.
         state.store.save_answers_soon(first)
+        shadow.score_soon(state, windows, scores.decision)  # after this answer, never in its way
     dups = sum(1 for w in stored if w.duplicate)
     if dups:
         state.metrics.track_duplicate(dups)

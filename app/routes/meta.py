@@ -38,7 +38,8 @@ async def readyz(state: StateDep) -> Response:
 @router.get("/model", response_model=ModelInfo, dependencies=[Depends(require("events"))])
 async def model_info(state: StateDep) -> dict[str, Any]:
     """The model this worker serves: version, architecture, window, thresholds, provider,
-    vocabulary, where it was loaded from and when (each worker answers for itself)."""
+    vocabulary, where it was loaded from and when, and its shadow if one runs (each worker
+    answers for itself)."""
     live = state.live
     meta = live.bundle.meta
     spec = live.bundle.spec
@@ -60,6 +61,10 @@ async def model_info(state: StateDep) -> dict[str, Any]:
         "evaluation": meta.get("evaluation") or {},
         "vocabulary": {"event_types": list(spec.event_types), "aliases": spec.aliases,
                        "deployment_aliases": state.settings.event_aliases},
+        "shadow": None if (shadow := state.shadow) is None else {
+            "version": shadow.version, "architecture": shadow.bundle.arch, "thresholds": shadow.thresholds.as_dict(),
+            "provider": shadow.model.provider, "bundle": shadow.path,
+            "loaded_at": format_rfc3339_ms(round(shadow.loaded_at * 1000))},
     }
 
 
