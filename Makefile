@@ -45,7 +45,7 @@ model: $(STAMP)
 	$(VENV)/bin/seqguard train --events $(DATA)/taobao_userbehavior/UserBehavior_head_84k.csv.gz \
 	    --events $(DATA)/taobao_userbehavior/UserBehavior_flink_course_slice_110k.csv.gz \
 	    --format taobao --inject all --arch transformer --seed 7 --out runs/default
-	$(VENV)/bin/seqguard export runs/default --out app/bundles/default --fp16 --force
+	$(VENV)/bin/seqguard export runs/default --out app/bundles/default --fp16 --int8 --force
 
 # Benchmarks print figures (docs/PERFORMANCE.md); they assert nothing about time.
 bench: $(STAMP)

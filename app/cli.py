@@ -86,6 +86,14 @@ class Format(StrEnum):
     parquet = "parquet"
 
 
+class Precision(StrEnum):
+    """A bundle's model files (``app.core.bundle.MODEL_FILES``)."""
+
+    fp32 = "fp32"
+    fp16 = "fp16"
+    int8 = "int8"
+
+
 class Arch(StrEnum):
     """Detector architectures (``model_export.model.ARCHS``)."""
 
@@ -248,6 +256,9 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `seqguard train`.")],
     out: Annotated[Path, typer.Option("--out", help="Bundle directory to write.")],
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write model.fp16.onnx for GPUs.")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="Also write model.int8.onnx for CPUs (ONNX Runtime dynamic "
+                                                      "quantization), with its decision agreement against fp32 "
+                                                      "in bundle.json.")] = False,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Evaluate into out/report.")] = True,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT when it is not empty.")] = False,
 ) -> None:
@@ -257,11 +268,16 @@ def export(
     from model_export.export import export as do_export
 
     with progress.bars(_bars()) as shown:
-        meta = do_export(run_dir, out, fp16=fp16, evaluate=report, force=force,
+        meta = do_export(run_dir, out, fp16=fp16, int8=int8, evaluate=report, force=force,
                          on_step=progress.stepper(shown, "export", before="load the run"))
     p = meta["parity"]["fp32"]
     _say(f"bundle {meta['model_version']} in {out}; fp32 parity max |diff| {p['max_abs_diff']:.2e} "
          f"on {p['n_windows']} held-out windows")
+    for variant in ("fp16", "int8"):
+        if (d := meta["parity"].get(variant, {}).get("decisions")) is not None:
+            _say(f"{variant}: decisions agree with fp32 on {d['agreement']:.4%} of {d['events']:,} test events "
+                 f"(flagged {d['flagged'][variant]:.3%} vs {d['flagged']['fp32']:.3%}); "
+                 + ("within tolerance" if d["within_tolerance"] else "OUT OF TOLERANCE: not for serving by default"))
 
 
 @cli.command(cls=_Command)
@@ -273,6 +289,8 @@ def evaluate(
     fmt: FormatOpt = Format.auto,
     inject: InjectOpt = "all",
     alias: AliasOpt = None,
+    precision: Annotated[Precision, typer.Option("--precision", help="The bundle's model file to evaluate: fp32, "
+                                                 "fp16 or int8.", case_sensitive=False)] = Precision.fp32,
 ) -> None:
     """Evaluate a bundle on the test users of an event log, against the baselines."""
     from app.core.bundle import load_bundle
@@ -288,7 +306,8 @@ def evaluate(
     names = parse_inject(inject)
     with progress.bars(_bars()) as shown:
         on_step = progress.stepper(shown, "evaluate", before=f"load, split and inject {events.name}")
-        summary = evaluate_file(bundle, events, fmt.value, names, out, aliases=aliases, on_step=on_step)
+        summary = evaluate_file(bundle, events, fmt.value, names, out, aliases=aliases, on_step=on_step,
+                                precision=precision.value)
     _say(f"report written to {out}")
     Console(soft_wrap=True).print_json(data=summary)  # stdout: `seqguard evaluate ... > summary.json`
 
@@ -298,12 +317,16 @@ def evaluate(
 def score(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
     events: EventsOpt,
-    out: Annotated[Path, typer.Option("--out", help="Results JSONL (one object per input event).")],
+    out: Annotated[Path, typer.Option("--out", help="Results file, one answer per input event in input order: "
+                                      "Parquet if its name ends in .parquet (any case), else JSONL.")],
     fmt: FormatOpt = Format.auto,
     threads: Annotated[int, typer.Option("--threads", help="ONNX Runtime threads (0 = all cores).")] = 0,
     alias: AliasOpt = None,
+    precision: Annotated[Precision, typer.Option("--precision", help="The bundle's model file to run: fp32, fp16 "
+                                                 "or int8 (where the bundle has it; else fp32, said in the log).",
+                                                 case_sensitive=False)] = Precision.fp32,
 ) -> None:
-    """Score every event of a log (ONNX Runtime only) into JSONL, in input order."""
+    """Score every event of a log (ONNX Runtime only) into JSONL or Parquet, in input order."""
     from app.core.vocabulary import parse_alias_pairs
 
     aliases = parse_alias_pairs(alias or ())
@@ -317,7 +340,7 @@ def score(
     t0 = time.perf_counter()
     loaded = load_bundle(bundle)
     _check_aliases(loaded.spec, aliases)
-    model = OnnxModel(loaded.with_aliases(aliases), threads=threads)
+    model = OnnxModel(loaded.with_aliases(aliases), threads=threads, precision=precision.value)
     spec = model.bundle.spec
     # The file is read through the model's own table (the bundle's, with --alias on top).
     ev, report = read_events(events, fmt.value, dedupe=False, sort=False, aliases=spec.aliases)
@@ -328,7 +351,8 @@ def score(
     n = write_results(out, ev, scores, model.bundle.thresholds)
     t3 = time.perf_counter()
     _say(
-        f"{n:,} events scored on {model.provider} in {t3 - t0:.2f}s ({n / (t3 - t0):,.0f} events/s): "
+        f"{n:,} events scored ({model.precision_used}) on {model.provider} in {t3 - t0:.2f}s "
+        f"({n / (t3 - t0):,.0f} events/s): "
         f"load {t1 - t0:.2f}s, score {t2 - t1:.2f}s, write {t3 - t2:.2f}s; {report.summary()}"
     )
     if repeats := int(scores.is_duplicate().sum()):
@@ -532,8 +556,6 @@ def replay(
 @cli.command(cls=_Command)
 @_friendly
 def rekey(
-    redis_url: Annotated[str, typer.Option("--redis-url", help="URL of the service's Redis (redis://, rediss:// or "
-                                                               "unix://), as in its SEQGUARD_REDIS_URL.")],
     users: Annotated[Path, typer.Option("--users", help="The user ids to move, one per line (UTF-8; a leading BOM "
                                                         "and blank lines are skipped); - reads them from stdin.")],
     from_key_env: Annotated[str | None, typer.Option(
@@ -545,11 +567,17 @@ def rekey(
         "--to-key-env", metavar="NAME",
         help="Name of the environment variable holding the new tag key (what SEQGUARD_USER_TAG_KEY will be); "
              "unset or empty: the unkeyed tag.")] = None,
+    redis_url: Annotated[str | None, typer.Option(
+        "--redis-url", help="URL of the service's Redis (redis://, rediss:// or unix://), as in its "
+                            "SEQGUARD_REDIS_URL. Unset: the embedded Redis's data directory "
+                            "(SEQGUARD_REDIS_DATA_DIR), opened here; the service must be stopped.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would move; write nothing.")] = False,
 ) -> None:
     """Move users' Redis keys from one user tag key (SEQGUARD_USER_TAG_KEY) to another, TTLs kept.
 
-    Run it with the service stopped, or before the service serves with the new key, then
+    Run it with the service stopped (with the embedded Redis of `make run` / `seqguard
+    serve`, leave out --redis-url: the command opens its data directory itself, and refuses
+    while the service holds it), or before the service serves with the new key, then
     switch SEQGUARD_USER_TAG_KEY to it: an event of a user stored while that user moves is
     lost, and one stored under the old key afterwards stays there until its TTL. Users not
     listed start new windows under the new key and lose their idempotency records (a replay
@@ -572,6 +600,16 @@ def rekey(
         raise ValueError(f"the old tag key ({old_said}) and the new one ({new_said}) are the same: nothing to move")
     ids = _read_user_ids(users)
     distinct = len(set(ids))
+    embedded = None
+    if redis_url is None:  # the embedded Redis's data, the service stopped (its lock says so otherwise)
+        from app.embedded_redis import EmbeddedRedis
+        from app.settings import Settings
+
+        settings = _settings(Settings)
+        embedded = EmbeddedRedis(settings.redis_data_dir, maxmemory=settings.redis_maxmemory)
+        embedded.start()
+        redis_url = embedded.url
+        _say(f"embedded Redis data in {settings.redis_data_dir}, opened at {embedded.url}")
     where = _redacted(redis_url)
     done = 0
 
@@ -600,7 +638,11 @@ def rekey(
             await redis.aclose()
             await redis.connection_pool.aclose()
 
-    counts = asyncio.run(run())
+    try:
+        counts = asyncio.run(run())
+    finally:
+        if embedded is not None:
+            embedded.stop()
     repeats = len(ids) - distinct
     _say(f"{'dry run, nothing written: ' if dry_run else ''}{len(ids):,} users read"
          f"{f' ({repeats:,} listed more than once, counted once)' if repeats else ''}; "
@@ -716,7 +758,8 @@ def _settings(factory: Callable[[], Any]) -> Any:
         for x in e.errors():
             loc = [str(p) for p in x["loc"]]
             where = f"SEQGUARD_{loc[0].upper()}" + "".join(f"[{p!r}]" for p in loc[1:]) if loc else "settings"
-            problems.append(f"{where}: {x['msg'].removeprefix('Value error, ')}")
+            msg = x["msg"].removeprefix("Value error, ")
+            problems.append(msg if msg.startswith(where) else f"{where}: {msg}")  # named once
         raise ValueError("; ".join(problems)) from None
     except SettingsError as e:
         m = re.search(r'field "([^"]+)"', str(e))

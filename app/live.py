@@ -164,7 +164,7 @@ def load_served(path: str, settings: Settings, metrics: Metrics, *, store_histor
         problems.append(f"thresholds: {e}")
     try:
         model = OnnxModel(bundle, threads=1 if shadow else settings.inference_threads,
-                          prefer_cuda=settings.prefer_cuda, fp16=settings.fp16)
+                          prefer_cuda=settings.prefer_cuda, precision=settings.served_precision)
     except BundleError as e:
         problems.append(str(e))
     except Exception as e:  # ONNX Runtime's own errors: a file it cannot load
@@ -420,7 +420,8 @@ class ModelWatch:
             shadow = self.state.shadow
             if shadow is None:
                 raise NoShadow("no shadow is served here: load one with {\"role\": \"shadow\", \"bundle\": ...}")
-            new = await self._prepare(shadow.path, version=shadow.version)
+            new = await self._prepare(shadow.path, version=shadow.version, digest=shadow.digest,
+                                      named_by="the shadow")
             await swap(self.state, new)
             await set_shadow(self.state, None)
             self.state.metrics.track_model_reload("ok")
@@ -428,27 +429,38 @@ class ModelWatch:
             self.shadow_applied = await write_record(self.state.redis, None, publish, SHADOW_MODEL_KEY)
             return new
 
-    async def _prepare(self, path: str, version: str | None = None, *, shadow: bool = False) -> Served:
+    async def _prepare(self, path: str, version: str | None = None, *, shadow: bool = False,
+                       digest: str | None = None, named_by: str = "the live record") -> Served:
         """Load and check ``path`` in a thread, within :data:`LOAD_TIMEOUT_S` (a path that
-        never finishes reading must not hold the lock for ever); with ``version``, refuse
-        a bundle that is not that version (a directory changed since the record named it).
-        Every failure is a ``BundleRefused``, counted."""
+        never finishes reading must not hold the lock for ever); with ``version`` (and
+        ``digest``, of its bundle.json), refuse a bundle that is not that one (a directory
+        changed since ``named_by`` named it). Every failure is a ``BundleRefused``; those
+        of a live model are counted (``seqguard_model_reloads_total``), a shadow's are not."""
         s = self.state
+
+        def refused() -> None:
+            if not shadow:
+                s.metrics.track_model_reload("refused")
+
         loop = asyncio.get_running_loop()
         try:
             new = await asyncio.wait_for(loop.run_in_executor(None, lambda: load_served(
                 path, s.settings, s.metrics, store_history=s.store.history, shadow=shadow)), LOAD_TIMEOUT_S)
             if version is not None and new.version != version:
                 await new.batcher.stop()
-                raise BundleRefused(path, [f"it holds {new.version} now, not {version} as the live record says"])
+                raise BundleRefused(path, [f"it holds {new.version} now, not {version} as {named_by} says"])
+            if digest is not None and new.digest != digest:
+                await new.batcher.stop()
+                raise BundleRefused(path, [f"its bundle.json changed since {named_by} loaded it (thresholds, "
+                                           "say): load it again as the shadow, watch it, then promote"])
         except BundleRefused:
-            s.metrics.track_model_reload("refused")
+            refused()
             raise
         except TimeoutError:
-            s.metrics.track_model_reload("refused")
+            refused()
             raise BundleRefused(path, [f"not loaded within {LOAD_TIMEOUT_S:g} s"]) from None
         except Exception as e:  # whatever else a bundle can do to a loader: refused, never a 500
-            s.metrics.track_model_reload("refused")
+            refused()
             log.exception("loading %s failed", path)
             raise BundleRefused(path, [f"{type(e).__name__}: {e}"]) from None
         return new
@@ -496,7 +508,8 @@ class ModelWatch:
             return
         key = record_key(record)
         try:
-            new = await self._prepare(str(record["bundle"]), version=str(record["version"]), shadow=True)
+            new = await self._prepare(str(record["bundle"]), version=str(record["version"]), shadow=True,
+                                      named_by="the shadow's record")
         except BundleRefused as e:
             self._refused.add(key)
             log.error("the shadow's record names %s, refused here: %s", record["version"], e)

@@ -65,6 +65,8 @@ from app.core.decisions import DECISIONS
 from app.core.vocabulary import printable
 from app.processes import pid_alive
 
+#: Why the shadow skipped live windows (``seqguard_shadow_dropped_total{reason}``).
+SHADOW_DROP_REASONS = ("queue_full", "stopped", "failed")
 #: The classic text format, which every Prometheus version reads.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -168,11 +170,13 @@ class Metrics:
         self.shadow_info = Gauge("seqguard_shadow_model_info", "The shadow model scoring the live windows after "
                                  "their answers (value 1; no series: no shadow).", ("version", "provider", "arch"),
                                  multiprocess_mode="liveall", registry=reg)
-        self.shadow_decisions = Counter("seqguard_shadow_decisions_total", "Events the shadow scored, by the live "
-                                        "decision and the shadow's.", ("live", "shadow"), registry=reg)
+        self.shadow_decisions = Counter("seqguard_shadow_decisions_total", "Events the shadow scored, by the "
+                                        "shadow's version, the live decision and the shadow's.",
+                                        ("version", "live", "shadow"), registry=reg)
         self.shadow_disagreements = Counter("seqguard_shadow_disagreements_total", "Events on which the shadow's "
-                                            "decision differs from the live one (share: over the sum of "
-                                            "seqguard_shadow_decisions_total).", registry=reg)
+                                            "decision differs from the live one, by the shadow's version (share: "
+                                            "over the sum of seqguard_shadow_decisions_total).", ("version",),
+                                            registry=reg)
         self.shadow_probability = Histogram("seqguard_shadow_anomaly_probability", "The shadow's anomaly "
                                             "probability of the events it scored.", buckets=PROBABILITY_BUCKETS,
                                             registry=reg)
@@ -190,7 +194,9 @@ class Metrics:
                 self._children["e", route, status] = self.stream_errors.labels(route, str(status))
         self._model_labels: tuple[str, str, str] | None = None
         self._shadow_labels: tuple[str, str, str] | None = None
-        self._shadow_pairs = {(a, b): self.shadow_decisions.labels(a, b) for a in DECISIONS for b in DECISIONS}
+        self._shadow_series: dict[str, tuple[dict[tuple[str, str], Any], Any]] = {}  # version -> its children
+        for reason in SHADOW_DROP_REASONS:  # at 0 from the start, so increase() sees the first drop
+            self.shadow_dropped.labels(reason)
         self._unknown: dict[str, Any] = {}  # unknown event type -> its child (at most UNKNOWN_TYPE_LABELS)
         self._warned: set[str] = set()  # unknown event types warned about (at most UNKNOWN_TYPE_WARNINGS)
         self._warned_full = False
@@ -346,15 +352,20 @@ class Metrics:
             self.shadow_info.labels(*labels).set(1)
         self._shadow_labels = labels
 
-    def track_shadow(self, live: Iterable[str], shadow: Iterable[str], probs: Iterable[float]) -> None:
-        """The shadow's decisions and probabilities on windows the live model decided ``live``."""
+    def track_shadow(self, version: str, live: Iterable[str], shadow: Iterable[str], probs: Iterable[float]) -> None:
+        """The decisions and probabilities of the shadow ``version`` on windows the live
+        model decided ``live``. Each version's pairs exist at 0 from its first batch, so a
+        new candidate's share starts clean (``sum by (version)``)."""
+        series = self._shadow_series.get(version)
+        if series is None:
+            pairs = {(a, b): self.shadow_decisions.labels(version, a, b) for a in DECISIONS for b in DECISIONS}
+            series = self._shadow_series[version] = (pairs, self.shadow_disagreements.labels(version))
+        pairs, disagreements = series
         differ = 0
-        for pair in _Tally(zip(live, shadow, strict=True)).items():
-            (a, b), n = pair
-            self._shadow_pairs[a, b].inc(n)
+        for (a, b), n in _Tally(zip(live, shadow, strict=True)).items():
+            pairs[a, b].inc(n)
             differ += n if a != b else 0
-        if differ:
-            self.shadow_disagreements.inc(differ)
+        disagreements.inc(differ)
         self._observe_many(self.shadow_probability, np.asarray(list(probs), dtype=np.float64))
 
     def track_shadow_dropped(self, reason: str, n: int) -> None:

@@ -230,8 +230,11 @@ class ModelInfo(BaseModel):
     window: int
     thresholds: Thresholds
     provider: str = Field(description="execution provider in use, e.g. CUDAExecutionProvider")
-    fp16: bool = Field(False, description="the session runs model.fp16.onnx")
-    model_file: str = Field(description="the bundle's model file the session runs: model.onnx or model.fp16.onnx")
+    precision: str = Field("fp32", description="what the session runs: fp32, fp16 or int8 (SEQGUARD_PRECISION, "
+                                               "where the bundle has that file)")
+    fp16: bool = Field(False, description="the session runs model.fp16.onnx (deprecated: see precision)")
+    model_file: str = Field(description="the bundle's model file the session runs: model.onnx, model.fp16.onnx or "
+                                        "model.int8.onnx")
     bundle: str = Field(description="the bundle directory this worker loaded, as named (SEQGUARD_BUNDLE or "
                                     "POST /admin/model)")
     bundle_dir: str = Field(description="the directory that path led to when this worker loaded it (symlinks "
@@ -355,9 +358,13 @@ def parse_model_change(body: bytes | str) -> ModelChange:
         errors = [{"type": "value_error", "loc": ("body", k), "input": getattr(req, k),
                    "msg": f"{k} cannot be given with promote (promote makes the shadow live)"}
                   for k in ("bundle", "role") if k in fields]
-    elif req.role == "live" and req.bundle is None:
+    elif "bundle" not in fields:
         errors = [{"type": "missing", "loc": ("body", "bundle"), "input": None,
-                   "msg": "bundle is required (the directory to serve), unless promote is true"}]
+                   "msg": "bundle is required: the directory to serve"
+                          + (", or null to stop shadowing" if req.role == "shadow" else ", unless promote is true")}]
+    elif req.role == "live" and req.bundle is None:
+        errors = [{"type": "value_error", "loc": ("body", "bundle"), "input": None,
+                   "msg": "bundle must name a directory for the live role (null stops a shadow, with role shadow)"}]
     if errors:
         raise RequestValidationError(errors)
     return req

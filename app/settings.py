@@ -30,8 +30,11 @@ class Settings(BaseSettings):
                                        "each answer, for comparison only (seqguard_shadow_* metrics); unset: none, "
                                        "or the one POST /admin/model set for this SEQGUARD_BUNDLE.")
     prefer_cuda: bool = Field(True, description="Use the CUDA execution provider when it loads.")
-    fp16: bool = Field(False, description="Serve model.fp16.onnx when the bundle has one, on whichever "
-                                    "provider loads (meant for CUDA; GET /model names the file that runs).")
+    precision: Literal["fp32", "fp16", "int8"] = Field(
+        "fp32", description="The bundle's model file to serve: fp32 (model.onnx), fp16 (model.fp16.onnx, for "
+                            "GPUs) or int8 (model.int8.onnx, for CPUs); a bundle without it serves fp32, and GET "
+                            "/model says what runs on which provider.")
+    fp16: bool = Field(False, description="Deprecated: SEQGUARD_PRECISION=fp16.")
     inference_threads: int = Field(1, ge=0, description="ONNX Runtime intra-op threads per worker (0 = all cores).")
     review_threshold: float | None = Field(None, ge=0, le=1, description="Override the bundle's review threshold.")
     block_threshold: float | None = Field(None, ge=0, le=1, description="Override the bundle's block threshold.")
@@ -162,6 +165,11 @@ class Settings(BaseSettings):
                     "them. Set a secret key after moving the windows to it with `seqguard rekey` (users not moved "
                     "start new windows)."]
         return []
+
+    @property
+    def served_precision(self) -> str:
+        """``precision``, or fp16 where only the deprecated ``fp16`` flag asks for it."""
+        return "fp16" if self.fp16 and self.precision == "fp32" else self.precision
 
     @model_validator(mode="after")
     def _safe(self) -> Settings:

@@ -7,9 +7,10 @@ micro-batcher (``AppState.shadow``, :mod:`app.live`) scores in the background, o
 own thread at a lower CPU priority, and never touches an answer, a decision or a stored
 idempotency record. What it finds goes to the shadow's metrics:
 
-- ``seqguard_shadow_decisions_total{live, shadow}``: each event's pair of decisions;
-- ``seqguard_shadow_disagreements_total``: the events whose decisions differ (their share
-  is this over the sum of the first);
+- ``seqguard_shadow_decisions_total{version, live, shadow}``: each event's pair of
+  decisions, by the shadow's version (a new candidate starts its own series);
+- ``seqguard_shadow_disagreements_total{version}``: the events whose decisions differ (their
+  share is this over the sum of the first);
 - ``seqguard_shadow_anomaly_probability``: the shadow's score histogram, beside the live
   ``seqguard_anomaly_probability``;
 - ``seqguard_shadow_dropped_total{reason}``: windows the shadow did not score (its queue
@@ -60,4 +61,4 @@ async def _compare(state: Any, shadow: Any, windows: Sequence[Window], live_deci
         log.exception("the shadow %s failed to score %d windows", shadow.version, len(windows))
         metrics.track_shadow_dropped("failed", len(windows))
         return
-    metrics.track_shadow(live_decisions, scores.decision, scores.probability)
+    metrics.track_shadow(shadow.version, live_decisions, scores.decision, scores.probability)

@@ -340,14 +340,15 @@ def user_level(events: Events, user_scores: dict[str, np.ndarray], *, detector: 
             "rules": dict(rules), "per_scenario": per, "rules_not_beaten": not_beaten}
 
 
-def evaluate_bundle(bundle_dir: Path, prep: Any, out_dir: Path, *,
-                    aliases: Mapping[str, str] | None = None, on_step: OnStep | None = None) -> dict[str, Any]:
+def evaluate_bundle(bundle_dir: Path, prep: Any, out_dir: Path, *, aliases: Mapping[str, str] | None = None,
+                    on_step: OnStep | None = None, precision: str = "fp32") -> dict[str, Any]:
     """Score the test users of ``prep`` with the exported bundle (ONNX Runtime, the batch
     engine) and the baselines (fitted on training users, thresholds on validation users),
     and the test users' real traffic with the bundle; write the report; return the
     summary stored in ``bundle.json``. ``aliases`` (NAME → TYPE) widen the bundle's table
     of event type names (:meth:`app.core.bundle.Bundle.with_aliases`). ``on_step`` is told
-    each step as it begins (:class:`app.core.progress.Steps`)."""
+    each step as it begins (:class:`app.core.progress.Steps`). ``precision``: the bundle's
+    model file to score with (fp32, fp16, int8: docs/PERFORMANCE.md compares them)."""
     from app.core.batch_engine import score_events
     from app.core.bundle import load_bundle
     from app.core.scorer import OnnxModel
@@ -355,7 +356,7 @@ def evaluate_bundle(bundle_dir: Path, prep: Any, out_dir: Path, *,
     from model_export.calibrate import choose_thresholds
 
     bundle = load_bundle(bundle_dir).with_aliases(aliases)
-    model = OnnxModel(bundle)
+    model = OnnxModel(bundle, precision=precision)
     train, val, test = (prep.splits[k] for k in ("train", "val", "test"))
     fpr = bundle.meta["training"]["train_config"]["fpr_targets"]
     baselines = default_baselines(seed=0, window=bundle.window)
@@ -405,7 +406,7 @@ def evaluate_bundle(bundle_dir: Path, prep: Any, out_dir: Path, *,
 
 def evaluate_file(bundle_dir: Path, events_path: Path, fmt: str, inject_names: list[str],
                   out_dir: Path, *, aliases: Mapping[str, str] | None = None,
-                  on_step: OnStep | None = None) -> dict[str, Any]:
+                  on_step: OnStep | None = None, precision: str = "fp32") -> dict[str, Any]:
     """`seqguard evaluate`: split a log by user the way training did, inject, evaluate.
     ``aliases`` (NAME → TYPE, e.g. ``--alias``) go on top of the training run's own, both
     to read the log and to score it. ``on_step``: :func:`evaluate_bundle`'s, once the log
@@ -417,4 +418,4 @@ def evaluate_file(bundle_dir: Path, events_path: Path, fmt: str, inject_names: l
     cfg = TrainConfig.from_dict(tc)
     cfg.aliases = {**cfg.aliases, **(aliases or {})}
     prep = prepare(events_path, fmt, inject_names, cfg)
-    return evaluate_bundle(bundle_dir, prep, out_dir, aliases=aliases, on_step=on_step)
+    return evaluate_bundle(bundle_dir, prep, out_dir, aliases=aliases, on_step=on_step, precision=precision)

@@ -16,7 +16,7 @@ import orjson
 import torch
 from torch import Tensor, nn
 
-from app.core.bundle import SCHEMA_VERSION
+from app.core.bundle import MODEL_FILES, SCHEMA_VERSION
 from app.core.features import FEATURES
 from app.core.progress import OnStep, Steps
 from model_export import parity
@@ -81,11 +81,34 @@ def to_fp16(src: Path, dst: Path) -> None:
     onnx.save(m16, str(dst))
 
 
-def export(run_dir: Path, out: Path, *, fp16: bool = False, evaluate: bool = True,
+def to_int8(src: Path, dst: Path) -> None:
+    """int8 weights for CPUs: ONNX Runtime's dynamic quantization (``quantize_dynamic``:
+    MatMul/Gemm weights stored as int8 per tensor, activations quantized at run time,
+    fp32 inputs and outputs), after its pre-processing pass (graph optimisation; the
+    symbolic shape inference is skipped, as it cannot follow the dynamic time axis).
+    Source: https://onnxruntime.ai/docs/performance/model-optimizations/quantization.html"""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = dst.with_suffix(".pre.onnx")
+    try:
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8)
+    finally:
+        pre.unlink(missing_ok=True)
+
+
+def export(run_dir: Path, out: Path, *, fp16: bool = False, int8: bool = False, evaluate: bool = True,
            parity_windows: int = 512, force: bool = False, on_step: OnStep | None = None) -> dict[str, Any]:
     """Write the bundle ``out/`` from ``run_dir``; returns its ``bundle.json``. ``on_step``
     is told each step as it begins, after the run is loaded (ONNX export, parity checks,
-    fp16 conversion, report: :class:`app.core.progress.Steps`).
+    fp16 and int8 conversions, their decision agreement, report: :class:`app.core.progress.Steps`).
+
+    ``int8`` writes ``model.int8.onnx`` (:func:`to_int8`) and records, beside its parity,
+    how often its decisions agree with fp32's on every test event
+    (:func:`model_export.parity.decision_agreement`), and whether that is within
+    :data:`model_export.parity.VARIANT_TOLERANCE` (``parity.int8.within_tolerance``); so
+    does ``fp16``.
 
     The bundle is built in a sibling directory and moved into place whole, so an export
     that fails (parity beyond tolerance, an interrupt) leaves ``out`` as it was, and one
@@ -102,8 +125,10 @@ def export(run_dir: Path, out: Path, *, fp16: bool = False, evaluate: bool = Tru
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        meta = _build_bundle(Path(run_dir), staging, fp16=fp16, evaluate=evaluate, parity_windows=parity_windows,
-                             steps=Steps(2 + (2 if fp16 else 0) + (1 if evaluate else 0), on_step))
+        variants = [v for v, wanted in (("fp16", fp16), ("int8", int8)) if wanted]
+        meta = _build_bundle(Path(run_dir), staging, variants=variants, evaluate=evaluate,
+                             parity_windows=parity_windows,
+                             steps=Steps(2 + 3 * len(variants) + (1 if evaluate else 0), on_step))
         if out.is_dir():
             shutil.rmtree(out)
         elif out.exists():
@@ -115,7 +140,7 @@ def export(run_dir: Path, out: Path, *, fp16: bool = False, evaluate: bool = Tru
     return meta
 
 
-def _build_bundle(run_dir: Path, out: Path, *, fp16: bool, evaluate: bool, parity_windows: int,
+def _build_bundle(run_dir: Path, out: Path, *, variants: list[str], evaluate: bool, parity_windows: int,
                   steps: Steps) -> dict[str, Any]:
     model, run = load_run(run_dir)
     cfg = TrainConfig.from_dict(run["train_config"])
@@ -136,12 +161,13 @@ def _build_bundle(run_dir: Path, out: Path, *, fp16: bool, evaluate: bool, parit
     windows = parity.held_out_windows(prep.features["test"], prep.splits["test"].user,
                                       parity_windows, cfg.window, cfg.seed)
     checks = {"fp32": parity.check(model, onnx_path, windows, parity.FP32_TOLERANCE)}
-    if fp16:
-        fp16_path = out / "model.fp16.onnx"
-        steps.begin("fp16 conversion")
-        to_fp16(onnx_path, fp16_path)
-        steps.begin("parity check (fp16)")
-        checks["fp16"] = parity.check(model, fp16_path, windows, tolerance=None)
+    convert = {"fp16": to_fp16, "int8": to_int8}
+    for variant in variants:
+        path = out / MODEL_FILES[variant]
+        steps.begin(f"{variant} conversion")
+        convert[variant](onnx_path, path)
+        steps.begin(f"parity check ({variant})")
+        checks[variant] = parity.check(model, path, windows, tolerance=None)
 
     meta: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -163,6 +189,10 @@ def _build_bundle(run_dir: Path, out: Path, *, fp16: bool, evaluate: bool, parit
     }
     meta["model_version"] = _version(onnx_path, meta)
     _write(out / "bundle.json", meta)
+    for variant in variants:  # the bundle is loadable now: its variants against its fp32, event by event
+        steps.begin(f"decision agreement ({variant} vs fp32, test users)")
+        checks[variant]["decisions"] = parity.decision_agreement(out, variant, prep.splits["test"])
+        _write(out / "bundle.json", meta)
     if evaluate:
         from model_export.evaluate import evaluate_bundle
 
@@ -196,4 +226,4 @@ def _write(path: Path, meta: dict[str, Any]) -> None:
     path.write_bytes(orjson.dumps(meta, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY) + b"\n")
 
 
-__all__ = ["export", "to_fp16", "to_onnx"]
+__all__ = ["export", "to_fp16", "to_int8", "to_onnx"]

@@ -25,8 +25,46 @@ FP32_TOLERANCE = 1e-4
 OUTPUTS = ("anomaly_probability", "surprise")
 
 
+#: What a smaller variant (fp16, int8) may change, against fp32, on the test users' events
+#: (:func:`decision_agreement`): below this share of equal decisions, or past this change in
+#: the share flagged (review or block) or blocked, a variant is recorded as out of
+#: tolerance and not offered as a default (docs/PERFORMANCE.md, "Model variants").
+VARIANT_TOLERANCE = {"min_agreement": 0.999, "max_flagged_change": 0.001, "max_blocked_change": 0.0005}
+
+
 class ParityError(RuntimeError):
     pass
+
+
+def decision_agreement(bundle_dir: Path, variant: str, events: Any) -> dict[str, Any]:
+    """How the ``variant`` model file of the bundle at ``bundle_dir`` decides ``events``
+    (the test users, injected scenarios included, scored by the batch engine in time
+    order) against the bundle's fp32 model: the share of equal decisions, the shares
+    flagged and blocked by each, the largest probability difference, and whether all is
+    within :data:`VARIANT_TOLERANCE`."""
+    from app.core.batch_engine import score_events
+    from app.core.bundle import load_bundle
+    from app.core.scorer import OnnxModel
+
+    bundle = load_bundle(bundle_dir)
+    probs = {p: score_events(OnnxModel(bundle, precision=p, prefer_cuda=False), events, as_arrived=False).probability
+             for p in ("fp32", variant)}
+    decided = {p: bundle.thresholds.decide(x) for p, x in probs.items()}
+    flagged = {p: float((d != "allow").mean()) for p, d in decided.items()}
+    blocked = {p: float((d == "block").mean()) for p, d in decided.items()}
+    agreement = float((decided["fp32"] == decided[variant]).mean())
+    tol = VARIANT_TOLERANCE
+    return {
+        "events": len(events),
+        "agreement": agreement,
+        "flagged": flagged,
+        "blocked": blocked,
+        "max_abs_diff_probability": float(np.abs(probs["fp32"] - probs[variant]).max()) if len(events) else 0.0,
+        "tolerance": tol,
+        "within_tolerance": bool(agreement >= tol["min_agreement"]
+                                 and abs(flagged[variant] - flagged["fp32"]) <= tol["max_flagged_change"]
+                                 and abs(blocked[variant] - blocked["fp32"]) <= tol["max_blocked_change"]),
+    }
 
 
 def held_out_windows(features: np.ndarray, groups: np.ndarray, n: int, window: int, seed: int) -> np.ndarray:

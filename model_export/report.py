@@ -448,6 +448,9 @@ def bundle_card(bundle: Any, provider: str) -> dict[str, Any]:
         "supervised": meta.get("supervised"), "execution provider at evaluation": provider,
     }
     model |= {f"ONNX parity {k} (max abs diff)": v["max_abs_diff"] for k, v in (meta.get("parity") or {}).items()}
+    model |= {f"{k} decisions equal to fp32's (test events)":
+              f"{d['agreement']:.4%} of {d['events']:,}" + ("" if d["within_tolerance"] else " (out of tolerance)")
+              for k, v in (meta.get("parity") or {}).items() if isinstance(d := v.get("decisions"), dict)}
     return {
         "name": f"seqguard-{arch['arch']}",
         "model": model,

@@ -30,7 +30,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     run_dir, bundle = root / "run", root / "bundle"
     invoke("train", "--events", TAOBAO_100, "--format", "taobao", "--inject", "all", "--window", WINDOW,
            "--epochs", "2", "--seed", "3", "--out", run_dir)
-    invoke("export", run_dir, "--out", bundle, "--fp16")
+    invoke("export", run_dir, "--out", bundle, "--fp16", "--int8")
     return run_dir, bundle
 
 

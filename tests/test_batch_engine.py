@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import TAOBAO_100
 
-from app.core.batch_engine import FirstAnswers, arrived_out_of_order, result_lines, score_events
+from app.core.answers import BLOCK_ROWS, FIELDS, Answers
+from app.core.batch_engine import (
+    EventScores,
+    FirstAnswers,
+    answers,
+    arrived_out_of_order,
+    result_lines,
+    results,
+    score_events,
+    write_results,
+)
 from app.core.bundle import load_bundle
+from app.core.decisions import Thresholds
 from app.core.events import Events
 from app.core.features import BATCH_STEP, SHORT_LENGTH, group_starts, last_windows
 from app.core.scorer import OnnxModel
@@ -196,3 +211,132 @@ def test_a_log_in_time_order_scores_alike_either_way(model, events):
     ev = events.sorted()
     a, b = score_events(model, ev), score_events(model, ev, as_arrived=False)
     np.testing.assert_array_equal(a.probability, b.probability)
+
+
+# ---------------------------------------------------------------------------------------
+# Writing the answers (app/core/answers.py): JSONL as the dict-per-answer writer wrote it,
+# Parquet with the same answers.
+# ---------------------------------------------------------------------------------------
+
+
+def reference_jsonl(events: Events, scores: EventScores, thresholds: Thresholds) -> bytes:
+    """The JSONL writer before the columnar one (commit f65c6f0): a dict per answer, orjson each."""
+    decisions = thresholds.decide(scores.probability).tolist()
+    probs = scores.probability.astype(np.float64).tolist()
+    lines = []
+    for e, u, p, d, dup in zip(events.event_ids().tolist(), events.user_id_strings().tolist(), probs, decisions,
+                               scores.is_duplicate().tolist(), strict=True):
+        answer = {"event_id": e, "user_id": u, "anomaly_probability": p, "decision": d}
+        if dup:
+            answer["duplicate"] = True
+        lines.append(orjson.dumps(answer) + b"\n")
+    return b"".join(lines)
+
+
+@pytest.fixture(scope="module")
+def shipped() -> OnnxModel:
+    return OnnxModel(load_bundle(), threads=1)
+
+
+@pytest.fixture(scope="module")
+def answer_log(shipped, events) -> tuple[Events, EventScores]:
+    """The real log with every kind of id and probability an answer can carry: events
+    without an id (generated ones), unicode ids and user ids, ids JSON must escape (in the
+    first rows only, so that later blocks take the one-call path), repeats, and
+    probabilities of exactly 0, 1 and each threshold (and the float32 just below it)."""
+    n = len(events)
+    ids = np.array([f"e{i}" for i in range(n)], dtype=object)
+    ids[5::9] = None
+    ids[6::9] = [f"événement-ü-🙂-{i}" for i in range(6, n, 9)]
+    ids[7:n // 4:23] = [f'q"uo\\te\tand\x01 \u2028-{i}' for i in range(7, n // 4, 23)]
+    ids[4] = 'a "quoted" id'
+    users = np.array([f"ユーザー-{u}" if i % 3 else f"u{u}" for i, u in enumerate(events.user_ids)], dtype=object)
+    log = events.with_columns(event_id=ids, user_ids=users)
+    again = np.random.default_rng(4).choice(np.flatnonzero(ids != None), 60, replace=False)  # noqa: E711
+    log = Events.concat([log, log.take(again)])
+    scores = score_events(shipped, log)
+    t = shipped.bundle.thresholds
+    pinned = np.array([0, 1, t.review, t.block, np.nextafter(np.float32(t.review), np.float32(0)),
+                       np.nextafter(np.float32(t.block), np.float32(0))], np.float32)
+    prob = scores.probability.copy()
+    prob[np.arange(pinned.size) * 31] = pinned
+    return log, EventScores(prob, scores.surprise, scores.duplicate)
+
+
+@pytest.mark.parametrize("block_rows", [7, 64, BLOCK_ROWS])
+def test_jsonl_is_byte_for_byte_the_dict_per_answer_writer(shipped, answer_log, block_rows, tmp_path):
+    log, scores = answer_log
+    t = shipped.bundle.thresholds
+    assert scores.is_duplicate().sum() == 60 and log.event_id is not None and (log.event_id == None).any()  # noqa: E711
+    assert set(t.decide(scores.probability)) == {"allow", "review", "block"}
+    expected = reference_jsonl(log, scores, t)
+    assert b"".join(answers(log, scores, t).json_lines(block_rows)) == expected
+    assert write_results(tmp_path / "r.jsonl", log, scores, t, block_rows) == len(log)
+    assert (tmp_path / "r.jsonl").read_bytes() == expected
+    fh = io.BytesIO()
+    write_results(fh, log, scores, t, block_rows)
+    assert fh.getvalue() == expected
+    assert [orjson.dumps(x) for x in results(log.event_ids().tolist(), log.user_id_strings().tolist(), scores, t)] \
+        == expected.splitlines() == list(result_lines(log, scores, t))
+
+
+def test_json_lines_are_the_records_dumped():
+    """Answers built from records (``/batch-score``) may lack an id: beside an id with two
+    escaped quotes, a block holds as many quotes as one of plain ids."""
+    ids = ["a", 'a "quoted" id', None, "é\\", "b"]
+    a = Answers.of(ids, np.array([0, 1, 0, 1, 0]), np.array(["u", 'v"'], object),
+                   np.array([0, 0.5, 1, 0.25, 0.75], np.float32), np.array([False, False, True, False, True]),
+                   Thresholds(0.5, 0.75))
+    for block_rows in (1, 3, 5):
+        assert b"".join(a.json_lines(block_rows)) == b"".join(orjson.dumps(r) + b"\n" for r in a.records())
+    assert [r["decision"] for r in a.records()] == ["allow", "review", "block", "allow", "block"]
+
+
+def test_parquet_holds_the_jsonl_answers(shipped, answer_log, tmp_path):
+    log, scores = answer_log
+    t = shipped.bundle.thresholds
+    write_results(tmp_path / "r.jsonl", log, scores, t)
+    assert write_results(tmp_path / "r.parquet", log, scores, t, block_rows=100) == len(log)
+    table = pq.read_table(tmp_path / "r.parquet")
+    assert table.schema == pa.schema([("event_id", pa.string()), ("user_id", pa.string()),
+                                      ("anomaly_probability", pa.float32()),
+                                      ("decision", pa.dictionary(pa.int8(), pa.string())),
+                                      ("duplicate", pa.bool_())])
+    assert tuple(table.column_names) == FIELDS
+    assert pq.ParquetFile(tmp_path / "r.parquet").metadata.num_row_groups == -(-len(log) // 100)
+    lines = [orjson.loads(x) for x in (tmp_path / "r.jsonl").read_bytes().splitlines()]
+    rows = table.to_pylist()
+    assert len(rows) == len(lines) == len(log)
+    for row, line in zip(rows, lines, strict=True):
+        assert row == {**line, "duplicate": line.get("duplicate", False)}  # float32 read back as its float64
+    prob = table.column("anomaly_probability").to_numpy()
+    np.testing.assert_array_equal(prob, scores.probability)  # exactly the value decided on
+    assert t.decide(prob).tolist() == table.column("decision").to_pylist()
+
+
+def test_writing_no_answers(shipped, events, tmp_path):
+    none = events.take(np.arange(0))
+    scores = score_events(shipped, none)
+    t = shipped.bundle.thresholds
+    assert write_results(tmp_path / "r.jsonl", none, scores, t) == 0
+    assert (tmp_path / "r.jsonl").read_bytes() == b"" and list(result_lines(none, scores, t)) == []
+    assert write_results(tmp_path / "r.parquet", none, scores, t) == 0
+    table = pq.read_table(tmp_path / "r.parquet")
+    assert table.num_rows == 0 and tuple(table.column_names) == FIELDS
+
+
+def test_repeats_are_flagged_alike_in_both_forms(shipped, tmp_path):
+    """ord-1, ord-1, ord-2, ord-1: the repeats carry the first answer, flagged."""
+    t0 = 1_511_596_870_000
+    log = _log(("ord-1", "u", t0, "pv"), ("ord-1", "u", t0, "pv"), ("ord-2", "u", t0 + 60_000, "buy"),
+               ("ord-1", "u", t0 + 90_000, "pv"))
+    scores = score_events(shipped, log)
+    t = shipped.bundle.thresholds
+    for name in ("r.jsonl", "r.PARQUET"):
+        write_results(tmp_path / name, log, scores, t)
+    lines = [orjson.loads(x) for x in (tmp_path / "r.jsonl").read_bytes().splitlines()]
+    assert [x.get("duplicate") for x in lines] == [None, True, None, True]
+    assert lines[1] == lines[3] == {**lines[0], "duplicate": True}
+    rows = pq.read_table(tmp_path / "r.PARQUET").to_pylist()
+    assert [r["duplicate"] for r in rows] == [False, True, False, True]
+    assert [r["anomaly_probability"] for r in rows] == [x["anomaly_probability"] for x in lines]

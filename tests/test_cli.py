@@ -8,6 +8,8 @@ import re
 from pathlib import Path
 
 import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import TAOBAO_100
 from typer.testing import CliRunner
@@ -189,6 +191,22 @@ def test_score_answers_a_repeat_as_the_live_service_does(tmp_path):
     assert "repeats of an earlier (user_id, event_id): 1," in said
     once, _ = score_jsonl(tmp_path, "once", b"\n".join(orjson.dumps(e) for e in (ord1, ord2)))
     assert twice == [once[0], {**once[0], "duplicate": True}, once[1]]
+
+
+def test_score_writes_parquet_when_out_ends_in_parquet(tmp_path):
+    """`--out r.parquet` (any case): one row per input event, in input order, with the
+    answers the JSONL output has (a repeat flagged; float32 probabilities)."""
+    src = tmp_path / "log.jsonl"
+    src.write_bytes(b"\n".join(orjson.dumps(e) for e in (*LOG, LOG[0])))
+    for name in ("r.jsonl", "r.parquet", "R.Parquet"):
+        res = runner.invoke(cli, ["score", "app/bundles/default", "--events", str(src), "--out", str(tmp_path / name)])
+        assert res.exit_code == 0, res.output
+    lines = [orjson.loads(x) for x in (tmp_path / "r.jsonl").read_bytes().splitlines()]
+    assert [x["event_id"] for x in lines] == ["e0", "e1", "e2", "e0"] and lines[3].get("duplicate") is True
+    for name in ("r.parquet", "R.Parquet"):
+        table = pq.read_table(tmp_path / name)
+        assert table.schema.field("anomaly_probability").type == pa.float32()
+        assert table.to_pylist() == [{**x, "duplicate": x.get("duplicate", False)} for x in lines]
 
 
 def test_score_reads_the_one_timestamp_grammar(tmp_path):

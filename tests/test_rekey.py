@@ -201,7 +201,6 @@ def _closed_port() -> int:
 
 
 @pytest.mark.parametrize(("make_args", "said"), [
-    (lambda url, users, tmp: ["--users", users], "Missing option '--redis-url'"),
     (lambda url, users, tmp: ["--redis-url", url], "Missing option '--users'"),
     (lambda url, users, tmp: ["--redis-url", url, "--users", tmp / "missing.txt", "--to-key-env", "SG_NEW_TAG_KEY"],
      "missing.txt: no such file"),
@@ -237,3 +236,24 @@ def _latin1(tmp: Path) -> Path:
     path = tmp / "latin1.txt"
     path.write_bytes("user-1\nrené\n".encode("latin-1"))
     return path
+
+
+def test_without_a_url_the_embedded_redis_data_is_opened_and_a_busy_one_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh-user review: with `make run`'s embedded Redis the service's port changes at
+    each start, and the documented "service stopped" procedure could not reach it. Without
+    --redis-url the command opens SEQGUARD_REDIS_DATA_DIR itself (the service stopped), and
+    refuses while a service holds it."""
+    from app.embedded_redis import EmbeddedRedis
+
+    data = tmp_path / "redis"
+    monkeypatch.setenv("SEQGUARD_REDIS_DATA_DIR", str(data))
+    with EmbeddedRedis(data) as server:  # the service, before it stops
+        write(server.url, None, ALICE, 3)
+        code, out = rekey("--users", users_file(tmp_path, f"{ALICE}\n"), "--to-key-env", "SG_NEW_TAG_KEY")
+        assert code == 2 and "SEQGUARD_REDIS_DATA_DIR" in out, out  # busy: held by the running server
+    code, out = rekey("--users", users_file(tmp_path, f"{ALICE}\n{NOBODY}\n"), "--to-key-env", "SG_NEW_TAG_KEY")
+    assert code == 0 and "moved 1, absent 1" in out and no_user_id_in(out), out
+    with EmbeddedRedis(data) as server:  # the service, started again with the new key
+        assert [e["event_id"] for e in held(server.url, KEY_B, ALICE)["events"]] == ["e0", "e1", "e2"]
+        assert held(server.url, None, ALICE)["events"] == []

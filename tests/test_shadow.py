@@ -67,8 +67,9 @@ def test_a_shadow_from_the_settings_compares_without_changing_an_answer(
     assert [(a["model_version"], a["decision"], a["anomaly_probability"]) for a in answers] == \
         [(SHIPPED, p["decision"], p["anomaly_probability"]) for p in plain]
     assert {a["decision"] for a in answers} == {"allow"}
-    wait_for(lambda: metric(client, "seqguard_shadow_decisions_total", 'live="allow",shadow="block"') == 12)
-    assert metric(client, "seqguard_shadow_disagreements_total") == 12
+    wait_for(lambda: metric(client, "seqguard_shadow_decisions_total",
+                                  'live="allow",shadow="block",version="v-shadow"') == 12)
+    assert metric(client, "seqguard_shadow_disagreements_total", 'version="v-shadow"') == 12
     assert metric(client, "seqguard_shadow_anomaly_probability_count") == 12
     # The live metrics count the live model alone.
     assert metric(client, "seqguard_events_scored_total", 'path="online"') == 12
@@ -84,14 +85,15 @@ def test_a_shadow_from_the_settings_compares_without_changing_an_answer(
     replay = client.post("/events", json=event("e0", "shadowed", T0)).json()
     assert replay["duplicate"] is True and replay["decision"] == "allow"
     time.sleep(0.3)
-    assert metric(client, "seqguard_shadow_disagreements_total") == 12
+    assert metric(client, "seqguard_shadow_disagreements_total", 'version="v-shadow"') == 12
 
 
 def test_agreeing_models_count_no_disagreement(make_client: Callable[..., TestClient], tmp_path: Path) -> None:
     client = make_client(shadow_bundle=str(bundle_copy(tmp_path, "v-same")))
     post_log(client, 5)
-    wait_for(lambda: metric(client, "seqguard_shadow_decisions_total", 'live="allow",shadow="allow"') == 5)
-    assert metric(client, "seqguard_shadow_disagreements_total") == 0
+    wait_for(lambda: metric(client, "seqguard_shadow_decisions_total", 'live="allow",shadow="allow",version="v-same"')
+             == 5)
+    assert metric(client, "seqguard_shadow_disagreements_total", 'version="v-same"') == 0
 
 
 def test_the_admin_route_loads_stops_and_promotes_a_shadow(
@@ -107,7 +109,8 @@ def test_the_admin_route_loads_stops_and_promotes_a_shadow(
         assert (record["bundle"], record["version"], record["base"]) == (str(candidate), "v-candidate",
                                                                          str(DEFAULT_BUNDLE))
     assert {a["model_version"] for a in post_log(client, 4)} == {SHIPPED}
-    wait_for(lambda: metric(client, "seqguard_shadow_decisions_total", 'live="allow",shadow="block"') == 4)
+    wait_for(lambda: metric(client, "seqguard_shadow_decisions_total",
+                            'live="allow",shadow="block",version="v-candidate"') == 4)
 
     r = client.post("/admin/model", json={"promote": True})
     assert r.status_code == 200, r.text
@@ -142,6 +145,9 @@ def test_the_admin_route_loads_stops_and_promotes_a_shadow(
     ({"role": "live"}, ["bundle"]),
     ({"bundle": "/x", "role": "canary"}, ["role"]),
     ({"promote": "yes"}, ["promote"]),
+    ({"role": "shadow"}, ["bundle"]),  # stopping the shadow takes an explicit null
+    ({"bundle": None, "role": "live"}, ["bundle"]),
+    ({"promote": False}, ["bundle"]),
 ])
 def test_a_bad_change_is_a_422_naming_each_field(client: TestClient, body: dict[str, Any],
                                                   fields: list[str]) -> None:
@@ -188,7 +194,8 @@ def test_other_workers_follow_the_shadow_and_its_promotion(make_client: Callable
     assert a.post("/admin/model", json={"bundle": str(candidate), "role": "shadow"}).status_code == 200
     wait_for(lambda: shadow_of(b) == "v-candidate")
     post_log(b, 3, user="on-b")
-    wait_for(lambda: metric(b, "seqguard_shadow_decisions_total", 'live="allow",shadow="block"') == 3)
+    wait_for(lambda: metric(b, "seqguard_shadow_decisions_total", 'live="allow",shadow="block",version="v-candidate"')
+             == 3)
     assert a.post("/admin/model", json={"promote": True}).status_code == 200
     wait_for(lambda: b.get("/model").json()["version"] == "v-candidate" and shadow_of(b) is None)
     a.post("/admin/model", json={"bundle": str(bundle_copy(tmp_path, "v-next")), "role": "shadow"})
@@ -205,3 +212,32 @@ def test_a_worker_that_starts_follows_the_shadow_of_its_deployment(make_client: 
     assert late.get("/model").json()["shadow"]["version"] == "v-candidate"
     other = make_client(bundle=str(bundle_copy(tmp_path, "v-new-deployment")))
     assert other.get("/model").json()["shadow"] is None  # another SEQGUARD_BUNDLE: another deployment
+
+
+def test_promotion_serves_exactly_the_bundle_that_was_watched(make_client: Callable[..., TestClient],
+                                                               tmp_path: Path) -> None:
+    """A fresh-user review: a shadow's bundle.json edited in place (thresholds, same version)
+    was promoted with the edit, unwatched. It is refused: the models stay as they were."""
+    client = make_client()
+    candidate = bundle_copy(tmp_path, "v-candidate")
+    client.post("/admin/model", json={"bundle": str(candidate), "role": "shadow"})
+    meta = orjson.loads((candidate / "bundle.json").read_bytes())
+    meta["thresholds"] = {**meta["thresholds"], "review": 0.02}
+    (candidate / "bundle.json").write_bytes(orjson.dumps(meta))
+    r = client.post("/admin/model", json={"promote": True})
+    assert r.status_code == 422 and r.json()["type"].endswith("/bundle-refused")
+    assert any("changed since the shadow loaded it" in p for p in r.json()["problems"])
+    model = client.get("/model").json()
+    assert model["version"] == SHIPPED and model["shadow"]["version"] == "v-candidate"
+
+
+def test_a_repeat_in_one_body_is_not_shadowed_again(make_client: Callable[..., TestClient], tmp_path: Path) -> None:
+    client = make_client(shadow_bundle=str(bundle_copy(tmp_path, "v-shadow")))
+    body = [event(f"e{i}", "u1", T0 + 1000 * i) for i in range(5)]
+    client.post("/events", json={"events": [*body, body[2]]})
+    wait_for(lambda: metric(client, "seqguard_shadow_decisions_total", 'live="allow",shadow="allow",version="v-shadow"')
+             == 5)
+    time.sleep(0.3)
+    assert metric(client, "seqguard_shadow_decisions_total", 'live="allow",shadow="allow",version="v-shadow"') == 5
+    assert metric(client, "seqguard_shadow_dropped_total", 'reason="queue_full"') == 0  # the series exists at 0
+    assert 'seqguard_shadow_dropped_total{reason="failed"} 0.0' in client.get("/metrics").text

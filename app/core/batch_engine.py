@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-import orjson
 
+from app.core.answers import BLOCK_ROWS, Answers
 from app.core.decisions import Thresholds
 from app.core.events import Events
 from app.core.features import Padding, WindowInputs, chunk_segments
@@ -311,46 +311,34 @@ def _score_as_arrived(model: OnnxModel, events: Events, wanted: np.ndarray, batc
     return prob, surprise
 
 
+def answers(events: Events, scores: EventScores, thresholds: Thresholds) -> Answers:
+    """The answers of scored ``events`` (:mod:`app.core.answers`), in input order: their ids
+    (generated where an event has none) and users, ``scores`` and their decisions."""
+    return Answers.of(events.event_ids(), events.user, events.user_ids, scores.probability, scores.is_duplicate(),
+                      thresholds)
+
+
 def results(event_ids: Sequence[str | None], user_ids: Sequence[str], scores: EventScores,
             thresholds: Thresholds) -> list[dict[str, Any]]:
-    """The answer of each scored event, in input order, as `seqguard score` writes it and
-    ``/batch-score`` answers it: ``event_id``, ``user_id``, ``anomaly_probability`` (the
-    exact float32 value the decision was made on, so readers can re-derive it) and
-    ``decision``; a repeat of an earlier (user_id, event_id) also has ``"duplicate": true``."""
-    decisions = thresholds.decide(scores.probability).tolist()
-    probs = scores.probability.astype(np.float64).tolist()
-    out = [{"event_id": e, "user_id": u, "anomaly_probability": p, "decision": d}
-           for e, u, p, d in zip(event_ids, user_ids, probs, decisions, strict=True)]
-    if scores.duplicate is not None:
-        for i in np.flatnonzero(scores.duplicate).tolist():
-            out[i]["duplicate"] = True
-    return out
+    """The answer of each scored event, in input order, as ``/batch-score`` answers it:
+    :meth:`Answers.records <app.core.answers.Answers.records>`, the fields
+    :mod:`app.core.answers` defines (``event_id``, ``user_id``, ``anomaly_probability``,
+    ``decision``, and ``"duplicate": true`` on a repeat of an earlier (user_id, event_id))."""
+    n = len(scores.probability)
+    return Answers.of(event_ids, np.arange(n), np.asarray(user_ids, dtype=object).reshape(n), scores.probability,
+                      scores.is_duplicate(), thresholds).records()
 
 
 def result_lines(events: Events, scores: EventScores, thresholds: Thresholds) -> Iterator[bytes]:
-    """:func:`results` of ``events``, one JSON line (without its newline) each."""
-    dumps = orjson.dumps
-    for res in results(events.event_ids().tolist(), events.user_id_strings().tolist(), scores, thresholds):
-        yield dumps(res)
+    """:func:`answers` of ``events``, one JSON line (without its newline) each."""
+    for block in answers(events, scores, thresholds).json_lines():
+        yield from block[:-1].split(b"\n")  # JSON escapes every newline inside a string
 
 
 def write_results(out: Path | IO[bytes], events: Events, scores: EventScores, thresholds: Thresholds,
-                  block_rows: int = 65536) -> int:
-    """Write JSONL results; returns the number of lines written."""
-    fh = out.open("wb") if isinstance(out, Path) else out
-    written = 0
-    try:
-        buf: list[bytes] = []
-        for line in result_lines(events, scores, thresholds):
-            buf.append(line)
-            if len(buf) >= block_rows:
-                fh.write(b"\n".join(buf) + b"\n")
-                written += len(buf)
-                buf.clear()
-        if buf:
-            fh.write(b"\n".join(buf) + b"\n")
-            written += len(buf)
-    finally:
-        if isinstance(out, Path):
-            fh.close()
-    return written
+                  block_rows: int = BLOCK_ROWS) -> int:
+    """Write the :func:`answers`: Parquet to a path named ``*.parquet``, else JSON lines
+    (:meth:`Answers.write <app.core.answers.Answers.write>`); returns the number written."""
+    done = answers(events, scores, thresholds)
+    done.write(out, block_rows)
+    return len(done)

@@ -1,4 +1,4 @@
-"""The model bundle on disk: `model.onnx` (+ optional `model.fp16.onnx`), `bundle.json`
+"""The model bundle on disk: `model.onnx` (+ optional `model.fp16.onnx`, `model.int8.onnx`), `bundle.json`
 and `report/`. The service never re-declares what the bundle knows."""
 
 from __future__ import annotations
@@ -49,13 +49,25 @@ class Bundle:
         """This bundle with a deployment's event type aliases on top of its spec's table."""
         return replace(self, spec=self.spec.with_aliases(dict(extra))) if extra else self
 
-    def model_path(self, fp16: bool = False) -> Path:
-        p = self.path / ("model.fp16.onnx" if fp16 else "model.onnx")
+    def model_path(self, precision: str = "fp32") -> Path:
+        """The model file of ``precision`` (:data:`MODEL_FILES`). Raises BundleError where
+        the bundle has none (fp16 and int8 are written only on request: ``seqguard export
+        --fp16 / --int8``)."""
+        if precision not in MODEL_FILES:
+            raise BundleError(f"precision {precision!r}: one of {', '.join(MODEL_FILES)}")
+        p = self.path / MODEL_FILES[precision]
         if not p.is_file():
             raise BundleError(f"{p}: missing")
         return p
 
+    def has_precision(self, precision: str) -> bool:
+        """Whether the bundle has a model file of ``precision``."""
+        return precision in MODEL_FILES and (self.path / MODEL_FILES[precision]).is_file()
 
+
+#: The model file of each precision a bundle may carry: fp32 always; fp16 (weights and
+#: compute, for GPUs) and int8 (ONNX Runtime dynamic quantization, for CPUs) on request.
+MODEL_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 #: The longest window a bundle may declare (the batcher warms every padded length up to it).
 MAX_WINDOW = 1024
 #: The largest bundle.json read (a real one is about 20 KB).

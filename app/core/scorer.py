@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from app.core.bundle import Bundle
+from app.core.bundle import MODEL_FILES, Bundle, BundleError
 
 log = logging.getLogger("seqguard.scorer")
 
@@ -24,11 +24,15 @@ class OnnxModel:
     bundle: Bundle
     threads: int = 0  # 0 = ONNX Runtime's default (one per core)
     prefer_cuda: bool = True
-    fp16: bool = False  # asked for: model.fp16.onnx where the bundle has one, on any provider
+    #: Asked for: fp32, fp16 or int8 (``MODEL_FILES``); a bundle without that file runs fp32
+    #: (said in the log), and :attr:`precision_used` says what runs.
+    precision: str = "fp32"
     session: ort.InferenceSession = field(init=False)
     provider: str = field(init=False)
-    #: The bundle's model file this session runs (``model.onnx`` or ``model.fp16.onnx``).
+    #: The bundle's model file this session runs (``model.onnx``, ``model.fp16.onnx`` or ``model.int8.onnx``).
     model_file: str = field(init=False)
+    #: The precision of :attr:`model_file`.
+    precision_used: str = field(init=False)
 
     def __post_init__(self) -> None:
         opts = ort.SessionOptions()
@@ -38,8 +42,13 @@ class OnnxModel:
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
         wanted = [CUDA, CPU] if self.prefer_cuda and CUDA in ort.get_available_providers() else [CPU]
-        use_fp16 = self.fp16 and (self.bundle.path / "model.fp16.onnx").is_file()
-        path = self.bundle.model_path(fp16=use_fp16)
+        if self.precision not in MODEL_FILES:
+            raise BundleError(f"precision {self.precision!r}: one of {', '.join(MODEL_FILES)}")
+        self.precision_used = self.precision if self.bundle.has_precision(self.precision) else "fp32"
+        if self.precision_used != self.precision:
+            log.warning("bundle %s has no %s model (%s); running fp32", self.bundle.version, self.precision,
+                        MODEL_FILES[self.precision])
+        path = self.bundle.model_path(self.precision_used)
         self.model_file = path.name
         # onnxruntime-gpu logs a failed CUDA load as an error of its own; it is not one for
         # us (CPU is a supported fallback), so it is reported once below, in our words.
@@ -57,8 +66,8 @@ class OnnxModel:
 
     @property
     def runs_fp16(self) -> bool:
-        """Whether the session runs ``model.fp16.onnx`` (``fp16`` asked for and the bundle has one)."""
-        return self.model_file == "model.fp16.onnx"
+        """Whether the session runs ``model.fp16.onnx`` (fp16 asked for and the bundle has one)."""
+        return self.precision_used == "fp16"
 
     @property
     def device(self) -> str:

@@ -143,7 +143,15 @@ async def post_events(request: Request) -> Response:
 
     results: list[dict[str, Any] | None] = [None] * len(stored)
     fresh = []
+    first_here: dict[tuple[str, str], int] = {}
+    repeats_here: list[tuple[int, int]] = []
     for i, w in enumerate(stored):
+        # A repeat of an event earlier in this very body: that event's answer, once it has
+        # one (the store's window at it has changed since: later events, trimming).
+        earlier = first_here.setdefault((w.user_id, w.event_id), i)
+        if earlier != i:
+            repeats_here.append((i, earlier))
+            continue
         # A replay: its first answer, nothing changed. Not saved yet: maybe still queued here.
         answer = w.answer
         if answer is None and w.duplicate:
@@ -183,6 +191,8 @@ async def post_events(request: Request) -> Response:
         # saved after the reply: the events are stored already.
         state.store.save_answers_soon(first)
         shadow.score_soon(state, windows, scores.decision)  # after this answer, never in its way
+    for i, earlier in repeats_here:
+        results[i] = {**results[earlier], "duplicate": True}  # type: ignore[dict-item]
     dups = sum(1 for w in stored if w.duplicate)
     if dups:
         state.metrics.track_duplicate(dups)

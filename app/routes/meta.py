@@ -50,6 +50,7 @@ async def model_info(state: StateDep) -> dict[str, Any]:
         "window": live.bundle.window,
         "thresholds": live.thresholds.as_dict(),
         "provider": live.model.provider,
+        "precision": live.model.precision_used,
         "fp16": live.model.runs_fp16,
         "model_file": live.model.model_file,
         "bundle": live.path,

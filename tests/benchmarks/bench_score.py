@@ -1,13 +1,15 @@
 """Batch engine throughput (`seqguard score`): the Taobao sample replicated with new
-user ids to ~1M events, scored end to end on the default bundle, with where the time goes;
-then the engine's worst case, short histories: the head of the time-ordered stream slice
+user ids to ~1M events, scored end to end on the default bundle, with where the time goes
+and the answers written as JSONL and as Parquet (and, for the A/B, as JSONL by the
+dict-per-answer writer the columnar one replaced: same bytes, checked; writers alternate,
+best of ``--write-repeats``); then the engine's worst case, short histories: the head of the time-ordered stream slice
 (1-4 events for most users), scored with the service's one ONNX Runtime thread; then late
 events: the first ``--late-rows`` Taobao events in time order against the same events
 with a share ``--late`` of them delivered 5 places later (each out-of-order event costs
 an online window: app/core/batch_engine.py), in the same run.
 
     .venv/bin/python tests/benchmarks/bench_score.py [--rows 1000000] [--short-rows 50000] [--bundle DIR]
-        [--late 0.01] [--late-rows 40000]
+        [--late 0.01] [--late-rows 40000] [--write-repeats 2]
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import orjson
 from _common import FLINK, TAOBAO, machine, replicated_taobao
 
-from app.core.batch_engine import arrived_out_of_order, score_events, write_results
+from app.core.batch_engine import EventScores, arrived_out_of_order, score_events, write_results
 from app.core.bundle import Bundle, load_bundle
+from app.core.decisions import Thresholds
 from app.core.events import Events
 from app.core.scorer import OnnxModel
 from model_export.data import iter_records, read_events
@@ -35,6 +39,7 @@ def main() -> None:
     ap.add_argument("--short-rows", type=int, default=50_000, help="events of the stream slice (0: skip)")
     ap.add_argument("--late", type=float, default=0.01, help="share of events delivered late (0: skip)")
     ap.add_argument("--late-rows", type=int, default=40_000, help="events of the late-events comparison")
+    ap.add_argument("--write-repeats", type=int, default=2, help="runs of each writer (alternating; best kept)")
     args = ap.parse_args()
     bundle = load_bundle(args.bundle)
     model = OnnxModel(bundle)
@@ -51,19 +56,54 @@ def main() -> None:
         t2 = time.perf_counter()
         scores = score_events(model, ev, chunk_len=args.chunk_len)
         t3 = time.perf_counter()
-        write_results(Path(tmp) / "out.jsonl", ev, scores, bundle.thresholds)
-        t4 = time.perf_counter()
-    total = (t1 - t0) + (t3 - t2) + (t4 - t3)
+        writers = {"JSONL": (write_results, "out.jsonl"), "Parquet": (write_results, "out.parquet"),
+                   "JSONL, dict per answer (before)": (write_jsonl_before, "before.jsonl")}
+        best = dict.fromkeys(writers, np.inf)
+        for _ in range(args.write_repeats):  # alternating, so that drift hits every writer
+            for name, (write, file) in writers.items():
+                t = time.perf_counter()
+                write(Path(tmp) / file, ev, scores, bundle.thresholds)
+                best[name] = min(best[name], time.perf_counter() - t)
+        same = (Path(tmp) / "out.jsonl").read_bytes() == (Path(tmp) / "before.jsonl").read_bytes()
+    load, score = t1 - t0, t3 - t2
     print(f"{n:,} events, {np.unique(ev.user).size:,} users")
-    print(f"  load CSV        {t1 - t0:6.2f} s")
-    print(f"  score           {t3 - t2:6.2f} s  (of which featurize ≈ {feats_secs:.2f} s incl. sort)")
-    print(f"  write JSONL     {t4 - t3:6.2f} s")
-    print(f"  end to end      {total:6.2f} s  = {n / total:,.0f} events/s "
-          f"(scoring alone {n / (t3 - t2):,.0f} events/s)")
+    print(f"  load CSV                              {load:6.2f} s")
+    print(f"  score                                 {score:6.2f} s  (of which featurize ≈ {feats_secs:.2f} s "
+          "incl. sort)")
+    for name, secs in best.items():
+        same_bytes = f"  ({'the same bytes' if same else 'DIFFERENT BYTES'} as JSONL)" if "before" in name else ""
+        print(f"  write {name:31s} {secs:6.2f} s{same_bytes}")
+    print(f"  end to end (load + score + write; scoring alone {n / score:,.0f} events/s)")
+    for name, secs in best.items():
+        total = load + score + secs
+        print(f"    {name:31s} {total:6.2f} s  = {n / total:,.0f} events/s")
     if args.short_rows:
         short_histories(bundle, args.short_rows)
     if args.late:
         late_events(model, args.late_rows, args.late)
+
+
+def write_jsonl_before(out: Path, events: Events, scores: EventScores, thresholds: Thresholds,
+                       block_rows: int = 65536) -> int:
+    """The JSONL writer before the columnar one (app/core/batch_engine.py at commit f65c6f0),
+    kept here for the A/B only: a dict per answer, ``orjson.dumps`` each."""
+    decisions = thresholds.decide(scores.probability).tolist()
+    probs = scores.probability.astype(np.float64).tolist()
+    answers = [{"event_id": e, "user_id": u, "anomaly_probability": p, "decision": d} for e, u, p, d in zip(
+        events.event_ids().tolist(), events.user_id_strings().tolist(), probs, decisions, strict=True)]
+    if scores.duplicate is not None:
+        for i in np.flatnonzero(scores.duplicate).tolist():
+            answers[i]["duplicate"] = True
+    with out.open("wb") as fh:
+        buf: list[bytes] = []
+        for line in map(orjson.dumps, answers):
+            buf.append(line)
+            if len(buf) >= block_rows:
+                fh.write(b"\n".join(buf) + b"\n")
+                buf.clear()
+        if buf:
+            fh.write(b"\n".join(buf) + b"\n")
+    return len(answers)
 
 
 def short_histories(bundle: Bundle, rows: int) -> None:

@@ -215,6 +215,24 @@ def test_duplicates_inside_one_bulk_request(client: TestClient, redis_url: str) 
     assert client.post("/events", json=evs[0]).json() == res[0] | {"duplicate": True}
 
 
+
+def test_a_repeat_in_one_body_gets_its_first_answer_after_the_window_moved_on(client: TestClient) -> None:
+    """A fresh-user review: 90 events of one user and a repeat of the 31st in one body.
+    The store trims the window to its history before the repeat comes, and the repeat was
+    scored again on what was left (another probability, another decision); it gets the
+    first answer, as a later replay does, and as every backfill form answers it."""
+    evs = [event(f"o{i}", "u1", T0 + 1000 * i, "cart" if i % 7 == 0 else "pv", item_id=f"i{i % 5}")
+           for i in range(90)]
+    late = {**evs[60], "event_id": "late", "timestamp": T0 + 500}  # late too: before most of the window
+    body = [*evs, late, evs[30], late]
+    res = client.post("/events", json={"events": body}).json()["results"]
+    assert res[-2] == res[30] | {"duplicate": True}
+    assert res[-1] == res[-3] | {"duplicate": True}
+    batch = client.post("/batch-score", json={"events": body}).json()["results"]
+    for x, y in zip(batch, res, strict=True):
+        assert abs(x["anomaly_probability"] - y["anomaly_probability"]) < 2e-6 and x["decision"] == y["decision"]
+
+
 def test_concurrent_posts_of_one_event_store_it_once(client: TestClient, redis_url: str) -> None:
     client.post("/events", json=event("before", "u1", T0 - 1000, "pv"))
     ev = event("same", "u1", T0, "cart", item_id="i1")
