@@ -351,7 +351,7 @@ def score(
     n = write_results(out, ev, scores, model.bundle.thresholds)
     t3 = time.perf_counter()
     _say(
-        f"{n:,} events scored ({model.precision_used}) on {model.provider} in {t3 - t0:.2f}s "
+        f"{n:,} events scored on {model.provider} ({model.precision_used}) in {t3 - t0:.2f}s "
         f"({n / (t3 - t0):,.0f} events/s): "
         f"load {t1 - t0:.2f}s, score {t2 - t1:.2f}s, write {t3 - t2:.2f}s; {report.summary()}"
     )

@@ -121,10 +121,12 @@ def test_export_tells_each_step(trained: tuple[Path, Path], tmp_path: Path) -> N
     from model_export.export import export
 
     told: list[tuple[str, int, int]] = []
-    export(trained[0], tmp_path / "bundle", fp16=True, evaluate=False, parity_windows=32,
+    export(trained[0], tmp_path / "bundle", fp16=True, int8=True, evaluate=False, parity_windows=32,
            on_step=lambda *t: told.append(t))
-    assert told == [("export to ONNX", 0, 4), ("parity check (fp32)", 1, 4), ("fp16 conversion", 2, 4),
-                    ("parity check (fp16)", 3, 4), ("done", 4, 4)]
+    assert told == [("export to ONNX", 0, 8), ("parity check (fp32)", 1, 8), ("fp16 conversion", 2, 8),
+                    ("parity check (fp16)", 3, 8), ("int8 conversion", 4, 8), ("parity check (int8)", 5, 8),
+                    ("decision agreement (fp16 vs fp32, test users)", 6, 8),
+                    ("decision agreement (int8 vs fp32, test users)", 7, 8), ("done", 8, 8)]
 
 
 def test_evaluate_tells_each_step(trained: tuple[Path, Path], tmp_path: Path) -> None:
