@@ -697,15 +697,25 @@ def _read_user_ids(path: Path) -> list[str]:
 
 
 def _redacted(url: str) -> str:
-    """``url`` without its password, fit to print."""
-    from urllib.parse import urlsplit
+    """``url`` without its password, fit to print: in the user part (``:pw@``) and in the
+    query (``?password=``, redis-py's form for ``unix://``; an attack review found it
+    printed).
 
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")[2]
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return parts._replace(netloc=user + netloc).geturl()
+    >>> _redacted("redis://:s3cret@h:6379/0"), _redacted("unix:///r.sock?db=1&password=s3cret")
+    ('redis://:***@h:6379/0', 'unix:///r.sock?db=1&password=***')
+    """
+    from urllib.parse import parse_qsl, urlencode, urlsplit
+
+    base, sep, query = url.partition("?")
+    parts = urlsplit(base)
+    if parts.password is not None:
+        netloc = parts.netloc.rpartition("@")[2]
+        user = f"{parts.username}:***@" if parts.username else ":***@"
+        base = parts._replace(netloc=user + netloc).geturl()
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*")
+    return base + sep + query
 
 
 def _report_unknown_types(unknown: dict[str, int], n_events: int, known: tuple[str, ...]) -> None:

@@ -243,16 +243,33 @@ def _parse_record(raw: bytes | str | None) -> dict[str, Any] | None:
     return record if isinstance(record, dict) and {"bundle", "version"} <= record.keys() else None
 
 
-async def read_shadow_key(redis: aioredis.Redis) -> tuple[str, ...] | None:
-    """:func:`record_key` of the shadow's record, :data:`NO_SHADOW` where there is none
-    (or it is unreadable), ``None`` where Redis did not answer (nothing to follow then:
-    an outage must not stop every worker's shadow)."""
+def shadow_setting(settings: Settings) -> str | None:
+    """``SEQGUARD_SHADOW_BUNDLE`` made absolute (``None``: unset)."""
+    return None if settings.shadow_bundle is None else os.path.abspath(settings.shadow_bundle)
+
+
+async def read_shadow(redis: aioredis.Redis, base: str, setting: str | None) -> tuple[bool, dict[str, Any] | None]:
+    """(readable, record): the shadow's record where it belongs to this deployment, the
+    same ``SEQGUARD_BUNDLE`` (``base``) and ``SEQGUARD_SHADOW_BUNDLE`` (``setting``), else
+    ``None``; readable is False where Redis did not answer (nothing to follow then: an
+    outage must not stop every worker's shadow). A record of another deployment (a
+    rolling deploy's old workers, an old configuration) is not this worker's to follow:
+    an attack review saw a new deployment take its predecessor's shadow within a poll,
+    and a worker restarted after a stop or a promotion bring its settings' shadow back."""
     try:
         raw = await redis.get(SHADOW_MODEL_KEY)
     except (RedisError, OSError):
-        return None
+        return False, None
     record = _parse_record(raw)
-    return NO_SHADOW if record is None else record_key(record)
+    if record is None or record.get("base") != base or record.get("setting") != setting:
+        return True, None
+    return True, record
+
+
+def shadow_key(record: dict[str, Any] | None) -> tuple[str, ...]:
+    """:func:`record_key` of a shadow record; :data:`NO_SHADOW` for none, or one that says
+    none (``"bundle": null``: the shadow was stopped or promoted)."""
+    return NO_SHADOW if record is None or record.get("bundle") is None else record_key(record)
 
 
 def record_key(record: dict[str, Any]) -> tuple[str, ...]:
@@ -261,18 +278,26 @@ def record_key(record: dict[str, Any]) -> tuple[str, ...]:
     return str(record["bundle"]), str(record["version"]), str(record.get("digest"))
 
 
-async def write_record(redis: aioredis.Redis, served: Served | None, base: str,
-                       key: str = LIVE_MODEL_KEY) -> tuple[str, ...]:
-    """Tell every worker and replica on this Redis to serve ``served`` (with
-    ``key=SHADOW_MODEL_KEY``: as their shadow; ``None``: no shadow); returns the record's
-    :func:`record_key` (:data:`NO_SHADOW` for none)."""
-    if served is None:
-        await redis.delete(key)
-        return NO_SHADOW
+async def write_record(redis: aioredis.Redis, served: Served, base: str) -> tuple[str, ...]:
+    """Tell every worker and replica on this Redis to serve ``served``; returns the
+    record's :func:`record_key`."""
     record = {"bundle": served.path, "version": served.version, "digest": served.digest, "base": base,
               "at": round(time.time(), 3)}
-    await redis.set(key, orjson.dumps(record))
+    await redis.set(LIVE_MODEL_KEY, orjson.dumps(record))
     return record_key(record)
+
+
+async def write_shadow_record(redis: aioredis.Redis, served: Served | None, base: str,
+                              setting: str | None) -> tuple[str, ...]:
+    """Tell every worker and replica of this deployment (``base``, ``setting``:
+    :func:`read_shadow`) to run ``served`` as their shadow; ``None`` is written too (a
+    record that says none), so that a worker that restarts keeps a stop or a promotion
+    rather than its settings' shadow. Returns :func:`shadow_key`."""
+    record = {"bundle": None if served is None else served.path, "version": None if served is None else served.version,
+              "digest": None if served is None else served.digest, "base": base, "setting": setting,
+              "at": round(time.time(), 3)}
+    await redis.set(SHADOW_MODEL_KEY, orjson.dumps(record))
+    return shadow_key(record)
 
 
 async def follow_record(redis: aioredis.Redis, served: Served, base: str, settings: Settings, metrics: Metrics,
@@ -304,20 +329,24 @@ async def follow_record(redis: aioredis.Redis, served: Served, base: str, settin
 
 async def start_shadow(redis: aioredis.Redis, base: str, settings: Settings, metrics: Metrics,
                        store_history: int) -> tuple[Served | None, tuple[str, ...] | None]:
-    """At a worker's start: the shadow that ``SEQGUARD_SHADOW_BUNDLE`` names (then written
-    as the shadow's record), else the one the shadow's record names where it was written
-    under this worker's ``SEQGUARD_BUNDLE`` (``base``), else none. A shadow that cannot be
-    loaded is logged and left out: serving never depends on a candidate. Returns the
-    shadow (not started) and the :func:`record_key` of the record it follows."""
-    loop = asyncio.get_running_loop()
-    record = None
-    if settings.shadow_bundle is not None:
-        path, version = os.path.abspath(settings.shadow_bundle), None
-    else:
-        record = await read_record(redis, SHADOW_MODEL_KEY)
-        if record is None or record.get("base") != base:
+    """At a worker's start: the shadow its deployment runs now, as the shadow's record says
+    where the record is this deployment's (:func:`read_shadow`: a load, stop or promotion
+    through the admin route since holds across restarts); else the one
+    ``SEQGUARD_SHADOW_BUNDLE`` names (then written as the record), or none. A shadow that
+    cannot be loaded is logged and left out: serving never depends on a candidate. Returns
+    the shadow (not started) and the :func:`shadow_key` of the record it follows
+    (``None``: none could be read or written)."""
+    setting = shadow_setting(settings)
+    readable, record = await read_shadow(redis, base, setting)
+    if record is not None:
+        if record.get("bundle") is None:
             return None, NO_SHADOW
         path, version = str(record["bundle"]), str(record["version"])
+    elif setting is None:
+        return None, NO_SHADOW if readable else None
+    else:
+        path, version = setting, None
+    loop = asyncio.get_running_loop()
     try:
         shadow = await asyncio.wait_for(loop.run_in_executor(None, lambda: load_served(
             path, settings, metrics, store_history=store_history, shadow=True)), LOAD_TIMEOUT_S)
@@ -327,9 +356,9 @@ async def start_shadow(redis: aioredis.Redis, base: str, settings: Settings, met
         log.error("shadow %s not loaded: %s; serving without a shadow", path, e or "timed out")
         return None, None
     if record is not None:
-        return shadow, record_key(record)
+        return shadow, shadow_key(record)
     try:
-        return shadow, await write_record(redis, shadow, base, SHADOW_MODEL_KEY)
+        return shadow, await write_shadow_record(redis, shadow, base, setting)
     except (RedisError, OSError):
         return shadow, None
 
@@ -407,7 +436,8 @@ class ModelWatch:
         async with self.lock:
             new = None if path is None else await self._prepare(path, shadow=True)
             await set_shadow(self.state, new)
-            self.shadow_applied = await write_record(self.state.redis, new, publish, SHADOW_MODEL_KEY)
+            self.shadow_applied = await write_shadow_record(self.state.redis, new, publish,
+                                                            shadow_setting(self.state.settings))
             return new
 
     async def promote(self, *, publish: str) -> Served:
@@ -426,7 +456,8 @@ class ModelWatch:
             await set_shadow(self.state, None)
             self.state.metrics.track_model_reload("ok")
             self.applied = await write_record(self.state.redis, new, base=publish)
-            self.shadow_applied = await write_record(self.state.redis, None, publish, SHADOW_MODEL_KEY)
+            self.shadow_applied = await write_shadow_record(self.state.redis, None, publish,
+                                                            shadow_setting(self.state.settings))
             return new
 
     async def _prepare(self, path: str, version: str | None = None, *, shadow: bool = False,
@@ -487,22 +518,32 @@ class ModelWatch:
                         record = self._new(await read_record(self.state.redis))
                         if record is not None:
                             await self._follow(record)
-                if self._new_shadow(await read_shadow_key(self.state.redis)):
-                    async with self.lock:
-                        if self._new_shadow(await read_shadow_key(self.state.redis)):
-                            await self._follow_shadow(await read_record(self.state.redis, SHADOW_MODEL_KEY))
+                if self._new_shadow(*await self._read_shadow()):
+                    async with self.lock:  # read again under the lock, as the live record
+                        readable, record = await self._read_shadow()
+                        if self._new_shadow(readable, record):
+                            await self._follow_shadow(record)
             except asyncio.CancelledError:
                 raise
             except Exception:  # the follower must outlive anything one record does
                 log.exception("following the live record failed; still serving %s", self.state.live.version)
 
-    def _new_shadow(self, key: tuple[str, ...] | None) -> bool:
-        """Whether the shadow's record (by key; ``None``: unread) asks for another shadow."""
-        return key is not None and key != self.shadow_applied and key not in self._refused
+    async def _read_shadow(self) -> tuple[bool, dict[str, Any] | None]:
+        settings = self.state.settings
+        return await read_shadow(self.state.redis, bundle_path(settings), shadow_setting(settings))
+
+    def _new_shadow(self, readable: bool, record: dict[str, Any] | None) -> bool:
+        """Whether this deployment's shadow record asks for another shadow than this worker
+        runs. No record of this deployment: nothing to follow (its shadow came from its
+        settings, or there is none)."""
+        if not readable or record is None:
+            return False
+        key = shadow_key(record)
+        return key != self.shadow_applied and key not in self._refused
 
     async def _follow_shadow(self, record: dict[str, Any] | None) -> None:
-        """Serve the shadow ``record`` names (``None``: none), the lock held."""
-        if record is None:
+        """Serve the shadow ``record`` names (none: none), the lock held."""
+        if record is None or record.get("bundle") is None:
             await set_shadow(self.state, None)
             self.shadow_applied = NO_SHADOW
             return

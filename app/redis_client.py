@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.connection import HiredisRespSerializer
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.utils import HIREDIS_AVAILABLE
 
 
@@ -25,12 +26,18 @@ class _HiredisPacking:
 def connect(url: str, *, pool_size: int, timeout_s: float) -> aioredis.Redis:
     """A client on a blocking pool of ``pool_size`` connections to ``url`` (redis://,
     rediss:// or unix://). Waiting for a connection, connecting and each reply are bounded
-    by ``timeout_s``; a failed command is retried once after 10 ms, not redis-py's
-    default backoff of seconds: an outage must turn into a prompt 503 + ``Retry-After``,
-    and the client retries (event ids make that safe)."""
+    by ``timeout_s``; a command whose connection failed is retried once after 10 ms, not
+    redis-py's default backoff of seconds: an outage must turn into a prompt 503 +
+    ``Retry-After``, and the client retries (event ids make that safe). A command that
+    timed out is not retried: Redis may still run it when it resumes, and the retry then
+    found the event stored and answered a first delivery ``"duplicate": true`` (an attack
+    review, SIGSTOP of Redis for 1.5 s; ``seqguard rekey`` counted moved users as
+    conflicts and left their old keys). A reset after the command reached Redis can still
+    do that, far more rarely; the event is stored once either way."""
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=pool_size, timeout=timeout_s, socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s, retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1),
+        socket_connect_timeout=timeout_s,
+        retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1, supported_errors=(RedisConnectionError,)),
     )
     if HIREDIS_AVAILABLE:
         base = pool.connection_class

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     shadow_bundle: Path | None = Field(None, description="A candidate bundle that scores the same windows after "
                                        "each answer, for comparison only (seqguard_shadow_* metrics); unset: none, "
                                        "or the one POST /admin/model set for this SEQGUARD_BUNDLE.")
+    shadow_sample: float = Field(1.0, gt=0, le=1, description="Share of the live windows the shadow scores (a "
+                                 "random sample): a shadow costs CPU beside the live model, about an extra model's "
+                                 "worth (docs/PERFORMANCE.md).")
     prefer_cuda: bool = Field(True, description="Use the CUDA execution provider when it loads.")
     precision: Literal["fp32", "fp16", "int8"] = Field(
         "fp32", description="The bundle's model file to serve: fp32 (model.onnx), fp16 (model.fp16.onnx, for "

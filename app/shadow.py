@@ -16,6 +16,9 @@ idempotency record. What it finds goes to the shadow's metrics:
 - ``seqguard_shadow_dropped_total{reason}``: windows the shadow did not score (its queue
   full, it was stopped or swapped, or it failed), never a reason to fail a request.
 
+``SEQGUARD_SHADOW_SAMPLE`` (0 < share <= 1) shadows a random share of the windows: the
+shadow's CPU comes out of the live model's on a busy host (docs/PERFORMANCE.md).
+
 Backfills (``/batch-score``) are not shadowed: they are the operator's, and a candidate is
 compared offline on a log with ``seqguard score`` and ``seqguard evaluate``.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +43,11 @@ def score_soon(state: Any, windows: Sequence[Window], live_decisions: Sequence[s
     shadow = state.shadow
     if shadow is None or not windows:
         return
+    if (share := state.settings.shadow_sample) < 1.0:  # SEQGUARD_SHADOW_SAMPLE: a random share of the windows
+        picked = [i for i in range(len(windows)) if random.random() < share]
+        if not picked:
+            return
+        windows, live_decisions = [windows[i] for i in picked], [live_decisions[i] for i in picked]
     if not shadow.batcher.has_room(len(windows)):
         state.metrics.track_shadow_dropped("queue_full", len(windows))
         return

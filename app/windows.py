@@ -379,7 +379,8 @@ class Rekeyer:
             return "conflict" if await self.redis.exists(*new) else "moved"
         args: list[str | bytes | int] = []
         for dump, ttl in zip(dumps, ttls, strict=True):
-            args += (max(int(ttl), 0), dump) if dump is not None else (0, b"")
+            # PTTL -1: no expiry (RESTORE's 0); 0: under a millisecond left, not "for ever"
+            args += (max(int(ttl), 1) if int(ttl) != -1 else 0, dump) if dump is not None else (0, b"")
         [restored] = await self._scripts.run([ScriptCall(_RESTORE_USER, tuple(new), tuple(args))])
         if int(restored) < 0:
             return "conflict"

@@ -340,3 +340,19 @@ def test_repeats_are_flagged_alike_in_both_forms(shipped, tmp_path):
     rows = pq.read_table(tmp_path / "r.PARQUET").to_pylist()
     assert [r["duplicate"] for r in rows] == [False, True, False, True]
     assert [r["anomaly_probability"] for r in rows] == [x["anomaly_probability"] for x in lines]
+
+
+def test_carried_context_is_never_scored_again(model, events):
+    """An attack review: a late event in a later NDJSON chunk made every carried context row
+    it precedes in time "out of order", and each was scored again on an online window and
+    thrown away. Only the chunk's own rows are scored again."""
+    ev = events.sorted()
+    user = ev.take(np.flatnonzero(ev.user == np.bincount(ev.user).argmax()))  # the busiest user, in time order
+    h = model.bundle.spec.history
+    assert len(user) > h + 1
+    chunk = user.take(np.concatenate([np.arange(len(user) - h, len(user)), [h // 2]]))  # context, then a late event
+    told: list[tuple[int, int]] = []
+    with_context = score_events(model, chunk, context_rows=h, on_progress=lambda d, t: told.append((d, t)))
+    assert told[-1] == (len(chunk) + 1, len(chunk) + 1)  # the late event alone is scored again
+    whole = score_events(model, chunk)  # the same rows, all wanted: the context too
+    assert abs(with_context.probability[-1] - whole.probability[-1]) <= 2e-6

@@ -292,3 +292,25 @@ def test_a_directory_changed_since_the_record_is_not_served(make_client: Callabl
     time.sleep(0.3)
     assert b.get("/model").json()["version"] == SHIPPED
     assert a.get("/model").json()["version"] == "v-posted"
+
+
+def test_backfills_keep_the_stores_window_after_a_reload_to_a_smaller_history(
+        make_client: Callable[..., TestClient], tmp_path: Path) -> None:
+    """An attack review: after a reload to a bundle of a smaller window (history 48 beside
+    the store's 80), a backfill emulated the store with the new bundle's history, and a
+    late event's answer differed from the live one. The store's window is what counts."""
+    def smaller(meta: dict[str, Any]) -> None:
+        meta["window"] = meta["feature_spec"]["window"] = 32
+
+    client = make_client()
+    r = change(client, bundle_copy(tmp_path, "v-small", smaller))
+    assert r.status_code == 200, r.text
+    log = [event(f"e{i}", "u1", 1_511_596_870_000 + 1000 * i) for i in range(70)]
+    log.append(event("late", "u1", 1_511_596_870_000 + 15_500))  # late into the oldest part of the window
+    live = [client.post("/events", json=e).json() for e in log]
+    batch = client.post("/batch-score", json={"events": log}).json()["results"]
+    stream = client.post("/batch-score", content=b"\n".join(orjson.dumps(e) for e in log),
+                         headers={"content-type": "application/x-ndjson"})
+    for name, rows in (("json", batch), ("ndjson", [orjson.loads(x) for x in stream.text.splitlines()])):
+        worst = max(abs(x["anomaly_probability"] - y["anomaly_probability"]) for x, y in zip(rows, live, strict=True))
+        assert worst < 2e-6, (name, worst)

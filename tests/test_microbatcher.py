@@ -193,3 +193,30 @@ def test_unknown_types_of_the_scored_events_only_are_counted(model, users):
     counted = {line.split('"')[1]: float(line.split()[-1]) for line in body.splitlines()
                if line.startswith("seqguard_unknown_event_types_total{")}
     assert counted == {"login": 1.0, "Login": 1.0, "signup": 1.0}
+
+
+def test_a_job_that_does_not_fit_opens_the_next_batch(model: OnnxModel, users: list[list[dict[str, Any]]]) -> None:
+    """An attack review: a job too big for the batch being formed went back to the tail of
+    the queue, behind every job queued meanwhile, and under bulk load waited 20 s. It opens
+    the next batch: first come, first scored."""
+    thresholds = model.bundle.thresholds
+
+    async def main() -> list[str]:
+        b = MicroBatcher(model, Metrics(), thresholds=thresholds, max_batch=64, max_wait_ms=5.0, queue_size=10_000)
+        await b.start()
+        done: list[str] = []
+
+        async def job(name: str, n: int) -> None:
+            await b.score(windows_of(users, 80, seed=len(done) + n, n=n))
+            done.append(name)
+
+        try:
+            tasks = [asyncio.create_task(job("first", 10)), asyncio.create_task(job("big", 64))]
+            tasks += [asyncio.create_task(job(f"small-{i}", 10)) for i in range(20)]
+            await asyncio.gather(*tasks)
+        finally:
+            await b.stop()
+        return done
+
+    done = asyncio.run(main())
+    assert done.index("big") < done.index("small-2"), done

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import signal
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,31 @@ def test_a_stalled_store_answers_503_that_the_event_may_be_stored_and_a_retry_is
         assert client.post("/events", json=event("e3", "u1", T0 + 2000)).json()["duplicate"] is True
         assert window_len(server.url, "u1") == 3 and window_len(server.url, "u2") == 1
 
+
+
+def test_a_stall_between_one_and_two_timeouts_never_answers_a_first_delivery_as_a_duplicate(
+        service: Callable[..., TestClient], tmp_path: Path) -> None:
+    """An attack review: Redis paused for 1.5 timeouts under one fresh event. The client
+    retried the timed-out script; the first run happened when Redis resumed, the retry found
+    the event stored, and the first delivery was answered 200 "duplicate": true (and counted
+    as one). A timed-out script is not retried now: a 503 that says the event may be
+    stored, and the client's retry gets the stored event's answer."""
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        client = service(redis_url=server.url, redis_timeout_s=0.4)
+        client.post("/events", json=event("warm", "u0", T0))  # a connection in the pool
+        pid = server.pid
+        assert pid is not None
+        for trial in range(3):
+            os.kill(pid, signal.SIGSTOP)
+            resume = threading.Timer(0.6, os.kill, (pid, signal.SIGCONT))
+            resume.start()
+            try:
+                r = client.post("/events", json=event(f"first-{trial}", f"stall-{trial}", T0))
+            finally:
+                resume.join()
+            assert r.status_code == 503 or r.json()["duplicate"] is False, r.text
+        metrics = client.get("/metrics").text
+        assert "\nseqguard_duplicate_events_total 0.0" in metrics
 
 # ----------------------------------------------------- 10: the embedded Redis supervised
 

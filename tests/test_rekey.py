@@ -215,6 +215,8 @@ def _closed_port() -> int:
                               "--to-key-env", "SG_OLD_TAG_KEY"], "are the same: nothing to move"),
     (lambda url, users, tmp: ["--redis-url", url, "--users", users, "--to-key-env", "SG_LONG_TAG_KEY"],
      "SG_LONG_TAG_KEY is 65 bytes long (UTF-8); a user tag key has at most 64"),
+    (lambda url, users, tmp: ["--redis-url", f"redis://127.0.0.1:{_closed_port()}/0?password=pa55word", "--users",
+                              users, "--to-key-env", "SG_NEW_TAG_KEY"], "password=***"),  # redis-py's query form
     (lambda url, users, tmp: ["--redis-url", f"redis://:pa55word@127.0.0.1:{_closed_port()}/0", "--users", users,
                               "--to-key-env", "SG_NEW_TAG_KEY"], "cannot reach Redis at redis://:***@127.0.0.1:"),
 ])

@@ -122,7 +122,7 @@ def test_the_admin_route_loads_stops_and_promotes_a_shadow(
     assert model["version"] == "v-candidate" and model["shadow"] is None
     with redis.Redis.from_url(redis_url) as rr:
         assert orjson.loads(rr.get(LIVE_MODEL_KEY))["version"] == "v-candidate"
-        assert rr.get(SHADOW_MODEL_KEY) is None
+        assert orjson.loads(rr.get(SHADOW_MODEL_KEY))["bundle"] is None  # a record that says none
     assert "seqguard_shadow_model_info{" not in client.get("/metrics").text
 
     again = client.post("/admin/model", json={"promote": True})  # nothing to promote now
@@ -134,7 +134,7 @@ def test_the_admin_route_loads_stops_and_promotes_a_shadow(
     assert stop.status_code == 200 and stop.json()["version"] is None and stop.json()["previous"] == "v-other"
     assert client.get("/model").json()["shadow"] is None
     with redis.Redis.from_url(redis_url) as rr:
-        assert rr.get(SHADOW_MODEL_KEY) is None
+        assert orjson.loads(rr.get(SHADOW_MODEL_KEY))["bundle"] is None  # a record that says none
 
 
 @pytest.mark.parametrize(("body", "fields"), [
@@ -241,3 +241,40 @@ def test_a_repeat_in_one_body_is_not_shadowed_again(make_client: Callable[..., T
     assert metric(client, "seqguard_shadow_decisions_total", 'live="allow",shadow="allow",version="v-shadow"') == 5
     assert metric(client, "seqguard_shadow_dropped_total", 'reason="queue_full"') == 0  # the series exists at 0
     assert 'seqguard_shadow_dropped_total{reason="failed"} 0.0' in client.get("/metrics").text
+
+
+def test_a_stop_or_a_promotion_holds_when_a_worker_restarts(make_client: Callable[..., TestClient],
+                                                             tmp_path: Path) -> None:
+    """An attack review: a worker that restarted loaded SEQGUARD_SHADOW_BUNDLE again and wrote
+    it as the record, so every worker ran a stopped (or promoted) shadow again."""
+    candidate = str(bundle_copy(tmp_path, "v-candidate"))
+    a = make_client(shadow_bundle=candidate)
+    assert a.get("/model").json()["shadow"]["version"] == "v-candidate"
+    a.post("/admin/model", json={"bundle": None, "role": "shadow"})
+    assert make_client(shadow_bundle=candidate).get("/model").json()["shadow"] is None  # restarted: still stopped
+    a.post("/admin/model", json={"bundle": candidate, "role": "shadow"})
+    assert a.post("/admin/model", json={"promote": True}).status_code == 200
+    restarted = make_client(shadow_bundle=candidate).get("/model").json()
+    assert (restarted["version"], restarted["shadow"]) == ("v-candidate", None)
+
+
+def test_a_new_deployment_does_not_take_the_old_ones_shadow(make_client: Callable[..., TestClient],
+                                                            tmp_path: Path) -> None:
+    """An attack review: a deployment with another SEQGUARD_BUNDLE (or another
+    SEQGUARD_SHADOW_BUNDLE) followed the shadow record of the one before within a poll."""
+    old = make_client(model_poll_s=0.05)
+    old.post("/admin/model", json={"bundle": str(bundle_copy(tmp_path, "v-old-shadow")), "role": "shadow"})
+    new = make_client(model_poll_s=0.05, bundle=str(bundle_copy(tmp_path, "v-new")))
+    other_setting = make_client(model_poll_s=0.05, shadow_bundle=str(bundle_copy(tmp_path, "v-mine")))
+    time.sleep(0.5)  # several polls
+    assert new.get("/model").json()["shadow"] is None
+    assert other_setting.get("/model").json()["shadow"]["version"] == "v-mine"
+
+
+def test_a_sample_of_the_windows_is_shadowed(make_client: Callable[..., TestClient], tmp_path: Path) -> None:
+    client = make_client(shadow_bundle=str(bundle_copy(tmp_path, "v-shadow")), shadow_sample=0.25)
+    post_log(client, 200)
+    time.sleep(1.0)
+    n = metric(client, "seqguard_shadow_decisions_total", 'live="allow",shadow="allow",version="v-shadow"')
+    assert 15 <= n <= 90, n  # 50 expected; the bounds are about 6 standard deviations
+    assert metric(client, "seqguard_events_scored_total", 'path="online"') == 200

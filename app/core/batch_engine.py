@@ -210,6 +210,8 @@ def score_events(
     batch_tokens: int = 32768,
     on_progress: Callable[[int, int], None] | None = None,
     as_arrived: bool = True,
+    context_rows: int = 0,
+    keep: int | None = None,
 ) -> EventScores:
     """Score every event by the live store's rules (module docstring): on its own last W
     events, as they stood when it arrived; a repeat of an earlier (user_id, event_id)
@@ -225,16 +227,27 @@ def score_events(
         score); an event that arrived out of order is scored twice, and counted twice.
     as_arrived : False: a log in time order, each event on all its user's events before it
         in time, whatever their input order (evaluation).
+    context_rows : the first rows are context carried from an earlier part of a stream
+        (scored there; first occurrences, none a repeat): they join windows, and their own
+        scores are not wanted, so they are never scored again on an emulated window (an
+        attack review: a late event in a later NDJSON chunk re-scored up to ``history``
+        carried rows each, at an online window apiece, and threw the results away).
+    keep : events the live store keeps per user (``WindowStore.keep``); default the
+        bundle's ``history``. A service reloaded to a bundle of a smaller history keeps the
+        first one's (an attack review: its backfills trimmed late events' windows shorter
+        than the store did).
     """
     n = len(events)
     first = first_occurrences(events)
     repeat = first != np.arange(n)
     if repeat.any():
         kept = score_events(model, events.take(~repeat), chunk_len=chunk_len, batch_tokens=batch_tokens,
-                            on_progress=on_progress, as_arrived=as_arrived)
+                            on_progress=on_progress, as_arrived=as_arrived,
+                            context_rows=int((~repeat[:context_rows]).sum()), keep=keep)
         at = np.cumsum(~repeat) - 1  # row -> its place among the kept rows
         return EventScores(kept.probability[at[first]], kept.surprise[at[first]], repeat)
     redo = arrived_out_of_order(events) if as_arrived else np.zeros(n, bool)
+    redo[:context_rows] = False
     total = n + int(redo.sum())
     told = 0
 
@@ -248,7 +261,7 @@ def score_events(
     if redo.any():  # their users' events go through the store again; only they are scored again
         users = np.flatnonzero(np.isin(events.user, np.unique(events.user[redo])))
         p, s = _score_as_arrived(model, events.take(users), redo[users], batch_tokens,
-                                 lambda done: progress(told + done, total))
+                                 lambda done: progress(told + done, total), keep)
         scores.probability[users[redo[users]]] = p
         scores.surprise[users[redo[users]]] = s
     return scores
@@ -289,13 +302,13 @@ def _score_in_time_order(model: OnnxModel, events: Events, chunk_len: int, batch
 
 
 def _score_as_arrived(model: OnnxModel, events: Events, wanted: np.ndarray, batch_tokens: int,
-                      on_progress: Callable[[int], None]) -> tuple[np.ndarray, np.ndarray]:
+                      on_progress: Callable[[int], None], keep: int | None) -> tuple[np.ndarray, np.ndarray]:
     """(probability, surprise) of the ``wanted`` events (bool mask) on the window the live
     store would answer each with (:func:`arrival_windows`; ``events``: whole users, in order
     of arrival), built and padded as the micro-batcher does. Costs one window of up to W
     events per event (the online cost), not one position of a chunk."""
     spec = model.bundle.spec
-    rows, lens = arrival_windows(events, spec.history, wanted)
+    rows, lens = arrival_windows(events, spec.history if keep is None else keep, wanted)
     ends = np.cumsum(lens)
     prob = np.empty(lens.size, np.float32)
     surprise = np.empty(lens.size, np.float32)

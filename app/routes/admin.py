@@ -59,6 +59,11 @@ async def change_model(request: Request, state: StateDep) -> Response:
             new = await state.watch.load(os.path.abspath(change.bundle), publish=base)
     except (RedisError, OSError):  # swapped in here, the record not written
         state.metrics.track_store_error()
+        if change.promote:  # the shadow is gone here: a second promote would be a 409
+            raise ServiceUnavailable(
+                f"this worker serves {state.live.version} now, but Redis did not confirm the records the other "
+                f"workers follow (they may still be written when Redis answers); to make sure, post "
+                f'{{"bundle": "{state.live.path}"}} and {{"bundle": null, "role": "shadow"}}') from None
         raise ServiceUnavailable("this worker serves the change now, but Redis did not confirm the record the "
                                  "other workers follow (it may still be written when Redis answers); "
                                  "retry") from None

@@ -114,7 +114,8 @@ async def _score(state: AppState, live: Served, records: list[dict[str, Any]], a
     """
     loop = asyncio.get_running_loop()
     if seen is None:
-        events, scores = await loop.run_in_executor(state.batch_executor, _events_and_scores, live.model, records)
+        events, scores = await loop.run_in_executor(state.batch_executor, _events_and_scores, live.model, records,
+                                                    0, state.store.keep)
     else:
         keys = FirstAnswers.keys(records)
         found = seen.find(keys)
@@ -122,7 +123,8 @@ async def _score(state: AppState, live: Served, records: list[dict[str, Any]], a
         earlier = found >= 0
         kept = np.flatnonzero(~earlier)
         rows = [records[i] for i in kept.tolist()] if earlier.any() else records
-        events, inner = await loop.run_in_executor(state.batch_executor, _events_and_scores, live.model, rows)
+        events, inner = await loop.run_in_executor(state.batch_executor, _events_and_scores, live.model, rows,
+                                                   answered_from, state.store.keep)
         scores = inner
         if earlier.any():
             prob, surprise = np.empty(len(records), np.float32), np.empty(len(records), np.float32)
@@ -145,11 +147,13 @@ async def _score(state: AppState, live: Served, records: list[dict[str, Any]], a
     return scores
 
 
-def _events_and_scores(model: OnnxModel, records: list[dict[str, Any]]) -> tuple[Events, EventScores]:
+def _events_and_scores(model: OnnxModel, records: list[dict[str, Any]], context_rows: int,
+                       keep: int) -> tuple[Events, EventScores]:
     """``records`` as Events and their batch-engine scores, run off the event loop: building
-    the columns alone takes 0.3–0.5 s per 100k events."""
+    the columns alone takes 0.3–0.5 s per 100k events. The first ``context_rows`` are a
+    stream's carried context; ``keep`` is the window store's (the live rules' trimming)."""
     events = Events.from_records(records)
-    return events, score_events(model, events)
+    return events, score_events(model, events, context_rows=context_rows, keep=keep)
 
 
 async def _append(state: AppState, records: list[dict[str, Any]]) -> None:
@@ -176,7 +180,7 @@ async def _ndjson(request: Request, state: StateDep, update_windows: bool) -> St
     if first.errors:  # nothing streamed yet: a proper 422 naming every bad line of the first chunk
         raise RequestValidationError(first.errors)
     live = state.live  # one model for the whole stream
-    history = live.bundle.spec.history
+    history = state.store.keep  # the store's window, which a stream's carried context emulates
     if update_windows:  # before the answer starts: a store failure is still a proper 503
         await _append(state, first.records)
 

@@ -9,7 +9,7 @@ with a share ``--late`` of them delivered 5 places later (each out-of-order even
 an online window: app/core/batch_engine.py), in the same run.
 
     .venv/bin/python tests/benchmarks/bench_score.py [--rows 1000000] [--short-rows 50000] [--bundle DIR]
-        [--late 0.01] [--late-rows 40000] [--write-repeats 2]
+        [--late 0.01] [--late-rows 40000] [--write-repeats 2] [--precision fp32|fp16|int8]
 """
 
 from __future__ import annotations
@@ -40,10 +40,11 @@ def main() -> None:
     ap.add_argument("--late", type=float, default=0.01, help="share of events delivered late (0: skip)")
     ap.add_argument("--late-rows", type=int, default=40_000, help="events of the late-events comparison")
     ap.add_argument("--write-repeats", type=int, default=2, help="runs of each writer (alternating; best kept)")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"), help="the model file scored with")
     args = ap.parse_args()
     bundle = load_bundle(args.bundle)
-    model = OnnxModel(bundle)
-    print(f"machine: {machine()}; bundle {bundle.version} ({bundle.arch}) on {model.provider}")
+    model = OnnxModel(bundle, precision=args.precision)
+    print(f"machine: {machine()}; bundle {bundle.version} ({bundle.arch}, {model.precision_used}) on {model.provider}")
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "events.csv"
         n = replicated_taobao(src, args.rows)

@@ -189,11 +189,11 @@ def test_an_unexpected_error_mid_stream_ends_it_with_a_counted_500_line(
     monkeypatch.setattr(backfill, "CHUNK_EVENTS", 10)
     real, calls = backfill.score_events, []
 
-    def failing_on_the_second_chunk(*args: Any) -> Any:
+    def failing_on_the_second_chunk(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("scoring failed")
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(backfill, "score_events", failing_on_the_second_chunk)
     client = make_client()
