@@ -18,13 +18,13 @@ live metrics). It is loaded by the same checks (:func:`load_served` with ``shado
 started and stopped by :func:`set_shadow`, and made live by :meth:`ModelWatch.promote`
 (loaded again as a live model, then swapped in).
 
-Workers and replicas follow one record in Redis, ``sg:model:live`` (``{"bundle": path,
+Workers and replicas follow one record in Redis, ``sg:model:live:<deployment>`` (``{"bundle": path,
 "version": ..., "base": SEQGUARD_BUNDLE}``): the worker that takes ``POST /admin/model`` or
 SIGHUP writes it, and every worker reads it every ``SEQGUARD_MODEL_POLL_S`` seconds
 (:class:`ModelWatch`). A worker that starts follows the record only where its ``base`` is
 the worker's own ``SEQGUARD_BUNDLE`` (a restarted worker rejoins its siblings' model; a
 deployment with a new ``SEQGUARD_BUNDLE`` starts on it and writes the record anew). The
-shadow has a record of its own, ``sg:model:shadow``, of the same form (absent: no shadow),
+shadow has a record of its own, ``sg:model:shadow:<deployment>``, of the same form (absent: no shadow),
 followed the same way (:func:`start_shadow` at a worker's start).
 """
 
@@ -53,7 +53,7 @@ from app.errors import ProblemError
 from app.metrics import Metrics
 from app.microbatcher import MicroBatcher
 from app.settings import Settings
-from app.windows import LIVE_MODEL_KEY, SHADOW_MODEL_KEY
+from app.windows import live_model_key, shadow_model_key
 
 log = logging.getLogger("seqguard.live")
 
@@ -225,11 +225,11 @@ async def _retire(old: Served) -> None:
     await old.batcher.stop()
 
 
-async def read_record(redis: aioredis.Redis, key: str = LIVE_MODEL_KEY) -> dict[str, Any] | None:
-    """The live model's record in Redis, or the shadow's with ``key=SHADOW_MODEL_KEY``
-    (``None``: none, unreadable, or Redis down)."""
+async def read_record(redis: aioredis.Redis, base: str) -> dict[str, Any] | None:
+    """The live model's record of the deployment ``base`` (its ``SEQGUARD_BUNDLE``) in
+    Redis (``None``: none, unreadable, or Redis down)."""
     try:
-        raw = await redis.get(key)
+        raw = await redis.get(live_model_key(base))
     except (RedisError, OSError):
         return None
     return _parse_record(raw)
@@ -257,7 +257,7 @@ async def read_shadow(redis: aioredis.Redis, base: str, setting: str | None) -> 
     an attack review saw a new deployment take its predecessor's shadow within a poll,
     and a worker restarted after a stop or a promotion bring its settings' shadow back."""
     try:
-        raw = await redis.get(SHADOW_MODEL_KEY)
+        raw = await redis.get(shadow_model_key(base, setting))
     except (RedisError, OSError):
         return False, None
     record = _parse_record(raw)
@@ -283,7 +283,7 @@ async def write_record(redis: aioredis.Redis, served: Served, base: str) -> tupl
     record's :func:`record_key`."""
     record = {"bundle": served.path, "version": served.version, "digest": served.digest, "base": base,
               "at": round(time.time(), 3)}
-    await redis.set(LIVE_MODEL_KEY, orjson.dumps(record))
+    await redis.set(live_model_key(base), orjson.dumps(record))
     return record_key(record)
 
 
@@ -296,7 +296,7 @@ async def write_shadow_record(redis: aioredis.Redis, served: Served | None, base
     record = {"bundle": None if served is None else served.path, "version": None if served is None else served.version,
               "digest": None if served is None else served.digest, "base": base, "setting": setting,
               "at": round(time.time(), 3)}
-    await redis.set(SHADOW_MODEL_KEY, orjson.dumps(record))
+    await redis.set(shadow_model_key(base, setting), orjson.dumps(record))
     return shadow_key(record)
 
 
@@ -307,7 +307,7 @@ async def follow_record(redis: aioredis.Redis, served: Served, base: str, settin
     which then becomes the record (a new deployment's bundle wins over an old reload).
     Returns the model and the :func:`record_key` of the record it serves (``None``: none
     could be read or written)."""
-    record = await read_record(redis)
+    record = await read_record(redis, base)
     if record is not None and record.get("base") == base:
         if record["version"] == served.version:
             return served, record_key(record)
@@ -511,11 +511,11 @@ class ModelWatch:
         while not self._stopping:
             await asyncio.sleep(self.poll_s)
             try:
-                if self._new(await read_record(self.state.redis)) is not None:
+                if self._new(await read_record(self.state.redis, bundle_path(self.state.settings))) is not None:
                     async with self.lock:
                         # Read again under the lock: a reload of this worker's own (admin route,
                         # SIGHUP) may have swapped and written its record meanwhile.
-                        record = self._new(await read_record(self.state.redis))
+                        record = self._new(await read_record(self.state.redis, bundle_path(self.state.settings)))
                         if record is not None:
                             await self._follow(record)
                 if self._new_shadow(*await self._read_shadow()):

@@ -42,8 +42,8 @@ class Settings(BaseSettings):
     review_threshold: float | None = Field(None, ge=0, le=1, description="Override the bundle's review threshold.")
     block_threshold: float | None = Field(None, ge=0, le=1, description="Override the bundle's block threshold.")
     model_poll_s: float = Field(2.0, gt=0, le=300, description="How often each worker reads the live model's "
-                                "record in Redis (sg:model:live), to follow a hot reload made by another worker "
-                                "or replica (POST /admin/model, SIGHUP).")
+                                "record in Redis (sg:model:live:<deployment>), to follow a hot reload made by "
+                                "another worker or replica (POST /admin/model, SIGHUP).")
     event_aliases: dict[str, str] = Field(
         default_factory=dict,
         description='Event type aliases on top of the bundle\'s, as JSON NAME → TYPE: {"checkout": "purchase"}.',

@@ -115,11 +115,27 @@ def user_key_tag(user_id: str, tag_key: bytes = b"") -> str:
                            person=b"seqguard-win").hexdigest()
 
 
-#: The service's one key that is no user's: the live model's record (``app.live``), one
-#: per deployment, no TTL.
-LIVE_MODEL_KEY = "sg:model:live"
-#: The shadow model's record (``app.live``, ``app.shadow``), of the same form; absent: no shadow.
-SHADOW_MODEL_KEY = "sg:model:shadow"
+def live_model_key(base: str) -> str:
+    """The live model's record (``app.live``) of the deployment whose ``SEQGUARD_BUNDLE``
+    is ``base``: one per deployment, no TTL, so that deployments sharing a Redis (a
+    rolling deploy's old and new workers) never follow or overwrite each other's (an
+    attack review: one crash of an old worker sent every worker back to its bundle).
+
+    >>> live_model_key("/srv/b")[:14], live_model_key("/srv/b") == live_model_key("/srv/c")
+    ('sg:model:live:', False)
+    """
+    return f"sg:model:live:{_deployment(base)}"
+
+
+def shadow_model_key(base: str, setting: str | None) -> str:
+    """The shadow model's record (``app.live``, ``app.shadow``) of the deployment whose
+    ``SEQGUARD_BUNDLE`` is ``base`` and ``SEQGUARD_SHADOW_BUNDLE`` is ``setting``."""
+    return f"sg:model:shadow:{_deployment(base, setting or '')}"
+
+
+def _deployment(*settings: str) -> str:
+    """16 hex chars naming a deployment by its settings (paths: nothing of a user's)."""
+    return hashlib.blake2b("\0".join(settings).encode("utf-8"), digest_size=8, person=b"seqguard-dep").hexdigest()
 
 
 class UserKeys(NamedTuple):

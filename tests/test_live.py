@@ -22,7 +22,9 @@ from fastapi.testclient import TestClient
 
 from app.core.bundle import DEFAULT_BUNDLE, load_bundle
 from app.live import check_bundle
-from app.windows import LIVE_MODEL_KEY as LIVE_KEY
+from app.windows import live_model_key
+
+LIVE_KEY = live_model_key(str(DEFAULT_BUNDLE))  # the record of the deployment the tests start
 
 SHIPPED = load_bundle(DEFAULT_BUNDLE).version
 PROBLEM = "application/problem+json"
@@ -204,7 +206,8 @@ def test_a_starting_worker_joins_its_siblings_model(make_client: Callable[..., T
     deployed = bundle_copy(tmp_path, "v-deployed")
     assert make_client(bundle=deployed).get("/model").json()["version"] == "v-deployed"
     with redis.Redis.from_url(redis_url) as r:
-        assert orjson.loads(r.get(LIVE_KEY))["base"] == str(deployed)
+        assert orjson.loads(r.get(live_model_key(str(deployed))))["base"] == str(deployed)
+        assert orjson.loads(r.get(LIVE_KEY))["version"] == "v-reloaded"  # the first deployment's, untouched
 
 
 def test_check_bundle_passes_the_shipped_bundle() -> None:
@@ -314,3 +317,18 @@ def test_backfills_keep_the_stores_window_after_a_reload_to_a_smaller_history(
     for name, rows in (("json", batch), ("ndjson", [orjson.loads(x) for x in stream.text.splitlines()])):
         worst = max(abs(x["anomaly_probability"] - y["anomaly_probability"]) for x, y in zip(rows, live, strict=True))
         assert worst < 2e-6, (name, worst)
+
+
+def test_deployments_on_one_redis_keep_their_own_records(make_client: Callable[..., TestClient], tmp_path: Path,
+                                                         redis_url: str) -> None:
+    """An attack review: two deployments on one Redis (a rolling deploy) shared one live
+    record; a worker of the old one that restarted wrote its bundle as the record, and every
+    worker of both followed it (a promotion undone, the new deployment on the old bundle)."""
+    old = make_client(model_poll_s=0.05)
+    assert change(old, bundle_copy(tmp_path, "v-old-reloaded")).status_code == 200
+    new = make_client(model_poll_s=0.05, bundle=str(bundle_copy(tmp_path, "v-new")))
+    restarted_old = make_client(model_poll_s=0.05)  # a worker of the old deployment, restarted
+    time.sleep(0.5)  # several polls
+    assert old.get("/model").json()["version"] == "v-old-reloaded"
+    assert restarted_old.get("/model").json()["version"] == "v-old-reloaded"  # rejoins its siblings
+    assert new.get("/model").json()["version"] == "v-new"

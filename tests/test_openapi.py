@@ -189,7 +189,7 @@ def test_update_windows_0_does_not_write(client: TestClient, redis_url: str) -> 
 
     problem(client.post("/batch-score", json={"events": [event("e1")], "update_windows": 0}), 422)
     with redis.Redis.from_url(redis_url) as r:
-        assert r.keys("sg:{*") == []  # no user's key (sg:model:live is the service's own)
+        assert r.keys("sg:{*") == []  # no user's key (sg:model:* are the service's own)
     r2 = client.post("/batch-score", json={"events": [event("e1")], "update_windows": True})
     assert r2.status_code == 200
     with redis.Redis.from_url(redis_url) as r:

@@ -21,7 +21,10 @@ from bundle_copies import bundle_copy
 from fastapi.testclient import TestClient
 
 from app.core.bundle import DEFAULT_BUNDLE, load_bundle
-from app.windows import LIVE_MODEL_KEY, SHADOW_MODEL_KEY
+from app.windows import live_model_key, shadow_model_key
+
+LIVE_MODEL_KEY = live_model_key(str(DEFAULT_BUNDLE))  # the records of the deployment the tests start
+SHADOW_MODEL_KEY = shadow_model_key(str(DEFAULT_BUNDLE), None)
 
 SHIPPED = load_bundle(DEFAULT_BUNDLE).version
 PROBLEM = "application/problem+json"

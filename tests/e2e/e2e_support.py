@@ -76,7 +76,7 @@ def window_len(redis_url: str, user: str) -> int:
 
 
 def db_size(redis_url: str) -> int:
-    """Keys of users in the store (the service's own sg:model:live record not counted)."""
+    """Keys of users in the store (the service's own sg:model:* records not counted)."""
     with redis.Redis.from_url(redis_url) as r:
         return len(r.keys("sg:{*"))
 

@@ -24,7 +24,7 @@ from bundle_copies import bundle_copy
 
 from app import serving
 from app.core.bundle import DEFAULT_BUNDLE, load_bundle
-from app.windows import LIVE_MODEL_KEY as LIVE_KEY
+from app.windows import live_model_key
 
 from .e2e_support import T0, LiveServer, event, metric, parse_metrics
 
@@ -182,7 +182,7 @@ def test_swaps_under_concurrent_load(live_server: Callable[..., LiveServer], red
     info = {lab["version"]: v for n, lab, v in s if n == "seqguard_model_info"}
     assert info == {"v-a": 1.0}, info
     with redis.Redis.from_url(redis_url) as r:
-        record = orjson.loads(r.get(LIVE_KEY))
+        record = orjson.loads(r.get(live_model_key(str(DEFAULT_BUNDLE))))
     assert (record["bundle"], record["version"]) == (str(a), "v-a")
 
 
@@ -219,7 +219,7 @@ def test_sighup_reloads_the_symlinked_bundle(live_server: Callable[..., LiveServ
         assert http.get("/model").json()["bundle"] == str(current)
         assert reloads("ok") == 1
         with redis.Redis.from_url(redis_url) as r:
-            record = orjson.loads(r.get(LIVE_KEY))
+            record = orjson.loads(r.get(live_model_key(str(current))))
         assert (record["bundle"], record["version"], record["base"]) == (str(current), "v-b", str(current))
 
         # A bundle without a parity record: refused, logged, v-b serves on.
@@ -311,6 +311,6 @@ def test_two_workers_follow_a_post_and_reload_on_sighup_in_place(
         r = httpx.post(server.url + "/events", json=event(f"w{i}", f"u{i}", T0), timeout=10.0)
         assert r.status_code == 200 and r.json()["model_version"] == "v-c", r.text
     with redis.Redis.from_url(redis_url) as rc:
-        record = orjson.loads(rc.get(LIVE_KEY))
+        record = orjson.loads(rc.get(live_model_key(str(current))))
     assert (record["bundle"], record["version"], record["base"]) == (str(current), "v-c", str(current))
     assert server.proc.poll() is None
