@@ -55,20 +55,26 @@ class WindowScores:
     decision: list[str]
     window_size: list[int]
     surprise: list[np.ndarray]
+    #: Per window, (events seen, targets) each feature's share of each event's surprise,
+    #: oldest first; ``None`` where not asked for (``explain``) or the bundle has none.
+    feature_surprise: list[np.ndarray | None]
 
     def __getitem__(self, part: slice) -> WindowScores:
-        return WindowScores(self.probability[part], self.decision[part], self.window_size[part], self.surprise[part])
+        return WindowScores(self.probability[part], self.decision[part], self.window_size[part], self.surprise[part],
+                            self.feature_surprise[part])
 
     @staticmethod
     def concat(parts: Sequence[WindowScores]) -> WindowScores:
         return WindowScores([p for s in parts for p in s.probability], [d for s in parts for d in s.decision],
-                      [n for s in parts for n in s.window_size], [x for s in parts for x in s.surprise])
+                            [n for s in parts for n in s.window_size], [x for s in parts for x in s.surprise],
+                            [x for s in parts for x in s.feature_surprise])
 
 
 @dataclass
 class _Job:
     windows: Sequence[Window]
     future: asyncio.Future[WindowScores]
+    explain: bool = False
 
 
 # One ONNX Runtime call of a batch: the batch rows it scores, and their padded windows.
@@ -153,8 +159,11 @@ class MicroBatcher:
         write, so a refused request leaves nothing behind)."""
         return self._pending + n <= self._queue_size
 
-    async def score(self, windows: Sequence[Window]) -> WindowScores:
-        """Score the last event of each window.
+    async def score(self, windows: Sequence[Window], explain: bool = False) -> WindowScores:
+        """Score the last event of each window; with ``explain``, also each feature's share
+        of each event's surprise (``WindowScores.feature_surprise``), where the bundle's
+        graph has it: a batch asks ONNX Runtime for that output only when one of its jobs
+        explains, so an answer without ``explain`` costs what it did.
 
         A window of a single event gets a defined answer: the model sees one event with
         no history, exactly as the batch engine scores a user's first event.
@@ -176,7 +185,7 @@ class MicroBatcher:
             futs: list[asyncio.Future[WindowScores]] = []
             for i in range(0, n, self.max_batch):
                 futs.append(loop.create_future())
-                self._queue.put_nowait(_Job(windows[i : i + self.max_batch], futs[-1]))
+                self._queue.put_nowait(_Job(windows[i : i + self.max_batch], futs[-1], explain))
             if len(futs) == 1:
                 return await futs[0]
             done: list[WindowScores] = []
@@ -238,7 +247,8 @@ class MicroBatcher:
                 calls, seen, unknown = await loop.run_in_executor(self._executor, self._featurize, windows)
             else:
                 calls, seen, unknown = self._featurize(windows)
-            outputs = await loop.run_in_executor(self._executor, self._infer, calls)
+            explain = self.model.explains and any(j.explain for j in jobs)
+            outputs = await loop.run_in_executor(self._executor, self._infer, calls, explain)
             scored = self._answers(windows, calls, seen, unknown, outputs)
         except Exception as e:  # resolve every waiter; the route turns it into a 500
             log.exception("scoring a batch of %d windows failed", len(windows))
@@ -254,23 +264,26 @@ class MicroBatcher:
             i += n
 
     def _answers(self, windows: list[Window], calls: list[_ModelInput], seen: list[int], unknown: dict[str, int],
-                 outputs: list[tuple[np.ndarray, np.ndarray, float]]) -> WindowScores:
+                 outputs: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, float]]) -> WindowScores:
         """The batch's probabilities, decisions and surprises, and its metrics."""
         prob = np.empty(len(windows), np.float32)
         surprise: list[np.ndarray] = [np.empty(0, np.float32)] * len(windows)
-        for (rows, x), (p, s, seconds) in zip(calls, outputs, strict=True):
+        per_feature: list[np.ndarray | None] = [None] * len(windows)
+        for (rows, x), (p, s, fs, seconds) in zip(calls, outputs, strict=True):
             if self.metrics is not None:
                 self.metrics.track_inference(len(rows), seconds)
             t = x.shape[1]
             prob[rows] = p[:, -1]
             for k, i in enumerate(rows.tolist()):
                 surprise[i] = s[k, t - seen[i]:]
+                if fs is not None:
+                    per_feature[i] = fs[k, t - seen[i]:]
         decision = self.thresholds.decide(prob)
         if self.metrics is not None:
             self.metrics.track_scored("online", prob, decision)
             if unknown:
                 self.metrics.track_unknown_types(unknown)
-        return WindowScores(prob.tolist(), decision.tolist(), seen, surprise)
+        return WindowScores(prob.tolist(), decision.tolist(), seen, surprise, per_feature)
 
     def _featurize(self, windows: list[Window]) -> tuple[list[_ModelInput], list[int], dict[str, int]]:
         """One featurizer pass over every event of the batch → one padded (n, T, F) array
@@ -282,14 +295,19 @@ class MicroBatcher:
         # history events are not counted: they were counted when they were scored
         return inputs.calls, inputs.seen.tolist(), self.spec.unknown_types(events, rows=inputs.last)
 
-    def _infer(self, calls: list[_ModelInput]) -> list[tuple[np.ndarray, np.ndarray, float]]:
+    def _infer(self, calls: list[_ModelInput],
+               explain: bool = False) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None, float]]:
         """The batch's ONNX Runtime calls, in the executor thread: each call's
-        (probability, surprise) and its own duration (not the time spent queued)."""
+        (probability, surprise, per-feature surprise or None) and its own duration (not
+        the time spent queued)."""
         out = []
         for _, x in calls:
             started = time.perf_counter()
-            p, s = self.model.run(x)
-            out.append((p, s, time.perf_counter() - started))
+            if explain:
+                p, s, fs = self.model.run_explained(x)
+            else:
+                (p, s), fs = self.model.run(x), None
+            out.append((p, s, fs, time.perf_counter() - started))
         return out
 
 

@@ -153,6 +153,18 @@ class Thresholds(BaseModel):
     block: float
 
 
+class ReasonCode(BaseModel):
+    """One (event, feature) pair of the window with a large share of surprise
+    (``app.core.reasons.REASON_CODES``)."""
+
+    code: str = Field(description="stable: UNUSUAL_EVENT_TYPE, UNUSUAL_GAP, UNUSUAL_DEVICE_CHANGE, ...")
+    feature: str
+    event_id: str | None
+    event_type: str
+    timestamp: int | Annotated[str, WithJsonSchema({"type": "string", "format": "date-time"})]
+    contribution: float = Field(description="nats of the event's surprise due to this feature")
+
+
 class Reason(BaseModel):
     """An event of the window and how surprising the model found it."""
 
@@ -177,6 +189,9 @@ class ScoreResult(BaseModel):
     model_version: str
     duplicate: bool = False
     reasons: list[Reason] | None = Field(None, description="with ?explain=true only")
+    reason_codes: list[ReasonCode] | None = Field(None, description="with ?explain=true only, where the bundle "
+                                                                    "gives per-feature surprise (docs/DESIGN.md, "
+                                                                    "\"Reason codes\")")
 
 
 class ScoreResults(BaseModel):

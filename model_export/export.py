@@ -26,6 +26,9 @@ from model_export.train import load_run
 
 log = logging.getLogger("seqguard.export")
 OPSET = 17
+#: Each output's axes in bundle.json (``targets``: the features of ``feature_surprise_targets``).
+_OUTPUT_AXES = {"anomaly_probability": ["batch", "time"], "surprise": ["batch", "time"],
+                "feature_surprise": ["batch", "time", "targets"]}
 
 
 class _Exported(nn.Module):
@@ -35,9 +38,9 @@ class _Exported(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         out = self.model(features)
-        return out["anomaly_probability"], out["surprise"]
+        return out["anomaly_probability"], out["surprise"], out["feature_surprise"]
 
 
 def to_onnx(model: Detector, path: Path) -> None:
@@ -63,7 +66,8 @@ def _export(model: Detector, dummy: Tensor, path: Path) -> None:
         output_names=list(parity.OUTPUTS),
         dynamic_axes={"features": {0: "batch", 1: "time"},
                       "anomaly_probability": {0: "batch", 1: "time"},
-                      "surprise": {0: "batch", 1: "time"}},
+                      "surprise": {0: "batch", 1: "time"},
+                      "feature_surprise": {0: "batch", 1: "time"}},
         opset_version=OPSET,
         dynamo=False,
     )
@@ -176,7 +180,8 @@ def _build_bundle(run_dir: Path, out: Path, *, variants: list[str], evaluate: bo
         "architecture": model.cfg.to_dict() | {"parameters": run["parameters"]},
         "window": model.cfg.window,
         "inputs": {"features": {"dtype": "int64", "shape": ["batch", "time", len(FEATURES)]}},
-        "outputs": {k: {"dtype": "float32", "shape": ["batch", "time"]} for k in parity.OUTPUTS},
+        "outputs": {k: {"dtype": "float32", "shape": _OUTPUT_AXES[k]} for k in parity.OUTPUTS},
+        "feature_surprise_targets": list(model.cfg.targets),
         "opset": OPSET,
         "feature_spec": prep.spec.to_dict(),
         "supervised": run["supervised"],

@@ -278,14 +278,17 @@ class Detector(nn.Module):
         nll = -torch.cat(observed, dim=-1) * valid[..., None]  # (B, T, n_targets)
         total_nll = nll.sum(dim=-1)  # (B, T)
         if self.cfg.surprise == "midp":
-            surprise = sum(_midp_surprise(lp, o) for lp, o in zip(logps, observed, strict=True)) * valid
+            # (B, T, n_targets): each predicted feature's share of the surprise (reason codes)
+            feature_surprise = torch.stack([_midp_surprise(lp, o) for lp, o in zip(logps, observed, strict=True)],
+                                           dim=-1) * valid[..., None]
         else:
-            surprise = total_nll
+            feature_surprise = nll
+        surprise = feature_surprise.sum(dim=-1)
         logit = self.anomaly_head(torch.cat([h, nll, total_nll[..., None]], dim=-1)).squeeze(-1)
         recent = recent_mean(surprise, valid, self.cfg.surprise_span)
         prob = self.calibration(logit, surprise, recent) * valid
         return {"anomaly_probability": prob, "surprise": surprise, "recent_surprise": recent, "logit": logit,
-                "nll": nll, "total_nll": total_nll}
+                "nll": nll, "total_nll": total_nll, "feature_surprise": feature_surprise}
 
 
 def recent_mean(x: Tensor, valid: Tensor, span: int) -> Tensor:

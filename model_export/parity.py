@@ -22,7 +22,7 @@ from model_export.model import Detector
 
 #: Largest |PyTorch − ONNX Runtime| an fp32 export may show; beyond it export fails.
 FP32_TOLERANCE = 1e-4
-OUTPUTS = ("anomaly_probability", "surprise")
+OUTPUTS = ("anomaly_probability", "surprise", "feature_surprise")
 
 
 #: What a smaller variant (fp16, int8) may change, against fp32, on the test users' events
@@ -101,6 +101,7 @@ def check(model: Detector, onnx_path: Path, windows: np.ndarray, tolerance: floa
         size = sum(np.maximum(1.0, np.abs(ref[k].numpy()[valid])) for k in sources)
         allowed = {
             "surprise": tolerance * np.maximum(1.0, np.abs(ref["surprise"].numpy()[valid])),
+            "feature_surprise": tolerance * np.maximum(1.0, np.abs(ref["feature_surprise"].numpy()[valid])),
             "anomaly_probability": tolerance + slope * tolerance * size,
         }
         worst = {k: float((diff[k] / allowed[k]).max()) if diff[k].size else 0.0 for k in OUTPUTS}

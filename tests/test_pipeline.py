@@ -42,7 +42,10 @@ def test_onnx_has_dynamic_batch_and_time_axes(trained):
     m = onnx.load(str(bundle_dir / "model.onnx"))
     dims = [d.dim_param or d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
     assert dims[:2] == ["batch", "time"]
-    assert {o.name for o in m.graph.output} == {"anomaly_probability", "surprise"}
+    assert {o.name for o in m.graph.output} == {"anomaly_probability", "surprise", "feature_surprise"}
+    for o in m.graph.output:  # every output has the dynamic batch and time axes; feature_surprise a third
+        axes = [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]
+        assert axes[:2] == ["batch", "time"] and len(axes) == (3 if o.name == "feature_surprise" else 2), axes
     assert m.opset_import[0].version >= 17
 
 

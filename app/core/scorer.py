@@ -15,6 +15,8 @@ log = logging.getLogger("seqguard.scorer")
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+#: The outputs every bundle's graph has, in this order.
+_OUTPUTS = ["anomaly_probability", "surprise"]
 
 
 @dataclass
@@ -73,8 +75,25 @@ class OnnxModel:
     def device(self) -> str:
         return "cuda" if self.provider == CUDA else "cpu"
 
+    @property
+    def explains(self) -> bool:
+        """Whether the graph has the ``feature_surprise`` output (bundles exported since
+        reason codes; :meth:`run_explained`)."""
+        return any(o.name == "feature_surprise" for o in self.session.get_outputs())
+
+    def run_explained(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`run` and ``feature_surprise`` (B, T, targets) float32: each predicted
+        feature's share of the surprise (``bundle.meta["feature_surprise_targets"]``).
+        Raises ``ValueError`` where the graph has no such output (:attr:`explains`)."""
+        if not self.explains:
+            raise ValueError(f"bundle {self.bundle.version} has no feature_surprise output")
+        prob, surprise, per_feature = self.session.run([*_OUTPUTS, "feature_surprise"], {"features": features})
+        return prob, surprise, per_feature
+
     def run(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        prob, surprise = self.session.run(None, {"features": features})
+        """(anomaly_probability, surprise), each (B, T) float32, of ``features`` (B, T, F)
+        int64; a graph's other outputs (``feature_surprise``) are not asked for."""
+        prob, surprise = self.session.run(_OUTPUTS, {"features": features})
         return prob, surprise
 
 

@@ -16,6 +16,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app import shadow
 from app.core.events import format_rfc3339_ms
+from app.core.reasons import reason_codes
 from app.deps import AppState, authorize
 from app.errors import PayloadTooLarge, RequestTimeout, ServiceUnavailable
 from app.microbatcher import QueueFull, Stopped
@@ -165,9 +166,10 @@ async def post_events(request: Request) -> Response:
         # the windows: a swap meanwhile retires a batcher only once it has nothing queued.
         live = state.live
         thresholds = live.thresholds.as_dict()
+        targets = live.bundle.meta.get("feature_surprise_targets") or []
         windows = [stored[i].events for i in fresh]
         try:
-            scores = await live.batcher.score(windows)
+            scores = await live.batcher.score(windows, explain=explain)
         except QueueFull as e:
             # Lost the race for the last slots after storing, or the model was stopped (a
             # shutdown): a retry re-scores the stored window and answers with duplicate=true.
@@ -184,7 +186,14 @@ async def post_events(request: Request) -> Response:
             }
             if explain:
                 # Times in the form the client sent this event's in (the store keeps only ms).
-                res["reasons"] = reasons(w.events, scores.surprise[k], rfc3339=events[i].timestamp_rfc3339)
+                rfc3339 = events[i].timestamp_rfc3339
+                res["reasons"] = reasons(w.events, scores.surprise[k], rfc3339=rfc3339)
+                if (per_feature := scores.feature_surprise[k]) is not None and targets:
+                    codes = reason_codes(w.events, per_feature, targets)
+                    if rfc3339:
+                        for c in codes:
+                            c["timestamp"] = format_rfc3339_ms(c["timestamp"])
+                    res["reason_codes"] = codes
             results[i] = res
             first.append((w.user_id, w.event_id, orjson.dumps(res | {"duplicate": False})))
         # The first answer of each event, for replays (never overwrites an earlier one),
