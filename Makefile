@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(PY) tests/benchmarks/bench_parse.py
 	$(PY) tests/benchmarks/bench_score.py
 	$(PY) tests/benchmarks/bench_precision.py
+	$(PY) tests/benchmarks/bench_explain.py
 	$(PY) tests/benchmarks/bench_onnx.py
 	$(PY) tests/benchmarks/bench_service.py
 	$(PY) tests/benchmarks/bench_backfill_stall.py
