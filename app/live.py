@@ -98,7 +98,6 @@ class Served:
     loaded_at: float  # epoch seconds
     resolved: str  # the directory ``path`` led to when it was loaded (symlinks followed)
     digest: str  # of bundle.json as loaded: two bundles of one version can differ (thresholds)
-    shadow: bool = False  # a shadow's (app.shadow): background batcher, no live metrics
 
     @property
     def version(self) -> str:
@@ -181,7 +180,7 @@ def load_served(path: str, settings: Settings, metrics: Metrics, *, store_histor
     for warning in alias_warnings(settings.event_aliases, loaded.spec.aliases, loaded.spec.event_types):
         log.warning("SEQGUARD_EVENT_ALIASES: %s", warning)
     digest = hashlib.sha256(orjson.dumps(loaded.meta, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
-    return Served(bundle, model, thresholds, batcher, path, time.time(), os.path.realpath(path), digest, shadow)
+    return Served(bundle, model, thresholds, batcher, path, time.time(), os.path.realpath(path), digest)
 
 
 async def swap(state: Any, new: Served) -> Served:

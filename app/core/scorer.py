@@ -35,6 +35,9 @@ class OnnxModel:
     model_file: str = field(init=False)
     #: The precision of :attr:`model_file`.
     precision_used: str = field(init=False)
+    #: Whether the graph has the ``feature_surprise`` output (bundles exported since reason
+    #: codes; :meth:`run_explained`): read once, not per micro-batch.
+    explains: bool = field(init=False)
 
     def __post_init__(self) -> None:
         opts = ort.SessionOptions()
@@ -62,6 +65,7 @@ class OnnxModel:
         # What the session really got, not what was asked for: without CUDA libraries
         # onnxruntime-gpu silently falls back to the CPU.
         self.provider = self.session.get_providers()[0]
+        self.explains = any(o.name == "feature_surprise" for o in self.session.get_outputs())
         if CUDA in wanted and self.provider != CUDA:
             _say_cpu_fallback_once()
         log.info("model %s (%s) on %s", self.bundle.version, path.name, self.provider)
@@ -75,11 +79,6 @@ class OnnxModel:
     def device(self) -> str:
         return "cuda" if self.provider == CUDA else "cpu"
 
-    @property
-    def explains(self) -> bool:
-        """Whether the graph has the ``feature_surprise`` output (bundles exported since
-        reason codes; :meth:`run_explained`)."""
-        return any(o.name == "feature_surprise" for o in self.session.get_outputs())
 
     def run_explained(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`run` and ``feature_surprise`` (B, T, targets) float32: each predicted
